@@ -1,0 +1,811 @@
+"""GAP: visual latent reasoning for Qwen2.5-VL (paper §4.2, App. C/F).
+
+What this file adds to `Qwen2_5_VLForConditionalGeneration`:
+
+* `GapLatentHead` — F_theta: R^d -> R^k, a projector initialised to c = P_k (h_bar - mu) refined by a
+  SwiGLU adapter whose output projection starts at zero, and the fixed PCA decoder
+  v_hat = P_k^T c + mu (Eq. 1, 6, 16). Its parameters and PCA buffers stay fp32 on every path.
+* `GapForConditionalGeneration` — one forward path for training and decoding: the input embedding of
+  every ``<|latent_pad|>`` is taken, in order, from `latent_embeds`; the latent for the pad at position
+  p is predicted from the final-norm state h_bar at p - 1; the loss is L_LM + lambda * L_latent (Eq. 2-3).
+
+This file imports only `torch`, `transformers` and its sibling files, so it ships as remote code.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import initialization as init
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessor, LogitsProcessorList
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import MultimodalCausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+
+try:  # flat files next to the weights (transformers_modules) or inside a package
+    from .configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
+except ImportError:  # imported as a top-level module (tests, `pip install -e .`)
+    from configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
+
+
+IGNORE_INDEX = -100
+
+#: What a latent span feeds back at each pad step (paper Tables 1 and 6):
+#: pca (GAP), suppress (no span opens), noise (PCA-Gaussian, norm-matched), hidden (h_bar itself, the
+#: output-as-input baseline), hidden_ema (h_bar rescaled to an EMA of the query image's vision-token norms).
+LATENT_INTERVENTIONS = ("pca", "suppress", "noise", "hidden", "hidden_ema")
+
+
+@dataclass
+class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""Qwen2.5-VL output plus the two loss terms and the latent channel.
+
+    loss: L_LM + lambda * L_latent (only when `labels` are given).
+    lm_loss / latent_loss: the two terms, reported separately.
+    logits: without labels, the usual (batch, seq, vocab) logits; with labels, only the supervised
+        positions' logits, (n_supervised, vocab), in row-major order (the full tensor is the memory peak).
+    latent_predictions: v_hat at every ``<|latent_pad|>`` of the input, (n_latent, d), fp32, teacher-forced.
+    next_latent: v_hat decoded from the last position's state, (batch, d), fp32: what decoding feeds next.
+    next_hidden: h_bar at the last position, (batch, d): the output-as-input baseline's latent.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    latent_loss: torch.FloatTensor | None = None
+    latent_predictions: torch.FloatTensor | None = None
+    next_latent: torch.FloatTensor | None = None
+    next_hidden: torch.FloatTensor | None = None
+
+
+class GapLatentHead(nn.Module):
+    r"""F_theta and the PCA decoder of paper Eq. 1 and 16.
+
+    ``latent_head_type="pca"`` (GAP): ``c = proj(h_bar) + down(silu(gate(h_bar)) * up(h_bar))`` with `proj`
+    initialised to weight P_k and bias -P_k mu, `down` initialised to zero, and ``v_hat = P_k^T c + mu`` with
+    the fixed buffers `pca_mean` (d), `pca_components` (k x d, orthonormal rows) and `pca_eigenvalues` (k).
+
+    ``latent_head_type="full"`` (the LH ablation): the same layout with a d -> d projector and no PCA; the
+    output is v_hat itself.
+
+    The head computes in fp32 and refuses dtype casts of its tensors (see `_apply`).
+    """
+
+    def __init__(self, config: GapConfig):
+        super().__init__()
+        d = config.text_config.hidden_size
+        self.head_type = config.latent_head_type
+        self.hidden_size = d
+        out = config.pca_num_components if self.head_type == "pca" else d
+        self.out_features = out
+        self.proj = nn.Linear(d, out, bias=True)
+        self.gate = nn.Linear(d, config.latent_adapter_size, bias=False)
+        self.up = nn.Linear(d, config.latent_adapter_size, bias=False)
+        self.down = nn.Linear(config.latent_adapter_size, out, bias=False)
+        if self.head_type == "pca":
+            self.register_buffer("pca_mean", torch.zeros(d, dtype=torch.float32))
+            self.register_buffer("pca_components", torch.zeros(out, d, dtype=torch.float32))
+            self.register_buffer("pca_eigenvalues", torch.zeros(out, dtype=torch.float32))
+        self.initializer_range = getattr(config.text_config, "initializer_range", 0.02)
+
+    # -- dtype policy -------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but keep floating tensors fp32 (`.to(bf16)`, `.half()`, `.bfloat16()`)."""
+
+        def keep_fp32(tensor):
+            moved = fn(tensor)
+            if not moved.is_floating_point() or moved.dtype == torch.float32:
+                return moved
+            if tensor.is_meta or moved.is_meta:
+                return moved.float()
+            return tensor.to(device=moved.device, dtype=torch.float32)  # from the fp32 source: no rounding
+
+        return super()._apply(keep_fp32, recurse)
+
+    # -- initialisation -----------------------------------------------------------------------------------
+    def init_weights(self):
+        """Initialise so that, at init, the head *is* the PCA projection (or a random d->d map for `full`).
+
+        Uses `transformers.initialization`, which skips tensors already loaded from a checkpoint.
+        """
+        if self.head_type == "pca":
+            init.copy_(self.proj.weight, self.pca_components)
+            init.copy_(self.proj.bias, -(self.pca_components @ self.pca_mean))
+        else:
+            init.normal_(self.proj.weight, mean=0.0, std=self.initializer_range)
+            init.zeros_(self.proj.bias)
+        init.normal_(self.gate.weight, mean=0.0, std=self.initializer_range)
+        init.normal_(self.up.weight, mean=0.0, std=self.initializer_range)
+        init.zeros_(self.down.weight)
+
+    @torch.no_grad()
+    def set_pca(self, mean, components, eigenvalues, *, reset_projector=True, atol=1e-4):
+        """Install a fitted PCA basis (paper Eq. 5-6) and, by default, re-initialise the head from it.
+
+        mean: (d,), components: (k, d) with orthonormal rows, eigenvalues: (k,) >= 0, descending.
+        Works under DeepSpeed ZeRO-3 (partitioned parameters are gathered, written on rank 0, re-scattered).
+        """
+        if self.head_type != "pca":
+            raise ValueError("set_pca() applies to `latent_head_type='pca'` only; this head is 'full' (no PCA).")
+        mean = torch.as_tensor(mean).detach().to(torch.float64).cpu()
+        components = torch.as_tensor(components).detach().to(torch.float64).cpu()
+        eigenvalues = torch.as_tensor(eigenvalues).detach().to(torch.float64).cpu()
+        d, k = self.hidden_size, self.out_features
+        if mean.shape != (d,):
+            raise ValueError(f"PCA mean has shape {tuple(mean.shape)}; the model's hidden size is d={d}: expected ({d},).")
+        if components.ndim != 2 or components.shape[1] != d:
+            raise ValueError(
+                f"PCA components have shape {tuple(components.shape)}; expected (k, d={d}). The PCA was fitted on "
+                f"vectors of width {components.shape[-1]} but this model's hidden size is {d}: refit it on this "
+                f"model's vision embeddings."
+            )
+        if components.shape[0] != k:
+            raise ValueError(
+                f"PCA has k={components.shape[0]} components but the config says pca_num_components={k}; build the "
+                f"model with pca_num_components={components.shape[0]}."
+            )
+        if eigenvalues.shape != (k,):
+            raise ValueError(f"PCA eigenvalues have shape {tuple(eigenvalues.shape)}; expected ({k},).")
+        for name, tensor in (("mean", mean), ("components", components), ("eigenvalues", eigenvalues)):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"PCA {name} contain non-finite values.")
+        if (eigenvalues < -atol).any():
+            raise ValueError("PCA eigenvalues must be >= 0 (they are variances).")
+        gram_error = (components @ components.T - torch.eye(k, dtype=torch.float64)).abs().max().item()
+        if gram_error > atol:
+            raise ValueError(
+                f"PCA components are not orthonormal rows (max |P P^T - I| = {gram_error:.2e} > {atol}); pass the "
+                f"eigenvectors as rows (k x d), not columns, and do not scale them."
+            )
+        with _gathered(list(self.parameters()), modify=True):
+            self.pca_mean.copy_(mean.to(self.pca_mean.device, torch.float32))
+            self.pca_components.copy_(components.to(self.pca_components.device, torch.float32))
+            self.pca_eigenvalues.copy_(eigenvalues.clamp_min(0).to(self.pca_eigenvalues.device, torch.float32))
+            if reset_projector:
+                self.proj.weight.copy_(self.pca_components)
+                self.proj.bias.copy_(-(self.pca_components @ self.pca_mean))
+                self.down.weight.zero_()
+
+    # -- math ---------------------------------------------------------------------------------------------
+    def coefficients(self, h_bar):
+        """c = F_theta(h_bar): PCA coefficients (k) for `pca`, the latent itself (d) for `full`. fp32."""
+        with torch.autocast(device_type=h_bar.device.type, enabled=False):
+            h_bar = h_bar.float()
+            return self.proj(h_bar) + self.down(F.silu(self.gate(h_bar)) * self.up(h_bar))
+
+    def decode(self, coeffs):
+        """v_hat = P_k^T c + mu (identity for the `full` head). fp32."""
+        if self.head_type != "pca":
+            return coeffs
+        with torch.autocast(device_type=coeffs.device.type, enabled=False):
+            return coeffs.float() @ self.pca_components + self.pca_mean
+
+    def forward(self, h_bar):
+        """v_hat = decode(F_theta(h_bar)) for final-norm states h_bar (..., d)."""
+        return self.decode(self.coefficients(h_bar))
+
+
+class _gathered:
+    """Gather ZeRO-3 partitioned parameters for a write (no-op for ordinary tensors)."""
+
+    def __init__(self, params, modify=False):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.modify = modify
+        self.context = None
+
+    def __enter__(self):
+        if self.params:
+            import deepspeed  # only reached when parameters are DeepSpeed-partitioned
+
+            self.context = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        return False
+
+
+@dataclass
+class GapGenerateOutput(GenerateDecoderOnlyOutput):
+    r"""`generate` output (with `return_dict_in_generate=True`) plus the latent channel, per row.
+
+    latents: one tensor per row, (n_spans, K, d): the vectors fed at each ``<|latent_pad|>`` (after the
+        intervention), complete spans only; a span cut short by `max_new_tokens` is flagged in `span_truncated`.
+    latent_norms: one tensor per row, (n_spans, K): their L2 norms.
+    num_latent_spans: (batch,) how many spans each row opened.
+    span_truncated: (batch,) True where generation stopped inside a span (`max_new_tokens` ran out).
+    """
+
+    latents: list | None = None
+    latent_norms: list | None = None
+    num_latent_spans: torch.LongTensor | None = None
+    span_truncated: torch.BoolTensor | None = None
+
+
+class GapLatentLogitsProcessor(LogitsProcessor):
+    r"""Keeps latent spans well formed, per row and vectorised over the batch.
+
+    After ``<|latent_start|>`` a row is forced through exactly K ``<|latent_pad|>`` tokens and then
+    ``<|latent_end|>``; outside a span the pad and end tokens (whose LM rows are untrained) are banned, and so
+    is the start token when `ban_start` is set (the `suppress` intervention). Everything is read from the
+    last K + 1 tokens of `input_ids`, so no state is kept between steps.
+    """
+
+    def __init__(self, start_id, pad_id, end_id, latent_tokens_per_span, ban_start=False):
+        self.start_id, self.pad_id, self.end_id = start_id, pad_id, end_id
+        self.latent_tokens_per_span = latent_tokens_per_span
+        self.ban_start = ban_start
+
+    def span_progress(self, input_ids):
+        """(in_span, pads_so_far) per row: whether the row is inside a span and how many pads it has emitted."""
+        window = input_ids[:, -(self.latent_tokens_per_span + 1) :]
+        is_start = window == self.start_id
+        in_span = is_start.any(dim=1)
+        last_start = window.shape[1] - 1 - is_start.flip(1).int().argmax(dim=1)
+        pads_so_far = window.shape[1] - 1 - last_start
+        return in_span, pads_so_far
+
+    def __call__(self, input_ids, scores):
+        in_span, pads_so_far = self.span_progress(input_ids)
+        force_pad = in_span & (pads_so_far < self.latent_tokens_per_span)
+        force_end = in_span & (pads_so_far >= self.latent_tokens_per_span)
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        banned[:, [self.pad_id, self.end_id]] = True
+        if self.ban_start:
+            banned[:, self.start_id] = True
+        scores = scores.masked_fill(banned & ~in_span[:, None], float("-inf"))
+        forced = torch.where(force_pad, self.pad_id, self.end_id)
+        only_forced = torch.full_like(scores, float("-inf")).scatter(1, forced[:, None], 0.0)
+        return torch.where(in_span[:, None], only_forced, scores)
+
+
+class GapLatentState:
+    r"""Per-call bookkeeping of latent decoding, carried through `generate`'s model kwargs.
+
+    After every forward it computes, for each row, the latent that row would feed at a pad on the next step
+    (`observe`); `latent_embeds_for` turns the pads of the next model input into `latent_embeds`, with or
+    without a KV cache (without one, every earlier latent is fed again in order).
+    """
+
+    def __init__(self, model, intervention, generator=None, ema_beta=0.9):
+        self.model = model
+        self.intervention = intervention
+        self.generator = generator
+        self.ema_beta = ema_beta
+        self.prompt_length = None
+        self.next_feed = None
+        self.history = []  # one (batch, d) tensor per generated column: the latent fed there if it is a pad
+        self.ema_norm = None
+        self.image_tokens_per_row = None
+
+    def observe(self, outputs):
+        head = self.model.latent_head
+        if self.intervention == "hidden_ema" and self.ema_norm is None:
+            self.ema_norm = self._vision_norm_ema(outputs)
+        if self.intervention == "hidden":
+            feed = outputs.next_hidden.float()
+        elif self.intervention == "hidden_ema":
+            h = outputs.next_hidden.float()
+            feed = h * (self.ema_norm[:, None] / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        elif self.intervention == "noise":
+            clean = outputs.next_latent
+            std = head.pca_eigenvalues.clamp_min(0).sqrt()
+            noise = torch.randn(
+                clean.shape[0], std.shape[0], generator=self.generator, device=std.device, dtype=torch.float32
+            )
+            noisy = head.decode(noise * std)
+            feed = noisy * (clean.norm(dim=-1, keepdim=True) / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        else:
+            feed = outputs.next_latent
+        self.next_feed = feed
+
+    def _vision_norm_ema(self, outputs):
+        """n_bar per row: EMA (beta) of the prompt's vision-token L2 norms in sequence order (paper §3.1, App. F)."""
+        image_outputs = getattr(outputs, "image_outputs", None)
+        counts = self.image_tokens_per_row
+        if image_outputs is None or counts is None or bool((counts == 0).any()):
+            rows = [] if counts is None else (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                "latent_intervention='hidden_ema' rescales to the query image's vision-token norms, but "
+                + (f"rows {rows} of the batch have no image." if rows else "the prompt has no image (pass pixel_values).")
+            )
+        norms = torch.cat(list(image_outputs.pooler_output), dim=0).float().norm(dim=-1)
+        beta = self.ema_beta
+        row = torch.repeat_interleave(torch.arange(counts.shape[0], device=norms.device), counts.to(norms.device))
+        offsets = torch.cumsum(counts, 0).to(norms.device) - counts.to(norms.device)
+        index = torch.arange(norms.shape[0], device=norms.device) - offsets[row]  # i within its row
+        n_row = counts.to(norms.device)[row]
+        # n_1 = x_1, n_i = beta n_{i-1} + (1 - beta) x_i  =>  n_N = sum_i w_i x_i with the weights below.
+        weights = (1 - beta) * beta ** (n_row - 1 - index).double()
+        weights = torch.where(index == 0, beta ** (n_row - 1).double(), weights)
+        ema = torch.zeros(counts.shape[0], dtype=torch.float64, device=norms.device)
+        return ema.index_add_(0, row, weights * norms.double()).float()
+
+    def start(self, input_ids, image_token_id):
+        self.prompt_length = input_ids.shape[1]
+        self.image_tokens_per_row = (input_ids == image_token_id).sum(dim=1)
+
+    def latent_embeds_for(self, full_input_ids, model_input_ids, pad_id):
+        """The `latent_embeds` for `model_input_ids` (the tail of `full_input_ids` the model reads this step)."""
+        generated = full_input_ids.shape[1] - self.prompt_length
+        if generated > len(self.history):
+            self.history.append(self.next_feed)
+        pad_mask = model_input_ids == pad_id
+        n_generated = min(model_input_ids.shape[1], generated)
+        prompt_part = pad_mask[:, : pad_mask.shape[1] - n_generated]
+        if bool(prompt_part.any()):
+            raise ValueError("The prompt holds <|latent_pad|> tokens; end the prompt before a span, not inside one.")
+        gen_mask = pad_mask[:, pad_mask.shape[1] - n_generated :]
+        if n_generated == 0 or not bool(gen_mask.any()):
+            return None
+        feeds = torch.stack(self.history[len(self.history) - n_generated :], dim=1)  # (batch, n_generated, d)
+        return feeds[gen_mask.to(feeds.device)]
+
+    def collect(self, sequences, pad_id, processor):
+        """Per-row latents (n_spans, K, d), their norms, span counts and whether a row stopped inside a span."""
+        generated = sequences[:, self.prompt_length :]
+        batch = sequences.shape[0]
+        K = processor.latent_tokens_per_span
+        d = self.model.config.text_config.hidden_size
+        n_steps = min(generated.shape[1], len(self.history))
+        if n_steps:
+            feeds = torch.stack(self.history[:n_steps], dim=1)
+        else:
+            feeds = torch.zeros(batch, 0, d)
+        is_pad = (generated[:, :n_steps] == pad_id).to(feeds.device)
+        num_spans = (generated == processor.start_id).sum(dim=1)
+        in_span, _ = processor.span_progress(sequences)
+        ends_with_end = sequences[:, -1] == processor.end_id
+        truncated = in_span & ~ends_with_end
+        latents, norms = [], []
+        for row in range(batch):  # once per call, after decoding: packing per-row outputs
+            row_latents = feeds[row][is_pad[row]].float()
+            n_full = row_latents.shape[0] // K
+            spans = row_latents[: n_full * K].reshape(n_full, K, d)  # a span cut short is left out (flagged)
+            latents.append(spans)
+            norms.append(spans.norm(dim=-1))
+        return latents, norms, num_spans, truncated
+
+
+class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    r"""Qwen2.5-VL with GAP's visual latent channel.
+
+    Adds `latent_head` (a `GapLatentHead`), the `latent_embeds` forward argument (the input embeddings of the
+    ``<|latent_pad|>`` positions, in order), the masked latent loss, and `from_qwen2_5_vl` to convert a
+    Qwen2.5-VL checkpoint. With no latent pads in the input it computes exactly what the parent computes.
+    """
+
+    config_class = GapConfig
+    config: GapConfig
+    _keep_in_fp32_modules_strict = ["latent_head"]
+
+    def __init__(self, config: GapConfig):
+        super().__init__(config)
+        self.latent_head = GapLatentHead(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, GapLatentHead):
+            module.init_weights()
+        else:
+            super()._init_weights(module)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        second_per_grid_ts=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        latent_embeds=None,
+        num_latent_items_in_batch=None,
+        **kwargs,
+    ):
+        r"""Everything `Qwen2_5_VLForConditionalGeneration.forward` takes, plus:
+
+        latent_embeds (`torch.Tensor` of shape `(n_latent, d)`): the input embeddings of the ``<|latent_pad|>``
+            positions of `input_ids`, in row-major order: the targets v in training (teacher forcing), the
+            previous step's v_hat in decoding. Required whenever `input_ids` holds latent pads.
+        num_latent_items_in_batch (`int` or `torch.Tensor`): the number of latent positions in the global batch
+            (all ranks and accumulation steps); L_latent is the sum over this micro-batch divided by it. Defaults
+            to this micro-batch's count.
+        num_items_in_batch (in kwargs): the same for the LM loss's supervised tokens.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        continues_cache = cache is not None and cache.get_seq_length() > 0
+        latent_mask = self._latent_mask(input_ids, latent_embeds, continues_cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if latent_mask is not None:
+            inputs_embeds = inputs_embeds.masked_scatter(
+                latent_mask.unsqueeze(-1), latent_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
+
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        h_bar = outputs.last_hidden_state  # final RMSNorm output: what the LM head reads (Eq. 15)
+
+        # Latent channel: the pad at position p is predicted from h_bar[p - 1] (Eq. 1).
+        next_hidden = h_bar[:, -1]
+        next_latent = self.latent_head(next_hidden)
+        latent_predictions = None
+        latent_loss = None
+        if latent_mask is not None and not continues_cache:  # decoding steps only need `next_latent`
+            source_mask = torch.zeros_like(latent_mask)
+            source_mask[:, :-1] = latent_mask[:, 1:]
+            latent_predictions = self.latent_head(h_bar[source_mask])
+            latent_loss = self._latent_loss(latent_predictions, latent_embeds, num_latent_items_in_batch)
+        elif labels is not None:
+            # No latent position: L_latent = 0, but the head still runs (and gets zero gradients) so that
+            # every ZeRO-3 rank gathers the same parameters in the same order.
+            latent_loss = next_latent.sum() * 0.0
+
+        loss = lm_loss = None
+        if labels is not None:
+            if latent_mask is not None:
+                labels = labels.masked_fill(latent_mask, IGNORE_INDEX)  # pads are never LM targets
+            shift_labels = labels[:, 1:]
+            supervised = shift_labels != IGNORE_INDEX
+            logits = self.lm_head(h_bar[:, :-1][supervised])  # only where labels are supervised
+            targets = shift_labels[supervised].to(logits.device)
+            denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp_min(1)
+            lm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
+            loss = lm_loss + self.config.latent_loss_weight * latent_loss.to(lm_loss.device)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(h_bar[:, slice_indices, :])
+
+        return GapCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            latent_loss=latent_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            latent_predictions=latent_predictions,
+            next_latent=next_latent,
+            next_hidden=next_hidden,
+        )
+
+    def _latent_mask(self, input_ids, latent_embeds, continues_cache=False):
+        """Boolean mask of ``<|latent_pad|>`` positions, checked against `latent_embeds`; None if there are none."""
+        pad_id = self.config.latent_pad_token_id
+        if input_ids is None or pad_id is None:
+            if latent_embeds is not None:
+                raise ValueError(
+                    "`latent_embeds` was given but the latent pads cannot be located: pass `input_ids` "
+                    + ("" if pad_id is None else "(not only `inputs_embeds`) ")
+                    + ("" if pad_id is not None else "and convert the model so that `config.latent_pad_token_id` is set")
+                )
+            return None
+        latent_mask = input_ids == pad_id
+        n_latent = int(latent_mask.sum())
+        if n_latent == 0:
+            if latent_embeds is not None and latent_embeds.shape[0] != 0:
+                raise ValueError(
+                    f"`latent_embeds` holds {latent_embeds.shape[0]} vectors but `input_ids` has no "
+                    f"<|latent_pad|> token (id {pad_id}); expand each `<latent>` into a span with the processor."
+                )
+            return None
+        d = self.config.text_config.hidden_size
+        if latent_embeds is None:
+            raise ValueError(
+                f"`input_ids` holds {n_latent} <|latent_pad|> tokens but no `latent_embeds` were given: pass one "
+                f"vector of width d={d} per pad (the targets in training, the predicted latents in decoding)."
+            )
+        if latent_embeds.ndim != 2 or latent_embeds.shape[0] != n_latent:
+            raise ValueError(
+                f"`latent_embeds` has shape {tuple(latent_embeds.shape)} but `input_ids` holds {n_latent} "
+                f"<|latent_pad|> tokens: pass ({n_latent}, {d}), one row per pad in row-major order."
+            )
+        if latent_embeds.shape[1] != d:
+            raise ValueError(
+                f"`latent_embeds` rows have width {latent_embeds.shape[1]}, but the model's hidden size is d={d}: "
+                f"the targets must come from this model's vision tower (after the patch merger)."
+            )
+        if not torch.isfinite(latent_embeds).all():
+            bad = (~torch.isfinite(latent_embeds)).any(-1).nonzero().flatten().tolist()
+            raise ValueError(f"`latent_embeds` rows {bad[:10]} contain NaN or inf; recompute those latent targets.")
+        if not continues_cache and latent_mask[:, 0].any():
+            raise ValueError(
+                "A <|latent_pad|> sits at the first position of a row: no earlier state can predict it. A span "
+                "must start with <|latent_start|>."
+            )
+        return latent_mask
+
+    def _latent_loss(self, v_hat, v, num_latent_items_in_batch):
+        """Eq. 2 in fp32: squared error per latent position ('mean' over d or 'sum' over d), summed over
+        positions and divided by the number of latent positions of the (global) batch."""
+        squared_error = (v_hat - v.to(v_hat.device, torch.float32)).pow(2)
+        per_position = squared_error.sum(-1) if self.config.latent_loss_reduction == "sum" else squared_error.mean(-1)
+        if num_latent_items_in_batch is None:
+            num_latent_items_in_batch = per_position.shape[0]
+        return per_position.sum() / num_latent_items_in_batch
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def generate(
+        self,
+        inputs=None,
+        generation_config=None,
+        logits_processor=None,
+        *,
+        latent_intervention="pca",
+        latent_tokens_per_span=None,
+        latent_generator=None,
+        hidden_ema_beta=0.9,
+        **kwargs,
+    ):
+        r"""`GenerationMixin.generate` with visual latent spans.
+
+        When a row emits ``<|latent_start|>`` it is forced through exactly K ``<|latent_pad|>`` steps, each fed
+        (through `forward`'s `latent_embeds`, reading the prefix from the KV cache) the latent decoded from the
+        previous step's state, then ``<|latent_end|>``; rows enter and leave spans independently. Everything
+        `GenerationMixin` offers for greedy and sampling decoding keeps working (batches with left padding,
+        streamers, stopping criteria, `generation_config`, `max_new_tokens`, `use_cache=False`).
+
+        Args:
+            latent_intervention: what a pad step feeds (paper Tables 1 and 6): ``"pca"`` (default, GAP:
+                v_hat = P_k^T F(h_bar) + mu), ``"suppress"`` (``<|latent_start|>`` banned: no span opens),
+                ``"noise"`` (c ~ N(0, diag(eigenvalues)), reconstructed, rescaled to the clean latent's norm),
+                ``"hidden"`` (h_bar itself, the output-as-input baseline), ``"hidden_ema"`` (h_bar rescaled to an
+                EMA, `hidden_ema_beta`, of the query image's vision-token norms).
+            latent_tokens_per_span: override K for this call (a perfect square; the budget sweep of Table 10).
+            latent_generator: a `torch.Generator` for the `noise` intervention (seed it to repeat a run).
+
+        With `return_dict_in_generate=True` the result is a `GapGenerateOutput` holding, per row, the fed
+        latents, their norms, the number of spans and whether `max_new_tokens` ran out inside a span.
+        """
+        if self.config.latent_token_ids is None:
+            raise ValueError("This model has no latent token ids; convert it with `from_qwen2_5_vl` first.")
+        if latent_intervention not in LATENT_INTERVENTIONS:
+            raise ValueError(f"`latent_intervention` must be one of {LATENT_INTERVENTIONS}, got {latent_intervention!r}.")
+        if latent_intervention == "noise" and self.latent_head.head_type != "pca":
+            raise ValueError("The `noise` intervention samples from the PCA eigenvalues; this model's head is 'full'.")
+        if not 0.0 <= hidden_ema_beta < 1.0:
+            raise ValueError(f"`hidden_ema_beta` must be in [0, 1), got {hidden_ema_beta}.")
+        K = self.config.latent_tokens_per_span if latent_tokens_per_span is None else latent_tokens_per_span
+        check_latent_budget(K, "latent_tokens_per_span")
+        num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", None) or self.generation_config.num_beams)
+        if (num_beams or 1) > 1:
+            raise ValueError("Latent decoding supports greedy and sampling decoding; set num_beams=1.")
+
+        start_id, pad_id, end_id = self.config.latent_token_ids
+        span_processor = GapLatentLogitsProcessor(start_id, pad_id, end_id, K, ban_start=latent_intervention == "suppress")
+        processors = LogitsProcessorList(list(logits_processor or []) + [span_processor])
+        state = GapLatentState(self, latent_intervention, generator=latent_generator, ema_beta=hidden_ema_beta)
+        output = super().generate(
+            inputs, generation_config=generation_config, logits_processor=processors, gap_latent_state=state, **kwargs
+        )
+        if not isinstance(output, GenerateDecoderOnlyOutput):
+            return output
+        latents, norms, num_spans, truncated = state.collect(output.sequences, pad_id, span_processor)
+        return GapGenerateOutput(
+            **{key: value for key, value in output.items()},
+            latents=latents,
+            latent_norms=norms,
+            num_latent_spans=num_spans,
+            span_truncated=truncated,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, gap_latent_state=None, **kwargs):
+        """Adds `latent_embeds` for the pads among this step's input ids (latents come from `gap_latent_state`)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if gap_latent_state is not None:
+            if gap_latent_state.prompt_length is None:
+                gap_latent_state.start(input_ids, self.config.image_token_id)
+            step_ids = model_inputs.get("input_ids")
+            if step_ids is None:
+                raise ValueError("Latent decoding needs `input_ids` (not only `inputs_embeds`) to locate the pads.")
+            model_inputs["latent_embeds"] = gap_latent_state.latent_embeds_for(
+                input_ids, step_ids, self.config.latent_pad_token_id
+            )
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Also let the latent state see this step's output (the next latent to feed)."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if (state := model_kwargs.get("gap_latent_state")) is not None:
+            state.observe(outputs)
+        return model_kwargs
+
+    # -- loading, saving, conversion ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses to leave the latent head silently random.
+
+        A plain Qwen2.5-VL checkpoint must be converted first (`from_qwen2_5_vl` / `gap convert`).
+        """
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            config_dict, _ = PreTrainedConfig.get_config_dict(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}
+            )
+            if config_dict.get("model_type") != GapConfig.model_type:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a '{config_dict.get('model_type')}' checkpoint, not a GAP "
+                    f"one. Convert it first: `GapForConditionalGeneration.from_qwen2_5_vl(path, tokenizer, pca)` or "
+                    f"`gap convert`."
+                )
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(key for key in info["missing_keys"] if "latent_head." in key)
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks latent-head weights {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}; a GAP checkpoint must carry them. Convert the base model "
+                f"with `GapForConditionalGeneration.from_qwen2_5_vl` (or `gap convert`) instead."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also map `AutoModel` to this class, so all three Auto classes resolve to GAP from the folder."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_qwen2_5_vl(
+        cls,
+        base,
+        tokenizer=None,
+        pca=None,
+        *,
+        latent_tokens_per_span=36,
+        latent_head_type="pca",
+        latent_adapter_size=1024,
+        latent_loss_weight=1.0,
+        latent_loss_reduction="mean",
+        **from_pretrained_kwargs,
+    ):
+        """Convert a Qwen2.5-VL model (instance or folder) into GAP; returns `(model, tokenizer)`.
+
+        * adds ``<|latent_start|>``, ``<|latent_pad|>``, ``<|latent_end|>`` to the tokenizer if missing;
+        * grows the embedding matrix only if the new ids do not fit (never shrinks: Qwen2.5-VL-7B keeps its
+          152,064 rows), and sets the new ids' rows of `embed_tokens` (and of an untied `lm_head`) to the mean
+          of the tokenizer's existing rows;
+        * stores the ids, K, k, lambda and the loss reduction in a `GapConfig`;
+        * builds the latent head from `pca` (an object with `mean`, `components`, `eigenvalues`, a mapping with
+          those keys, or a path to a `pca.safetensors`); required for `latent_head_type="pca"`.
+
+        The base weights are reused, not copied, when `base` is an instance.
+        """
+        if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(base)
+            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, **from_pretrained_kwargs)
+        if tokenizer is None:
+            raise ValueError("Pass the base model's tokenizer (or a folder path as `base`) so the latent tokens can be added.")
+        if not isinstance(base, Qwen2_5_VLForConditionalGeneration):
+            raise TypeError(f"`base` must be a Qwen2_5_VLForConditionalGeneration or a folder, got {type(base).__name__}.")
+        pca = _as_pca(pca) if pca is not None else None
+        if latent_head_type == "pca" and pca is None:
+            raise ValueError("`latent_head_type='pca'` needs the fitted PCA (`gap fit-pca` writes pca.safetensors).")
+
+        n_known_tokens = len(tokenizer)
+        missing_tokens = [t for t in LATENT_TOKENS if t not in tokenizer.get_vocab()]
+        if missing_tokens:
+            tokenizer.add_tokens(missing_tokens, special_tokens=True)
+        start_id, pad_id, end_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+
+        config_dict = base.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            config_dict.pop(key, None)
+        old_vocab = base.config.text_config.vocab_size
+        config_dict["text_config"]["vocab_size"] = max(old_vocab, max(start_id, pad_id, end_id) + 1)
+        config = GapConfig(
+            **config_dict,
+            latent_tokens_per_span=latent_tokens_per_span,
+            latent_head_type=latent_head_type,
+            pca_num_components=None if pca is None else int(pca["components"].shape[0]),
+            latent_adapter_size=latent_adapter_size,
+            latent_loss_weight=latent_loss_weight,
+            latent_loss_reduction=latent_loss_reduction,
+            latent_start_token_id=start_id,
+            latent_pad_token_id=pad_id,
+            latent_end_token_id=end_id,
+        )
+        config.architectures = [cls.__name__]
+
+        with init.no_init_weights():
+            model = cls(config)
+        base_state = base.state_dict()
+        new_vocab = config.text_config.vocab_size
+        if new_vocab > old_vocab:  # grow: copy the old rows into freshly allocated matrices
+            for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+                if key in base_state:
+                    grown = base_state[key].new_empty(new_vocab, base_state[key].shape[1])
+                    grown[:old_vocab] = base_state[key]
+                    base_state[key] = grown
+        incompatible = model.load_state_dict(base_state, strict=False, assign=True)
+        unexpected = list(incompatible.unexpected_keys)
+        missing = [key for key in incompatible.missing_keys if not key.startswith("latent_head.")]
+        if unexpected or missing:
+            raise ValueError(f"Base weights do not fit Qwen2.5-VL's layout: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+        model.tie_weights()
+        model.to(base.device)  # non-persistent buffers and the (fp32) latent head follow the base's device
+
+        with torch.no_grad():
+            new_ids = torch.tensor([start_id, pad_id, end_id])
+            heads = [model.get_input_embeddings().weight]
+            if not config.tie_word_embeddings:
+                heads.append(model.lm_head.weight)
+            for weight in heads:
+                mean_row = weight[:n_known_tokens].float().mean(0)
+                weight[new_ids.to(weight.device)] = mean_row.to(weight.dtype)
+            _init_head_from_scratch(model.latent_head, config)
+            if pca is not None:
+                model.latent_head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])
+        model.generation_config = base.generation_config
+        model.eval() if not base.training else model.train()
+        return model, tokenizer
+
+
+def _init_head_from_scratch(head, config):
+    """Random adapter weights (down = 0) for a head built under `no_init_weights`."""
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    nn.init.normal_(head.gate.weight, std=std)
+    nn.init.normal_(head.up.weight, std=std)
+    nn.init.zeros_(head.down.weight)
+    nn.init.normal_(head.proj.weight, std=std)
+    nn.init.zeros_(head.proj.bias)
+
+
+def _as_pca(pca):
+    """Normalise a PCA given as a path, mapping or object to a dict of tensors."""
+    if isinstance(pca, (str, bytes)) or hasattr(pca, "__fspath__"):
+        from safetensors.torch import load_file  # a dependency of transformers itself
+
+        pca = load_file(str(pca))
+    get = pca.__getitem__ if isinstance(pca, dict) else lambda key: getattr(pca, key)
+    try:
+        return {key: torch.as_tensor(get(key)) for key in ("mean", "components", "eigenvalues")}
+    except (KeyError, AttributeError) as error:
+        raise ValueError(f"The PCA must provide `mean`, `components` and `eigenvalues`; missing {error}.") from None
+
+
+GapConfig.register_for_auto_class()
+GapForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+__all__ = [
+    "GapCausalLMOutputWithPast",
+    "GapForConditionalGeneration",
+    "GapGenerateOutput",
+    "GapLatentHead",
+    "GapLatentLogitsProcessor",
+    "LATENT_INTERVENTIONS",
+]
