@@ -1,0 +1,105 @@
+"""The ``gap`` console command: one subcommand per pipeline step.
+
+Contract for a subcommand
+-------------------------
+Add one line to :data:`COMMANDS` mapping the subcommand name to a module.  That module
+defines, at top level:
+
+* ``HELP: str`` -- a one-line summary, written as a plain string literal (``gap --help``
+  reads it from the source without importing the module);
+* ``add_arguments(parser: argparse.ArgumentParser) -> None`` -- adds the subcommand's
+  options to the parser it is given;
+* ``run(args: argparse.Namespace) -> int`` -- does the work and returns the exit status.
+
+Only the chosen subcommand's module is imported, so ``gap --help`` stays fast no matter
+how heavy the steps' imports are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# subcommand name -> module that implements it (see the module docstring for the contract)
+COMMANDS: dict[str, str] = {
+    "tiny-model": "gap_pipeline.tiny",
+    "fit-pca": "gap_pipeline.pca",
+}
+
+
+def read_help(module_name: str) -> str:
+    """Return the module's ``HELP`` string literal without importing the module ('' if absent)."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ""
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=spec.origin)
+    except (OSError, SyntaxError):
+        return ""
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == "HELP" for t in targets):
+            try:
+                help_text = ast.literal_eval(value)
+            except ValueError:
+                return ""
+            return help_text if isinstance(help_text, str) else ""
+    return ""
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    # The top-level parser takes only flags without values (--help, --version), so the
+    # first argument that is not a flag names the subcommand.
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Build the ``gap`` parser; only the subcommand named in ``argv`` gets imported."""
+    parser = argparse.ArgumentParser(
+        prog="gap",
+        description="GAP offline pipeline: visual latent reasoning for Qwen2.5-VL.",
+        epilog="Run 'gap COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = _chosen_command(argv)
+    for name, module_name in COMMANDS.items():
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
+        else:
+            subparsers.add_parser(name, help=read_help(module_name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gap`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    status = args._run(args)
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Shared pytest fixtures: a tiny Qwen2.5-VL tokenizer, processor, checkpoints and images.
+
+Everything is built in code (see ``gap_pipeline.tiny``); nothing is downloaded.  Session
+fixtures are shared by all tests: do not mutate them (a test that adds tokens or changes
+weights builds its own copy, e.g. with ``build_tiny_tokenizer()``, or loads the folder).
+"""
+
+import os
+
+# Any accidental Hub access must fail loudly; set before transformers / huggingface_hub
+# are imported (they read these at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gap_pipeline.tiny import (  # noqa: E402
+    TINY_IMAGE_SIZE,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    save_tiny_base_checkpoint,
+)
+
+# Spare embedding rows of the `tiny_base_dir_spare` checkpoint: more than the three GAP
+# latent tokens, so conversion can place them without growing the matrix.
+TINY_SPARE_VOCAB = 5
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny Qwen2.5-VL tokenizer (special tokens + chat template, no latent tokens)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_tokenizer):
+    """The tiny Qwen2.5-VL processor (112 x 112 image -> 16 image tokens)."""
+    return build_tiny_processor(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A saved tiny base checkpoint folder: seed 0, untied, no spare rows."""
+    return save_tiny_base_checkpoint(tmp_path_factory.mktemp("tiny_base"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir_tied(tmp_path_factory):
+    """A saved tiny base checkpoint folder with the LM head tied to the input embedding."""
+    return save_tiny_base_checkpoint(tmp_path_factory.mktemp("tiny_base_tied"), seed=0, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir_spare(tmp_path_factory):
+    """A saved tiny base checkpoint folder with TINY_SPARE_VOCAB unused embedding rows."""
+    return save_tiny_base_checkpoint(
+        tmp_path_factory.mktemp("tiny_base_spare"), seed=0, spare_vocab=TINY_SPARE_VOCAB
+    )
+
+
+def _grid_image(seed: int, size: tuple[int, int], cells: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    width, height = size
+    colours = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
+    rows = np.minimum(np.arange(height) * cells // height, cells - 1)
+    cols = np.minimum(np.arange(width) * cells // width, cells - 1)
+    pixels = colours[rows[:, None], cols[None, :]]
+    return Image.fromarray(pixels)  # (H, W, 3) uint8 -> RGB
+
+
+@pytest.fixture(scope="session")
+def tiny_image():
+    """Factory of deterministic RGB test images: ``tiny_image(seed=0, size=(112, 112), cells=4)``.
+
+    The image is a ``cells x cells`` grid of random colours (one merged vision token per
+    cell at the default size); the same arguments always give the same pixels.
+    """
+
+    def make(seed: int = 0, size: tuple[int, int] = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), cells: int = 4):
+        return _grid_image(seed, tuple(size), cells)
+
+    return make
