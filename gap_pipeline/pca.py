@@ -768,7 +768,7 @@ def fit_pca(
 # Command line
 # ----------------------------------------------------------------------------------------
 
-HELP = "fit the PCA basis (mean, top-k components) of the latent targets, streaming"
+HELP = "Fit the PCA basis (mean, top-k components) of the latent targets, streaming."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
