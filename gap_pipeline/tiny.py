@@ -34,7 +34,7 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .qwen_processor import ImageOnlyQwen2_5_VLProcessor
+from .qwen_processor import ImageOnlyQwen2_5_VLProcessor, load_qwen2_5_vl_processor
 
 __all__ = [
     "QWEN2_5_VL_SPECIAL_TOKENS",
@@ -360,6 +360,57 @@ def save_tiny_base_checkpoint(
     processor.save_pretrained(output_dir)
     return output_dir
 
+
+
+def synthetic_pca(d: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random PCA basis for tests: ``{"mean": (d,), "components": (k, d) orthonormal rows, "eigenvalues": (k,)}``.
+
+    Eigenvalues decrease from 1 to 0.1; the mean has norm about sqrt(d).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return {
+        "mean": torch.randn(d, generator=generator, dtype=torch.float64).to(dtype),
+        "components": q[:, :k].T.contiguous().to(dtype),
+        "eigenvalues": torch.linspace(1.0, 0.1, k, dtype=torch.float64).to(dtype),
+    }
+
+
+def build_tiny_gap_model(
+    base: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    latent_tokens_per_span: int = 4,
+    pca_num_components: int = 8,
+    latent_head_type: str = "pca",
+    latent_adapter_size: int = 32,
+    tie_word_embeddings: bool = False,
+    spare_vocab: int = 0,
+):
+    """Return ``(model, processor)``: a tiny GAP model converted from a tiny base with a synthetic PCA.
+
+    ``base`` is a tiny base checkpoint folder; without it a base is built in memory from ``seed``. The returned
+    processor is the base processor whose tokenizer now holds the three latent tokens.
+    """
+    from modeling_gap import GapForConditionalGeneration
+
+    if base is None:
+        base_model, processor = build_tiny_base_model(seed, tie_word_embeddings, spare_vocab)
+    else:
+        base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base).eval()
+        processor = load_qwen2_5_vl_processor(base)
+    d = base_model.config.text_config.hidden_size
+    pca = synthetic_pca(d, pca_num_components, seed=seed) if latent_head_type == "pca" else None
+    model, tokenizer = GapForConditionalGeneration.from_qwen2_5_vl(
+        base_model,
+        processor.tokenizer,
+        pca,
+        latent_tokens_per_span=latent_tokens_per_span,
+        latent_head_type=latent_head_type,
+        latent_adapter_size=latent_adapter_size,
+    )
+    processor.tokenizer = tokenizer
+    return model.eval(), processor
 
 # --------------------------------------------------------------------------- CLI
 

@@ -82,3 +82,20 @@ def tiny_image():
         return _grid_image(seed, tuple(size), cells)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gap_and_processor(tiny_base_dir):
+    """A tiny GAP model (K = 4, k = 8, synthetic PCA) converted from `tiny_base_dir`, and its processor.
+
+    Tests that change its weights or config must restore them.
+    """
+    from gap_pipeline.tiny import build_tiny_gap_model
+
+    return build_tiny_gap_model(tiny_base_dir, latent_tokens_per_span=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gap(tiny_gap_and_processor):
+    """The model of `tiny_gap_and_processor`."""
+    return tiny_gap_and_processor[0]
