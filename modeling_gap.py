@@ -79,10 +79,11 @@ class GapLatentHead(nn.Module):
         self.hidden_size = d
         out = config.pca_num_components if self.head_type == "pca" else d
         self.out_features = out
-        self.proj = nn.Linear(d, out, bias=True)
-        self.gate = nn.Linear(d, config.latent_adapter_size, bias=False)
-        self.up = nn.Linear(d, config.latent_adapter_size, bias=False)
-        self.down = nn.Linear(config.latent_adapter_size, out, bias=False)
+        fp32 = torch.float32  # explicit: the model may be built under another default dtype
+        self.proj = nn.Linear(d, out, bias=True, dtype=fp32)
+        self.gate = nn.Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
+        self.up = nn.Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
+        self.down = nn.Linear(config.latent_adapter_size, out, bias=False, dtype=fp32)
         if self.head_type == "pca":
             self.register_buffer("pca_mean", torch.zeros(d, dtype=torch.float32))
             self.register_buffer("pca_components", torch.zeros(out, d, dtype=torch.float32))
