@@ -1,0 +1,391 @@
+"""Batches for GAP training: `GapDataCollator` and `prepare_dataset`.
+
+The collator turns rows of the GAP schema (`gap_pipeline.data`) plus their precomputed ``latent_targets``
+(`gap targets`) into the inputs of `GapForConditionalGeneration.forward`:
+
+* ``input_ids``, ``attention_mask``: the chat template's rendering of ``messages`` (`GapProcessor`), each
+  ``<latent>`` expanded to ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>`` and each image to
+  its ``<|image_pad|>`` tokens; right padding with the tokenizer's pad token.
+* ``labels``: the token ids on assistant content and each assistant turn's closing ``<|im_end|>`` (latent
+  start/end tokens included), -100 on the prompt, padding and ``<|latent_pad|>`` tokens.
+* ``mm_token_type_ids``: 1 on ``<|image_pad|>`` tokens, 0 elsewhere (latent tokens are text for M-RoPE).
+* ``pixel_values``, ``image_grid_thw``: when any row has images; taken from a row's precomputed columns
+  (`prepare_dataset`) when present, from the image processor otherwise.
+* ``latent_embeds``: (n_latent, d) float32, the targets of every kept span, concatenated in the row-major
+  order of the ``<|latent_pad|>`` tokens; present when any row keeps latents.
+
+Difficulty-aware assignment (paper Eq. 4, App. F): a row whose ``accuracy`` is above
+``difficulty_threshold`` (tau) loses its latent spans (the placeholders are removed from the assistant text,
+see `gap_pipeline.data.strip_latent_placeholders` for the whitespace rule) and its targets are dropped: it
+trains on text only. ``accuracy <= tau`` or no accuracy keeps them.
+
+Errors name the row (its position in the batch and its ``id`` if it has one) and the fix; they are
+`gap_pipeline.data.GapDataError` (a `ValueError`).
+
+Imports only torch, numpy, PIL and transformers (not TRL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import (
+    GapDataError,
+    count_image_entries,
+    count_latent_placeholders,
+    load_image,
+    row_name,
+    strip_latent_spans,
+)
+
+__all__ = ["IGNORE_INDEX", "GapDataCollator", "count_latent_positions", "prepare_dataset"]
+
+IGNORE_INDEX = -100
+
+
+def _as_gap_processor(processor, latent_tokens_per_span):
+    """`processor` as a GapProcessor with K = `latent_tokens_per_span` (sharing tokenizer and image processor)."""
+    from processing_gap import GAP_CHAT_TEMPLATE, GapProcessor
+
+    if isinstance(processor, GapProcessor):
+        if latent_tokens_per_span is None or latent_tokens_per_span == processor.latent_tokens_per_span:
+            return processor
+        return GapProcessor(
+            image_processor=processor.image_processor,
+            tokenizer=processor.tokenizer,
+            chat_template=processor.chat_template,
+            latent_tokens_per_span=latent_tokens_per_span,
+        )
+    if latent_tokens_per_span is None:
+        raise ValueError(
+            f"{type(processor).__name__} is not a GapProcessor, so it does not know K: pass "
+            "`latent_tokens_per_span`, or build the processor with GapProcessor.from_qwen2_5_vl_processor."
+        )
+    # A plain Qwen2.5-VL processor whose tokenizer holds the latent tokens: use GAP's chat template (it marks
+    # assistant turns for the labels); the processor's own template is left untouched.
+    return GapProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        chat_template=GAP_CHAT_TEMPLATE,
+        latent_tokens_per_span=latent_tokens_per_span,
+    )
+
+
+def _present(row: dict, key: str) -> bool:
+    value = row.get(key)
+    if value is None:
+        return False
+    return not (isinstance(value, (list, tuple)) and len(value) == 0)
+
+
+def _to_tensor(value, dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    array = np.asarray(value)
+    if array.dtype == object:  # nested lists of arrays (python-formatted Array2D rows)
+        array = np.stack([np.asarray(v) for v in value])
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
+
+
+class GapDataCollator:
+    """Collate GAP rows into a training batch (see the module docstring for what each tensor holds).
+
+    Args:
+        processor: a `GapProcessor`, or a Qwen2.5-VL processor whose tokenizer holds the latent tokens
+            (then `latent_tokens_per_span` is required and GAP's chat template is used).
+        difficulty_threshold: tau of Eq. 4; rows with ``accuracy > tau`` train on text only. Default 0.
+        max_length: the longest allowed row in tokens; a longer row is an error (a row is never truncated:
+            a cut could fall inside an image or a latent span). None: no limit.
+        latent_tokens_per_span: K; default the processor's.
+
+    Rows are dicts with ``messages`` and, as needed, ``images``, ``aux_images``, ``accuracy``,
+    ``latent_targets`` ((n_spans * K, d) or (n_spans, K, d)), ``pixel_values`` / ``image_grid_thw``
+    (precomputed by `prepare_dataset`) and ``id``.
+    """
+
+    def __init__(self, processor, *, difficulty_threshold=0.0, max_length=None, latent_tokens_per_span=None):
+        if isinstance(difficulty_threshold, bool) or not isinstance(difficulty_threshold, (int, float)) or (
+            not math.isfinite(difficulty_threshold)
+        ):
+            raise ValueError(f"`difficulty_threshold` must be a finite number (tau of Eq. 4), got {difficulty_threshold!r}.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
+        self.processor = _as_gap_processor(processor, latent_tokens_per_span)
+        self.difficulty_threshold = float(difficulty_threshold)
+        self.max_length = max_length
+        self.latent_tokens_per_span = self.processor.latent_tokens_per_span
+        tokenizer = self.processor.tokenizer
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has no pad token; set one (Qwen2.5-VL pads with <|endoftext|>).")
+        self.pad_token_id = pad_id
+        self.image_token_id = self.processor.image_token_id
+        self.latent_pad_token_id = self.processor.latent_pad_token_id
+
+    # -- per row -----------------------------------------------------------------------------------------
+    def keeps_latents(self, row: dict) -> bool:
+        """Eq. 4: True (latent supervision) when the row has no accuracy or ``accuracy <= tau``."""
+        accuracy = row.get("accuracy")
+        return accuracy is None or not accuracy > self.difficulty_threshold
+
+    def _check_accuracy(self, row: dict, name: str) -> None:
+        accuracy = row.get("accuracy")
+        if accuracy is None:
+            return
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, np.floating)) or not (
+            0.0 <= float(accuracy) <= 1.0
+        ):
+            raise GapDataError(f"{name}: 'accuracy' is {accuracy!r}; it must be a number in [0, 1] or absent.")
+
+    def _targets(self, row: dict, n_spans: int, name: str) -> torch.Tensor | None:
+        """The row's (n_spans * K, d) float32 targets (None for a row without spans)."""
+        K = self.latent_tokens_per_span
+        has_targets = _present(row, "latent_targets")
+        if n_spans == 0:
+            if has_targets and _to_tensor(row["latent_targets"], torch.float32).numel() > 0:
+                raise GapDataError(
+                    f"{name}: has 'latent_targets' but no {self.processor_placeholder} placeholder in its assistant "
+                    "text; recompute the targets with `gap targets` after fixing the row."
+                )
+            return None
+        if not has_targets:
+            if _present(row, "aux_images"):
+                raise GapDataError(
+                    f"{name}: has 'aux_images' but no 'latent_targets'; run `gap targets` to compute them "
+                    "(frozen vision tower over the aux images) and train on its output dataset."
+                )
+            raise GapDataError(
+                f"{name}: has {n_spans} {self.processor_placeholder} placeholder(s) but neither 'aux_images' nor "
+                "'latent_targets'; add one aux image per placeholder and run `gap targets`."
+            )
+        targets = _to_tensor(row["latent_targets"], torch.float32)
+        if targets.ndim == 3:
+            targets = targets.reshape(-1, targets.shape[-1])
+        if targets.ndim != 2 or targets.shape[0] != n_spans * K:
+            raise GapDataError(
+                f"{name}: 'latent_targets' has shape {tuple(targets.shape)} but {n_spans} placeholder(s) x K={K} "
+                f"need ({n_spans * K}, d); recompute them with `gap targets` for K={K}."
+            )
+        if not torch.isfinite(targets).all():
+            raise GapDataError(f"{name}: 'latent_targets' contain NaN or inf; recompute them (e.g. --dtype float32).")
+        return targets
+
+    @property
+    def processor_placeholder(self) -> str:
+        from processing_gap import LATENT_PLACEHOLDER
+
+        return LATENT_PLACEHOLDER
+
+    def encode_row(self, row: dict, index: int = 0) -> dict:
+        """Token ids, labels and latent targets of one row; images are counted, not processed.
+
+        Returns ``{"input_ids", "labels", "latent_targets" (or None), "images" (the row's images, or None when
+        precomputed), "pixel_values", "image_grid_thw" (precomputed or None)}``.
+        """
+        name = row_name(index, row.get("id"), where="batch row")
+        messages = row.get("messages")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise GapDataError(f"{name}: 'messages' must be a non-empty list of {{'role', 'content'}} messages.")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise GapDataError(f"{name}: has no assistant turn; add the response as a {{'role': 'assistant'}} message.")
+        misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
+        if misplaced:
+            raise GapDataError(
+                f"{name}: has {misplaced} {self.processor_placeholder} placeholder(s) outside assistant turns; "
+                "latent spans belong in the assistant's response only."
+            )
+        self._check_accuracy(row, name)
+        n_spans = count_latent_placeholders(messages)
+        aux = row.get("aux_images")
+        if _present(row, "aux_images") and len(aux) != n_spans:
+            raise GapDataError(
+                f"{name}: the assistant text has {n_spans} {self.processor_placeholder} placeholder(s) but "
+                f"'aux_images' holds {len(aux)}; give one auxiliary image per placeholder."
+            )
+
+        if self.keeps_latents(row):
+            targets = self._targets(row, n_spans, name)
+        else:
+            messages = strip_latent_spans(list(messages))
+            targets = None
+
+        n_image_entries = count_image_entries(messages)
+        pixel_values = grid = images = None
+        if _present(row, "pixel_values") or _present(row, "image_grid_thw"):
+            if not (_present(row, "pixel_values") and _present(row, "image_grid_thw")):
+                raise GapDataError(f"{name}: has only one of 'pixel_values' / 'image_grid_thw'; rerun prepare_dataset.")
+            pixel_values = _to_tensor(row["pixel_values"], torch.float32)
+            grid = _to_tensor(row["image_grid_thw"], torch.long).reshape(-1, 3)
+            if grid.shape[0] != n_image_entries or pixel_values.shape[0] != int(grid.prod(-1).sum()):
+                raise GapDataError(
+                    f"{name}: precomputed 'image_grid_thw' describes {grid.shape[0]} image(s) / "
+                    f"{int(grid.prod(-1).sum())} patches but the row has {n_image_entries} image entries and "
+                    f"{pixel_values.shape[0]} patch rows; rerun prepare_dataset."
+                )
+        else:
+            images = list(row.get("images") or [])
+            if len(images) != n_image_entries:
+                raise GapDataError(
+                    f"{name}: the messages have {n_image_entries} {{'type': 'image'}} entries but 'images' holds "
+                    f"{len(images)}; give one image per entry, in order."
+                )
+        return {
+            "name": name,
+            "messages": messages,
+            "latent_targets": targets,
+            "images": images,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid,
+        }
+
+    # -- batch -------------------------------------------------------------------------------------------
+    def _process_images(self, encoded: list[dict]) -> None:
+        """Run the image processor once over the images of every row that has no precomputed pixels."""
+        todo = [(i, item) for i, item in enumerate(encoded) if item["images"]]
+        if not todo:
+            return
+        flat = []
+        for _, item in todo:
+            for k, image in enumerate(item["images"]):
+                try:
+                    flat.append(load_image(image).convert("RGB"))
+                except (OSError, TypeError, ValueError) as error:
+                    raise GapDataError(f"{item['name']}: image {k} cannot be loaded ({error}).") from None
+        out = self.processor.image_processor(images=flat, return_tensors="pt")
+        grids = out["image_grid_thw"].to(torch.long)
+        patches = torch.split(out["pixel_values"], grids.prod(-1).tolist())
+        position = 0
+        for _, item in todo:
+            n = len(item["images"])
+            item["image_grid_thw"] = grids[position : position + n]
+            item["pixel_values"] = torch.cat(patches[position : position + n])
+            position += n
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise GapDataError("The collator got an empty batch.")
+        encoded = [self.encode_row(row, index) for index, row in enumerate(rows)]
+        self._process_images(encoded)
+
+        sequences, labels = [], []
+        for item in encoded:
+            tokens = self.processor.encode_conversation(item["messages"], image_grid_thw=item["image_grid_thw"])
+            ids = tokens["input_ids"]
+            if self.max_length is not None and len(ids) > self.max_length:
+                raise GapDataError(
+                    f"{item['name']}: is {len(ids)} tokens long, more than max_length={self.max_length}; rows are "
+                    "never truncated (a cut could split an image or a latent span): raise max_length, shrink its "
+                    "images (image processor max_pixels) or drop the row."
+                )
+            ids = torch.tensor(ids, dtype=torch.long)
+            supervised = torch.tensor(tokens["assistant_masks"], dtype=torch.bool) & (ids != self.latent_pad_token_id)
+            sequences.append(ids)
+            labels.append(torch.where(supervised, ids, torch.full_like(ids, IGNORE_INDEX)))
+
+        length = max(len(ids) for ids in sequences)
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        label_tensor = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(sequences, labels)):
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+            label_tensor[i, : len(ids)] = lab
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_tensor,
+            "mm_token_type_ids": ((input_ids == self.image_token_id) & attention_mask.bool()).long(),
+        }
+
+        with_pixels = [item for item in encoded if item["pixel_values"] is not None and item["image_grid_thw"].numel()]
+        if with_pixels:
+            batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_pixels])
+            batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_pixels])
+
+        targets = [item["latent_targets"] for item in encoded if item["latent_targets"] is not None]
+        if targets:
+            widths = {t.shape[1] for t in targets}
+            if len(widths) > 1:
+                raise GapDataError(
+                    f"The batch mixes latent targets of widths {sorted(widths)}; every target must have the model's "
+                    "hidden size d (recompute them all with one model)."
+                )
+            batch["latent_embeds"] = torch.cat(targets)
+            n_pads = int((input_ids == self.latent_pad_token_id).sum())
+            if n_pads != batch["latent_embeds"].shape[0]:  # the tokenizer split a span: a processor/tokenizer bug
+                raise GapDataError(
+                    f"The batch holds {n_pads} <|latent_pad|> tokens but {batch['latent_embeds'].shape[0]} targets; "
+                    "check that the tokenizer keeps the latent tokens whole (use the checkpoint's tokenizer)."
+                )
+        return batch
+
+
+def count_latent_positions(batch: dict) -> int:
+    """Number of latent positions (``<|latent_pad|>`` tokens with a target) of a collated batch.
+
+    Sum it over ranks and accumulation steps for `GapForConditionalGeneration`'s ``num_latent_items_in_batch``.
+    """
+    latent_embeds = batch.get("latent_embeds")
+    return 0 if latent_embeds is None else int(latent_embeds.shape[0])
+
+
+def prepare_dataset(dataset, processor, *, batch_size: int = 16, num_proc: int | None = None, dtype: str = "float32"):
+    """Run the image processor once over ``images`` and store ``pixel_values`` / ``image_grid_thw`` columns.
+
+    The collator uses these columns when a row has them, so a training step does no PIL work. The image
+    columns are kept, typed as undecoded `datasets.Image` (paths/bytes), so reading a row does not decode them.
+    `dtype` is the storage dtype of ``pixel_values`` (``float32`` reproduces on-the-fly processing exactly;
+    ``float16`` halves the size). Disk cost: about 4.7 k values per merged vision token (19 KB in float32),
+    i.e. roughly 20 MB per 1000-token image: use it for datasets whose pixels fit on disk.
+
+    Returns the dataset formatted so that these columns (and ``latent_targets``) come back as numpy arrays.
+    """
+    from datasets import Array2D, Features
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"`dtype` must be 'float32' or 'float16', got {dtype!r}.")
+    image_processor = processor.image_processor
+    patch_dim = (
+        image_processor.temporal_patch_size * image_processor.patch_size**2 * 3
+    )  # channels x temporal patch x patch x patch
+    if "images" not in dataset.column_names:
+        raise ValueError("The dataset has no 'images' column: there is nothing to precompute.")
+    from .data import _undecoded
+
+    dataset = _undecoded(dataset)
+
+    def process(images_batch):
+        pixel_values, grids = [], []
+        for images in images_batch:
+            if not images:
+                pixel_values.append(np.zeros((0, patch_dim), dtype=dtype))
+                grids.append(np.zeros((0, 3), dtype=np.int64))
+                continue
+            out = image_processor(images=[load_image(im).convert("RGB") for im in images], return_tensors="np")
+            pixel_values.append(np.asarray(out["pixel_values"], dtype=dtype))
+            grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
+        return {"pixel_values": pixel_values, "image_grid_thw": grids}
+
+    features = Features(
+        {
+            **dataset.features,
+            "pixel_values": Array2D(shape=(None, patch_dim), dtype=dtype),
+            "image_grid_thw": Array2D(shape=(None, 3), dtype="int64"),
+        }
+    )
+    prepared = dataset.map(
+        process,
+        input_columns=["images"],
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        features=features,
+        desc="image processor",
+    )
+    numeric = [c for c in ("pixel_values", "image_grid_thw", "latent_targets") if c in prepared.column_names]
+    return prepared.with_format("numpy", columns=numeric, output_all_columns=True)

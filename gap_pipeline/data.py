@@ -1,0 +1,466 @@
+"""GAP training data: schema, validation and loaders.
+
+Schema (TRL's conversational vision format plus two GAP fields), one row per example::
+
+    {
+      "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bricks are missing?"}]},
+        {"role": "assistant", "content": [{"type": "text",
+          "text": "<think>The wall has gaps. <latent> <parser>six bricks are marked</parser></think><answer>6</answer>"}]}
+      ],
+      "images": ["wall.png"],           # one per {"type": "image"} entry, in order
+      "aux_images": ["wall_aux.png"],   # one per <latent> placeholder of the assistant turn(s), in order
+      "accuracy": 0.0                   # optional, in [0, 1]: the base model's pass rate (difficulty-aware loading)
+    }
+
+* ``content`` may also be a plain string (no images in that message).
+* ``<latent>`` placeholders may appear only in assistant turns; the processor expands each into
+  ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>``.
+* An optional ``id`` field names the row in error messages.
+* ``gap targets`` adds ``latent_targets`` ((n_spans * K, d) per row, see `gap_pipeline.targets`).
+
+In a JSONL file image entries are paths relative to an image folder (by default the JSONL file's folder);
+`load_jsonl` makes them absolute and types ``images`` / ``aux_images`` as lists of `datasets.Image`, so rows
+decode to PIL images lazily. `from_dataset` validates any `datasets.Dataset` of this schema (images as PIL
+images, paths, or ``{"bytes", "path"}`` dicts).
+
+Every check reports one `RowError` per bad row (row index, id, field, what to fix); `check_rows` raises a
+`GapDataError` listing them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from processing_gap import LATENT_PLACEHOLDER
+
+__all__ = [
+    "GapDataError",
+    "LATENT_PLACEHOLDER",
+    "RowError",
+    "check_rows",
+    "count_image_entries",
+    "count_latent_placeholders",
+    "from_dataset",
+    "load_image",
+    "load_jsonl",
+    "row_name",
+    "strip_latent_placeholders",
+    "strip_latent_spans",
+    "validate_row",
+    "validate_rows",
+]
+
+ROLES = ("system", "user", "assistant")
+IMAGE_COLUMNS = ("images", "aux_images")
+# How many row errors a GapDataError message lists before summarising the rest.
+MAX_LISTED_ERRORS = 20
+
+
+class GapDataError(ValueError):
+    """Bad training data: the message names each bad row, the field and the fix."""
+
+    def __init__(self, message: str, errors: list[RowError] | None = None):
+        super().__init__(message)
+        self.errors = list(errors or [])
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One bad row: its index, its ``id`` (if any), the offending field and what to do."""
+
+    row: int
+    field: str
+    message: str
+    row_id: Any = None
+
+    def __str__(self) -> str:
+        return f"{row_name(self.row, self.row_id)}, field '{self.field}': {self.message}"
+
+
+def row_name(index: int, row_id: Any = None, where: str = "row") -> str:
+    """``row 3`` or ``row 3 (id='abc')``."""
+    return f"{where} {index}" + (f" (id={row_id!r})" if row_id is not None else "")
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+def _items(message: dict) -> list[dict]:
+    content = message.get("content")
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content)
+
+
+def _item_type(item: dict) -> str | None:
+    kind = item.get("type")
+    if kind:
+        return kind
+    if item.get("image") is not None or item.get("image_url") is not None:
+        return "image"
+    if item.get("text") is not None:
+        return "text"
+    return None
+
+
+def _texts(message: dict) -> list[str]:
+    return [item.get("text") or "" for item in _items(message) if _item_type(item) == "text"]
+
+
+def count_latent_placeholders(messages: list[dict], role: str | None = "assistant") -> int:
+    """Number of ``<latent>`` placeholders in the messages of `role` (all messages when `role` is None)."""
+    return sum(
+        text.count(LATENT_PLACEHOLDER)
+        for message in messages
+        if role is None or message.get("role") == role
+        for text in _texts(message)
+    )
+
+
+def count_image_entries(messages: list[dict]) -> int:
+    """Number of ``{"type": "image"}`` content entries over all messages."""
+    return sum(1 for message in messages for item in _items(message) if _item_type(item) == "image")
+
+
+# A run of placeholders with the whitespace around it.
+_PLACEHOLDER_RUN = re.compile(r"(\s*)" + re.escape(LATENT_PLACEHOLDER) + r"(?:\s*" + re.escape(LATENT_PLACEHOLDER) + r")*(\s*)")
+
+
+def strip_latent_placeholders(text: str) -> str:
+    """Remove the ``<latent>`` placeholders of `text` for text-only training (difficulty-aware loading).
+
+    Whitespace rule: a placeholder (or a run of placeholders separated by whitespace) together with the
+    whitespace around it is replaced by one whitespace run, the one before it if any, else the one after
+    it: ``"a <latent> b"`` -> ``"a b"``, ``"a\\n<latent> b"`` -> ``"a\\nb"``, ``"a<latent> b"`` -> ``"a b"``,
+    ``"a<latent>b"`` -> ``"ab"``. At the very start or end of the text nothing is kept
+    (``"<latent> b"`` -> ``"b"``, ``"a <latent>"`` -> ``"a"``).
+    """
+
+    def replace(match: re.Match) -> str:
+        if match.start() == 0 or match.end() == len(text):
+            return ""
+        return match.group(1) or match.group(2)
+
+    return _PLACEHOLDER_RUN.sub(replace, text)
+
+
+def strip_latent_spans(messages: list[dict]) -> list[dict]:
+    """A copy of `messages` whose assistant texts have their ``<latent>`` placeholders stripped.
+
+    See `strip_latent_placeholders` for the whitespace rule; other messages are returned as they are.
+    """
+    stripped = []
+    for message in messages:
+        if message.get("role") != "assistant" or count_latent_placeholders([message], role=None) == 0:
+            stripped.append(message)
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            stripped.append({**message, "content": strip_latent_placeholders(content)})
+        else:
+            items = [
+                {**item, "text": strip_latent_placeholders(item.get("text") or "")}
+                if _item_type(item) == "text"
+                else item
+                for item in content
+            ]
+            stripped.append({**message, "content": items})
+    return stripped
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def _resolve(path: str, image_dir: str | os.PathLike | None) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and image_dir is not None:
+        p = Path(image_dir) / p
+    return p
+
+
+def load_image(image: Any, image_dir: str | os.PathLike | None = None):
+    """A PIL image from a PIL image, a path (relative to `image_dir`) or a ``{"bytes", "path"}`` dict."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return Image.open(io.BytesIO(image["bytes"]))
+        image = image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        return Image.open(_resolve(str(image), image_dir))
+    raise TypeError(f"expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+
+
+def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | None:
+    """Why `image` cannot be used, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    if image is None:
+        return "is missing (None)"
+    if isinstance(image, Image.Image):
+        return None
+    if isinstance(image, dict) and image.get("bytes") is None and image.get("path") is None:
+        return "is an empty {'bytes': None, 'path': None} entry"
+    if isinstance(image, (str, os.PathLike)) or (isinstance(image, dict) and image.get("bytes") is None):
+        path = _resolve(str(image if not isinstance(image, dict) else image["path"]), image_dir)
+        if not path.is_file():
+            return f"file {str(path)!r} does not exist"
+    try:
+        with load_image(image, image_dir) as opened:
+            opened.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        return f"cannot be read as an image ({error})"
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def validate_row(
+    row: dict,
+    index: int,
+    *,
+    image_dir: str | os.PathLike | None = None,
+    check_images: bool = True,
+    latent_tokens_per_span: int | None = None,
+) -> RowError | None:
+    """The first problem of one row (checked in the order below), or None.
+
+    messages (a list of {"role", "content"} dicts with known roles and item types), an assistant turn,
+    ``<latent>`` only in assistant turns, ``{"type": "image"}`` entries == len(images), placeholders ==
+    len(aux_images), accuracy in [0, 1], readable images and aux images (when `check_images`), and, when
+    the row has ``latent_targets`` and `latent_tokens_per_span` is given, placeholders x K target rows.
+    """
+    row_id = row.get("id")
+
+    def error(field: str, message: str) -> RowError:
+        return RowError(index, field, message, row_id)
+
+    messages = row.get("messages")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return error("messages", "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)")
+    for m, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else type(message).__name__
+            return error("messages", f"message {m} has role {role!r}; use one of {list(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, (str, list, tuple)):
+            return error("messages", f"message {m} content must be a string or a list of content items")
+        if isinstance(content, (list, tuple)):
+            for item in content:
+                if not isinstance(item, dict) or _item_type(item) not in ("image", "text"):
+                    return error(
+                        "messages",
+                        f"message {m} has content item {item!r}; use {{'type': 'image'}} or "
+                        "{'type': 'text', 'text': ...} (GAP is image-only)",
+                    )
+    if not any(message.get("role") == "assistant" for message in messages):
+        return error("messages", "has no assistant turn; add the target response as a {'role': 'assistant'} message")
+    misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
+    if misplaced:
+        return error(
+            "messages",
+            f"has {misplaced} {LATENT_PLACEHOLDER} placeholder(s) outside assistant turns; latent spans belong "
+            "in the assistant's response only",
+        )
+
+    images = row.get("images") or []
+    n_entries = count_image_entries(messages)
+    if n_entries != len(images):
+        return error(
+            "images",
+            f"the messages have {n_entries} {{'type': 'image'}} entries but 'images' holds {len(images)}; "
+            "give one image per entry, in order",
+        )
+    aux_images = row.get("aux_images") or []
+    n_spans = count_latent_placeholders(messages)
+    if n_spans != len(aux_images):
+        return error(
+            "aux_images",
+            f"the assistant text has {n_spans} {LATENT_PLACEHOLDER} placeholder(s) but 'aux_images' holds "
+            f"{len(aux_images)}; give one auxiliary image per placeholder, in order",
+        )
+
+    accuracy = row.get("accuracy")
+    if accuracy is not None:
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
+            return error(
+                "accuracy",
+                f"is {accuracy!r}; it must be a number in [0, 1] (the base model's pass rate) or absent",
+            )
+
+    if check_images:
+        for column, values in (("images", images), ("aux_images", aux_images)):
+            for i, image in enumerate(values):
+                problem = _image_problem(image, image_dir)
+                if problem is not None:
+                    return error(column, f"entry {i} {problem}; fix the path (relative to the image folder) or the file")
+
+    targets = row.get("latent_targets")
+    if targets is not None and latent_tokens_per_span is not None:
+        shape = _shape(targets)
+        rows = shape[0] * (shape[1] if len(shape) == 3 else 1) if shape else 0
+        if rows != n_spans * latent_tokens_per_span:
+            return error(
+                "latent_targets",
+                f"holds {rows} vectors but {n_spans} placeholder(s) x K={latent_tokens_per_span} need "
+                f"{n_spans * latent_tokens_per_span}; recompute them with `gap targets` for this K",
+            )
+    return None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if hasattr(value, "shape"):
+        return tuple(value.shape)
+    import numpy as np
+
+    return tuple(np.asarray(value, dtype=np.float32).shape) if len(value) else (0,)
+
+
+def _undecoded(dataset):
+    """`dataset` with its image columns typed so rows hold paths/bytes instead of decoded PIL images."""
+    from datasets import Image, List
+
+    for column in IMAGE_COLUMNS:
+        if column in dataset.column_names:
+            feature = dataset.features[column]
+            inner = getattr(feature, "feature", None)
+            if isinstance(inner, Image) and inner.decode:
+                dataset = dataset.cast_column(column, List(Image(decode=False)))
+    return dataset
+
+
+def validate_rows(
+    rows: Iterable[dict],
+    *,
+    image_dir: str | os.PathLike | None = None,
+    check_images: bool = True,
+    latent_tokens_per_span: int | None = None,
+) -> list[RowError]:
+    """One `RowError` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
+    if hasattr(rows, "cast_column"):
+        rows = _undecoded(rows)
+    errors = []
+    for index, row in enumerate(rows):
+        problem = validate_row(
+            row, index, image_dir=image_dir, check_images=check_images, latent_tokens_per_span=latent_tokens_per_span
+        )
+        if problem is not None:
+            errors.append(problem)
+    return errors
+
+
+def format_errors(errors: list[RowError], source: str = "the data") -> str:
+    """The message of a `GapDataError` for `errors`."""
+    lines = [f"{len(errors)} bad row(s) in {source}:"]
+    lines += [f"  {e}" for e in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
+    return "\n".join(lines)
+
+
+def check_rows(rows: Iterable[dict], *, source: str = "the data", **kwargs) -> None:
+    """Raise a `GapDataError` listing every bad row (see `validate_rows` for the keyword arguments)."""
+    errors = validate_rows(rows, **kwargs)
+    if errors:
+        raise GapDataError(format_errors(errors, source), errors)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def _json_default_image_dir(path: Path, image_dir) -> Path:
+    return Path(image_dir) if image_dir is not None else path.resolve().parent
+
+
+def load_jsonl(
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    validate: bool = True,
+    check_images: bool = True,
+):
+    """Load a JSONL file of rows into a `datasets.Dataset`, images as lazily decoded `datasets.Image` lists.
+
+    Image entries are paths relative to `image_dir` (default: the JSONL file's folder). With `validate`
+    (the default) every row is checked first and a `GapDataError` lists the bad ones.
+    """
+    from datasets import Dataset, Image, List
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    folder = _json_default_image_dir(path, image_dir)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise GapDataError(f"{path}, line {line_number}: not valid JSON ({error.msg}); one object per line") from None
+            if not isinstance(row, dict):
+                raise GapDataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise GapDataError(f"{path} holds no rows")
+    if validate:
+        check_rows(rows, source=str(path), image_dir=folder, check_images=check_images)
+    for row in rows:
+        for column in IMAGE_COLUMNS:
+            row[column] = [str(_resolve(p, folder)) if isinstance(p, str) else p for p in (row.get(column) or [])]
+        if "accuracy" in row and row["accuracy"] is not None:
+            row["accuracy"] = float(row["accuracy"])
+        row.setdefault("accuracy", None)
+    dataset = Dataset.from_list(rows)
+    for column in IMAGE_COLUMNS:
+        dataset = dataset.cast_column(column, List(Image()))
+    return dataset
+
+
+def from_dataset(
+    dataset,
+    *,
+    image_dir: str | os.PathLike | None = None,
+    validate: bool = True,
+    check_images: bool = True,
+    source: str = "the dataset",
+):
+    """Check any `datasets.Dataset` of this schema and return it with image columns as `datasets.Image` lists.
+
+    String image entries are resolved against `image_dir` (default: the working directory). A `GapDataError`
+    lists the bad rows.
+    """
+    from datasets import Image, List, Value
+
+    if validate:
+        check_rows(dataset, source=source, image_dir=image_dir, check_images=check_images)
+    for column in IMAGE_COLUMNS:
+        if column not in dataset.column_names:
+            continue
+        inner = getattr(dataset.features[column], "feature", None)
+        if isinstance(inner, Value) and inner.dtype in ("string", "large_string"):
+            folder = image_dir
+            dataset = dataset.map(
+                lambda values: {column: [[str(_resolve(p, folder)) for p in row] for row in values]},
+                input_columns=[column],
+                batched=True,
+                desc=f"resolving {column}",
+            )
+            dataset = dataset.cast_column(column, List(Image()))
+    return dataset
+
