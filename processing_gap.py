@@ -38,7 +38,9 @@ LATENT_PLACEHOLDER = "<latent>"
 
 #: ChatML as Qwen2.5-VL renders it (default system turn, one vision block per image, optional
 #: "Picture n: " labels with ``add_vision_id=True``), with the assistant content and its closing
-#: ``<|im_end|>`` inside ``{% generation %}`` so they are what training supervises. Videos are refused.
+#: ``<|im_end|>`` inside ``{% generation %}`` so they are what training supervises. An item's ``type`` decides
+#: how it renders (so an Arrow-unified text item with an ``"image": None`` key stays text); items of other
+#: types (video, audio) are refused.
 GAP_CHAT_TEMPLATE = (
     "{%- set image_count = namespace(value=0) -%}"
     "{%- macro render_content(content) -%}"
@@ -46,14 +48,18 @@ GAP_CHAT_TEMPLATE = (
     "{{- content -}}"
     "{%- else -%}"
     "{%- for item in content -%}"
-    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{%- if item['type'] -%}{%- set kind = item['type'] -%}"
+    "{%- elif 'image' in item or 'image_url' in item -%}{%- set kind = 'image' -%}"
+    "{%- elif 'video' in item -%}{%- set kind = 'video' -%}"
+    "{%- else -%}{%- set kind = 'text' -%}{%- endif -%}"
+    "{%- if kind == 'image' or kind == 'image_url' -%}"
     "{%- set image_count.value = image_count.value + 1 -%}"
     "{%- if add_vision_id -%}{{- 'Picture ' ~ image_count.value ~ ': ' -}}{%- endif -%}"
     "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'video' or 'video' in item -%}"
-    "{{- raise_exception('GAP processors are image-only: video content items are not supported.') -}}"
-    "{%- elif 'text' in item -%}"
-    "{{- item['text'] -}}"
+    "{%- elif kind == 'text' -%}"
+    "{{- item['text'] or '' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('GAP processors are image-only and render text and images; got a ' ~ kind ~ ' item.') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
