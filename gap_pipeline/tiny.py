@@ -390,9 +390,11 @@ def build_tiny_gap_model(
     """Return ``(model, processor)``: a tiny GAP model converted from a tiny base with a synthetic PCA.
 
     ``base`` is a tiny base checkpoint folder; without it a base is built in memory from ``seed``. The returned
-    processor is the base processor whose tokenizer now holds the three latent tokens.
+    processor is a ``GapProcessor`` (K, latent-aware tokenizer, GAP chat template) around the base's image
+    processor, so ``model.save_pretrained(d); processor.save_pretrained(d)`` writes a complete GAP folder.
     """
     from modeling_gap import GapForConditionalGeneration
+    from processing_gap import GapProcessor
 
     if base is None:
         base_model, processor = build_tiny_base_model(seed, tie_word_embeddings, spare_vocab)
@@ -409,7 +411,7 @@ def build_tiny_gap_model(
         latent_head_type=latent_head_type,
         latent_adapter_size=latent_adapter_size,
     )
-    processor.tokenizer = tokenizer
+    processor = GapProcessor.from_qwen2_5_vl_processor(processor, tokenizer, latent_tokens_per_span)
     return model.eval(), processor
 
 # --------------------------------------------------------------------------- CLI
