@@ -30,6 +30,11 @@ from . import __version__
 COMMANDS: dict[str, str] = {
     "tiny-model": "gap_pipeline.tiny",
     "fit-pca": "gap_pipeline.pca",
+    "targets": "gap_pipeline.targets",
+    "difficulty": "gap_pipeline.difficulty",
+    "convert": "gap_pipeline.convert",
+    "norm-profile": "gap_pipeline.norms",
+    "evaluate": "gap_pipeline.evaluate",
 }
 
 

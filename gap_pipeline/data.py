@@ -396,7 +396,8 @@ def load_jsonl(
     """Load a JSONL file of rows into a `datasets.Dataset`, images as lazily decoded `datasets.Image` lists.
 
     Image entries are paths relative to `image_dir` (default: the JSONL file's folder). With `validate`
-    (the default) every row is checked first and a `GapDataError` lists the bad ones.
+    (the default) every row is checked first and a `GapDataError` lists the bad ones. String message contents
+    become one-item content lists (Arrow needs one type per column); rows without ``accuracy`` get None.
     """
     from datasets import Dataset, Image, List
 
@@ -421,6 +422,11 @@ def load_jsonl(
     if validate:
         check_rows(rows, source=str(path), image_dir=folder, check_images=check_images)
     for row in rows:
+        # Arrow needs one type per column: string contents become [{"type": "text", "text": ...}].
+        row["messages"] = [
+            {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in row["messages"]
+        ]
         for column in IMAGE_COLUMNS:
             row[column] = [str(_resolve(p, folder)) if isinstance(p, str) else p for p in (row.get(column) or [])]
         if "accuracy" in row and row["accuracy"] is not None:

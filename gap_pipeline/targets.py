@@ -1,0 +1,562 @@
+"""Latent targets, computed once (paper §4.1, App. F): ``gap targets``.
+
+For every auxiliary image of a row the *frozen* Qwen2.5-VL vision tower (of the base or the GAP model)
+gives its merged vision tokens (what would be scattered into ``<|image_pad|>`` positions, dimension d).
+They are reshaped to their grid (t, h/merge, w/merge) from ``image_grid_thw``, pooled with adaptive
+average pooling to sqrt(K) x sqrt(K), and read row-major: K x d targets per latent span. A merged grid
+smaller than sqrt(K) on either side is an error naming the row and the image.
+
+Output: the input dataset plus a column ``latent_targets`` holding, per row, an (n_spans * K, d) array
+(spans in placeholder order; a row without spans holds an empty (0, d) array), stored as
+``Array2D(shape=(None, d))`` in float16 by default (``float32``, or ``bfloat16``: values rounded to
+bfloat16 and stored as float32, since Arrow and numpy have no bfloat16), written with ``save_to_disk``.
+Read it memory-mapped with ``load_from_disk(dir).with_format("numpy")`` (or ``"torch"``).
+
+Metadata: ``dataset.info.description`` is a JSON object whose ``"gap_targets"`` entry records the format,
+K, sqrt(K), d, the storage dtype, the encoder, the image-processor settings and the counts. It travels
+with the dataset (``save_to_disk`` / ``load_from_disk``, ``map``, ``select``); `targets_metadata` reads
+it and `check_targets_compatible` refuses targets whose K or d disagree with a model config.
+
+Command line::
+
+    gap targets --data train.jsonl [--image-dir imgs/] --model runs/gap-7b --output-dir data/train_targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configuration_gap import check_latent_budget
+
+__all__ = [
+    "FORMAT_NAME",
+    "METADATA_KEY",
+    "STORAGE_DTYPES",
+    "TARGETS_COLUMN",
+    "TargetsError",
+    "check_targets_compatible",
+    "compute_latent_targets",
+    "encode_images",
+    "image_processor_settings",
+    "load_vision_tower",
+    "pool_latent_grid",
+    "targets_for_images",
+    "targets_metadata",
+]
+
+TARGETS_COLUMN = "latent_targets"
+METADATA_KEY = "gap_targets"
+FORMAT_NAME = "gap-latent-targets"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+_IMAGE_PROCESSOR_KEYS = (
+    "image_processor_type",
+    "size",
+    "min_pixels",
+    "max_pixels",
+    "patch_size",
+    "merge_size",
+    "temporal_patch_size",
+    "image_mean",
+    "image_std",
+    "resample",
+    "do_resize",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "do_convert_rgb",
+)
+
+
+class TargetsError(ValueError):
+    """Bad input to, or incompatible output of, the latent-target step."""
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+def pool_latent_grid(tokens: torch.Tensor, grid_thw, merge_size: int, latent_tokens_per_span: int, where: str = "the image"):
+    """Pool one image's merged vision tokens to K x d latent targets.
+
+    `tokens`: (t * h/merge * w/merge, d) in the vision tower's output order (row-major over the merged
+    grid); `grid_thw`: the image's (t, h, w) patch grid. Returns (K, d) float32: adaptive average pooling of
+    the (t, h/merge, w/merge) grid to (1, sqrt(K), sqrt(K)), read row-major.
+    """
+    side = check_latent_budget(latent_tokens_per_span)
+    t, h, w = (int(v) for v in grid_thw)
+    height, width = h // merge_size, w // merge_size
+    if tokens.ndim != 2 or tokens.shape[0] != t * height * width:
+        raise TargetsError(
+            f"{where}: the vision tower gave {tuple(tokens.shape)} tokens but the grid (t, h, w)={(t, h, w)} with "
+            f"merge {merge_size} has {t * height * width}; the image processor and the tower disagree."
+        )
+    if height < side or width < side:
+        raise TargetsError(
+            f"{where}: its merged vision grid is {height} x {width} tokens, smaller than the "
+            f"sqrt(K) x sqrt(K) = {side} x {side} latent grid (K={latent_tokens_per_span}); use a larger aux "
+            f"image (or raise the image processor's min_pixels) or a smaller K."
+        )
+    d = tokens.shape[1]
+    grid = tokens.float().reshape(t, height, width, d).permute(3, 0, 1, 2)  # (d, t, H, W)
+    pooled = F.adaptive_avg_pool3d(grid, (1, side, side))  # (d, 1, side, side)
+    return pooled.reshape(d, side * side).T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def load_vision_tower(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Only the vision tower of a Qwen2.5-VL or GAP checkpoint folder, frozen, in eval mode.
+
+    Reads the ``vision_config`` of ``config.json`` and the ``model.visual.*`` (or legacy ``visual.*``)
+    tensors of the safetensors shards, so the language model is never loaded.
+    """
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLConfig
+    from transformers import initialization as init
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TargetsError(f"{path} has no config.json: pass a Qwen2.5-VL or GAP checkpoint folder as --model.")
+    config_dict = json.loads(config_file.read_text())
+    if "vision_config" not in config_dict:
+        raise TargetsError(f"{config_file} has no vision_config: not a Qwen2.5-VL / GAP checkpoint.")
+    vision_config = Qwen2_5_VLConfig(vision_config=config_dict["vision_config"]).vision_config
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise TargetsError(f"{path} holds no *.safetensors weights.")
+    state = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                for prefix in ("model.visual.", "visual."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = f.get_tensor(key)
+                        break
+    if not state:
+        raise TargetsError(f"{path}: no vision-tower weights (model.visual.* / visual.*) in its safetensors files.")
+    with init.no_init_weights():
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TargetsError(f"{path}: vision-tower weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    tower = tower.to(device=device, dtype=dtype).eval()
+    tower.requires_grad_(False)
+    return tower
+
+
+def _encoder_device_dtype(encoder):
+    parameter = next(encoder.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _merge_size(encoder) -> int:
+    if hasattr(encoder, "spatial_merge_size"):
+        return int(encoder.spatial_merge_size)
+    return int(encoder.config.vision_config.spatial_merge_size)
+
+
+def _hidden_size(encoder) -> int:
+    config = encoder.config
+    if hasattr(config, "text_config"):
+        return int(config.text_config.hidden_size)
+    return int(config.out_hidden_size)
+
+
+@torch.no_grad()
+def encode_images(encoder, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Merged vision tokens of each image: a list of (n_i, d) tensors.
+
+    `encoder` is a Qwen2.5-VL / GAP model (``get_image_features(...).pooler_output``) or its vision tower
+    (``model.model.visual``, or `load_vision_tower`).
+    """
+    device, dtype = _encoder_device_dtype(encoder)
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    image_grid_thw = image_grid_thw.to(device)
+    if hasattr(encoder, "get_image_features"):
+        return list(encoder.get_image_features(pixel_values, image_grid_thw).pooler_output)
+    merged = encoder(pixel_values, grid_thw=image_grid_thw).pooler_output
+    sizes = (image_grid_thw.prod(-1) // _merge_size(encoder) ** 2).tolist()
+    return list(torch.split(merged, sizes))
+
+
+def targets_for_images(encoder, image_processor, images, latent_tokens_per_span: int, names=None):
+    """(K, d) float32 targets of each PIL image, encoded in one batch; `names` label errors per image."""
+    if not images:
+        return []
+    processed = image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    grids = processed["image_grid_thw"]
+    features = encode_images(encoder, processed["pixel_values"], grids)
+    merge = _merge_size(encoder)
+    return [
+        pool_latent_grid(tokens, grid.tolist(), merge, latent_tokens_per_span, where=(names[i] if names else f"image {i}"))
+        for i, (tokens, grid) in enumerate(zip(features, grids))
+    ]
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+def image_processor_settings(image_processor) -> dict[str, Any]:
+    """The image-processor settings that decide the targets (resizing, patching, normalisation)."""
+    config = image_processor.to_dict()
+    settings = {key: config[key] for key in _IMAGE_PROCESSOR_KEYS if config.get(key) is not None}
+    settings["image_processor_type"] = type(image_processor).__name__
+    return settings
+
+
+def _write_metadata(dataset, metadata: dict) -> None:
+    description = dataset.info.description or ""
+    try:
+        payload = json.loads(description) if description else {}
+        if not isinstance(payload, dict):
+            payload = {"description": description}
+    except json.JSONDecodeError:
+        payload = {"description": description}
+    payload[METADATA_KEY] = metadata
+    dataset.info.description = json.dumps(payload, sort_keys=True)
+
+
+def _load(dataset_or_dir):
+    if isinstance(dataset_or_dir, (str, os.PathLike)):
+        import datasets
+
+        path = Path(dataset_or_dir)
+        if not path.is_dir():
+            raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            raise TargetsError(f"{path} is a DatasetDict; pass one split's folder (gap targets writes one Dataset).")
+        return dataset, str(path)
+    return dataset_or_dir, "the dataset"
+
+
+def targets_metadata(dataset_or_dir) -> dict[str, Any]:
+    """The ``gap_targets`` record of a dataset (or folder) written by `gap targets`."""
+    dataset, where = _load(dataset_or_dir)
+    description = dataset.info.description or ""
+    try:
+        metadata = json.loads(description).get(METADATA_KEY) if description else None
+    except (json.JSONDecodeError, AttributeError):
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise TargetsError(
+            f"{where} carries no latent-target metadata (dataset.info.description['{METADATA_KEY}']): it was not "
+            "written by `gap targets`, or its info was replaced. Run `gap targets` on the data."
+        )
+    if TARGETS_COLUMN not in dataset.column_names:
+        raise TargetsError(f"{where} has no '{TARGETS_COLUMN}' column; run `gap targets` on the data.")
+    return metadata
+
+
+def check_targets_compatible(dataset_or_dir, config) -> dict[str, Any]:
+    """Refuse latent targets whose K or d disagree with a GAP model config; return their metadata.
+
+    `config` is a `GapConfig` (or any config with ``latent_tokens_per_span`` and ``text_config.hidden_size``).
+    """
+    metadata = targets_metadata(dataset_or_dir)
+    where = dataset_or_dir if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset"
+    K = getattr(config, "latent_tokens_per_span", None)
+    text_config = getattr(config, "text_config", config)
+    d = getattr(text_config, "hidden_size", None)
+    if K is None or d is None:
+        raise TargetsError("`config` must have `latent_tokens_per_span` and `text_config.hidden_size` (a GapConfig).")
+    if metadata["latent_tokens_per_span"] != K:
+        raise TargetsError(
+            f"The latent targets in {where} were pooled for K={metadata['latent_tokens_per_span']} latent tokens per "
+            f"span, but the model has K={K}: rerun `gap targets --latent-tokens-per-span {K}` or convert the model "
+            f"with K={metadata['latent_tokens_per_span']}."
+        )
+    if metadata["hidden_size"] != d:
+        raise TargetsError(
+            f"The latent targets in {where} have width d={metadata['hidden_size']} but the model's hidden size is "
+            f"d={d}: they come from another model's vision tower; rerun `gap targets --model` with this model."
+        )
+    return metadata
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def _storage(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    if storage_dtype == "bfloat16":
+        return values.to(torch.bfloat16).to(torch.float32).numpy()
+    return values.to(getattr(torch, storage_dtype)).numpy()
+
+
+def compute_latent_targets(
+    dataset,
+    encoder,
+    image_processor,
+    *,
+    latent_tokens_per_span: int,
+    batch_size: int = 8,
+    storage_dtype: str = "float16",
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    source: str | None = None,
+):
+    """Add the ``latent_targets`` column (and its metadata) to `dataset`; return it and a summary dict.
+
+    `dataset` rows follow `gap_pipeline.data` (``aux_images`` as PIL images, paths or ``{"bytes", "path"}``
+    dicts; one per ``<latent>`` placeholder). `encoder` is the frozen vision tower or a whole model (see
+    `encode_images`). The aux images of `batch_size` rows go through the tower together. Results are
+    written to an Arrow file in `cache_dir` (default: a fresh temporary folder), so memory stays flat.
+    """
+    from datasets import Array2D, Features, are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from .data import _undecoded, count_latent_placeholders, load_image, row_name
+
+    check_latent_budget(latent_tokens_per_span)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise TargetsError(f"storage dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
+    if batch_size < 1:
+        raise TargetsError(f"batch size must be >= 1, got {batch_size}.")
+    d = _hidden_size(encoder)
+    np_dtype = "float32" if storage_dtype == "bfloat16" else storage_dtype
+    dataset = _undecoded(dataset)
+    if "aux_images" not in dataset.column_names:
+        raise TargetsError("The dataset has no 'aux_images' column: there is nothing to encode.")
+    stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0, "grids": set()}
+
+    def compute(messages_batch, aux_batch, indices):
+        names, images, owners = [], [], []
+        for row_index, messages, aux in zip(indices, messages_batch, aux_batch):
+            aux = aux or []
+            name = row_name(row_index, None)
+            if count_latent_placeholders(messages) != len(aux):
+                raise TargetsError(
+                    f"{name}: {count_latent_placeholders(messages)} <latent> placeholder(s) but {len(aux)} aux "
+                    "image(s); fix the row (gap_pipeline.data.validate_rows lists such rows)."
+                )
+            for k, image in enumerate(aux):
+                try:
+                    images.append(load_image(image))
+                except (OSError, TypeError, ValueError) as error:
+                    raise TargetsError(f"{name}: aux image {k} cannot be loaded ({error}).") from None
+                names.append(f"{name}, aux image {k}")
+                owners.append(row_index)
+        pooled = targets_for_images(encoder, image_processor, images, latent_tokens_per_span, names) if images else []
+        out = []
+        for row_index in indices:
+            mine = [p for p, owner in zip(pooled, owners) if owner == row_index]
+            values = torch.cat(mine) if mine else torch.zeros(0, d)
+            stored = _storage(values.cpu(), storage_dtype)
+            if not np.isfinite(stored).all():
+                raise TargetsError(
+                    f"{row_name(row_index)}: its latent targets overflow {storage_dtype} (NaN/inf); rerun with "
+                    "--dtype float32."
+                )
+            stats["rows"] += 1
+            if mine:
+                stats["rows_with_spans"] += 1
+                stats["spans"] += len(mine)
+                norms = values.norm(dim=-1)
+                stats["norm_sum"] += float(norms.sum())
+                stats["norm_max"] = max(stats["norm_max"], float(norms.max()))
+            out.append(stored)
+        return {TARGETS_COLUMN: out}
+
+    features = Features({**dataset.features, TARGETS_COLUMN: Array2D(shape=(None, d), dtype=np_dtype)})
+    if TARGETS_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(TARGETS_COLUMN)
+    own_cache = cache_dir is None
+    cache_dir = Path(tempfile.mkdtemp(prefix="gap-targets-") if own_cache else cache_dir)
+    was_enabled = not are_progress_bars_disabled()
+    (enable_progress_bars if progress else disable_progress_bars)()
+    started = time.perf_counter()
+    try:
+        result = dataset.map(
+            compute,
+            input_columns=["messages", "aux_images"],
+            with_indices=True,
+            batched=True,
+            batch_size=batch_size,
+            features=features,
+            cache_file_name=str(cache_dir / f"latent-targets-{uuid.uuid4().hex}.arrow"),
+            new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a stale cache
+            load_from_cache_file=False,
+            desc="latent targets",
+        )
+    finally:
+        (enable_progress_bars if was_enabled else disable_progress_bars)()
+    elapsed = time.perf_counter() - started
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "column": TARGETS_COLUMN,
+        "latent_tokens_per_span": latent_tokens_per_span,
+        "grid_side": check_latent_budget(latent_tokens_per_span),
+        "hidden_size": d,
+        "storage_dtype": storage_dtype,
+        "encoder": source or type(encoder).__name__,
+        "image_processor": image_processor_settings(image_processor),
+        "num_rows": stats["rows"],
+        "num_rows_with_spans": stats["rows_with_spans"],
+        "num_spans": stats["spans"],
+        "num_vectors": stats["spans"] * latent_tokens_per_span,
+    }
+    _write_metadata(result, metadata)
+    n_vectors = metadata["num_vectors"]
+    summary = {
+        **metadata,
+        "seconds": elapsed,
+        "mean_target_norm": stats["norm_sum"] / n_vectors if n_vectors else float("nan"),
+        "max_target_norm": stats["norm_max"],
+        "bytes": n_vectors * d * np.dtype(np_dtype).itemsize,
+        "cache_dir": str(cache_dir),
+        "own_cache": own_cache,
+    }
+    return result, summary
+
+
+def format_summary(summary: dict[str, Any], output_dir: str | None = None) -> str:
+    """A one-screen summary of a `compute_latent_targets` run."""
+    settings = summary["image_processor"]
+    size = settings.get("size") or {}
+    pixels = (
+        f"{size.get('shortest_edge', settings.get('min_pixels'))}..{size.get('longest_edge', settings.get('max_pixels'))}"
+    )
+    lines = [
+        "latent targets" + (f" -> {output_dir}" if output_dir else ""),
+        f"  rows            {summary['num_rows']} ({summary['num_rows_with_spans']} with latent spans)",
+        f"  spans           {summary['num_spans']} x K={summary['latent_tokens_per_span']} "
+        f"({summary['grid_side']}x{summary['grid_side']} pooled grid) = {summary['num_vectors']} vectors",
+        f"  width d         {summary['hidden_size']}; stored as {summary['storage_dtype']} "
+        f"({summary['bytes'] / 2**20:.1f} MiB), column '{summary['column']}'",
+        f"  target norm     mean {summary['mean_target_norm']:.3f}, max {summary['max_target_norm']:.3f}",
+        f"  encoder         {summary['encoder']}",
+        f"  image processor {settings.get('image_processor_type')}: patch {settings.get('patch_size')}, merge "
+        f"{settings.get('merge_size')}, pixels {pixels}",
+        f"  time            {summary['seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+HELP = "Encode every aux image with the frozen vision tower into pooled K x d latent targets (a dataset column)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``gap targets``."""
+    parser.add_argument("--data", required=True, help="a JSONL file of rows, or a dataset folder (save_to_disk)")
+    parser.add_argument(
+        "--image-dir", default=None, help="folder the image paths are relative to (default: the JSONL file's folder)"
+    )
+    parser.add_argument("--model", required=True, help="Qwen2.5-VL or GAP checkpoint folder whose vision tower encodes")
+    parser.add_argument(
+        "--processor", default=None, help="folder of the image processor to use (default: the --model folder)"
+    )
+    parser.add_argument("--output-dir", required=True, help="where the dataset with 'latent_targets' is saved")
+    parser.add_argument(
+        "--latent-tokens-per-span",
+        type=int,
+        default=None,
+        metavar="K",
+        help="latent tokens per span, a perfect square (default: the GAP model's, else 36)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=STORAGE_DTYPES,
+        default="float16",
+        help="storage dtype of the targets; bfloat16 = bfloat16-rounded values stored as float32 (default float16)",
+    )
+    parser.add_argument(
+        "--model-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype the vision tower runs in (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows whose aux images are encoded together (default 8)")
+    parser.add_argument("--no-check-images", action="store_true", help="skip opening every image during validation")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_k(model_dir: Path) -> tuple[int, str]:
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    if config.get("latent_tokens_per_span") is not None:
+        return int(config["latent_tokens_per_span"]), "the GAP model's"
+    return 36, "the paper's default"
+
+
+def _load_data(args):
+    import datasets
+
+    from .data import from_dataset, load_jsonl
+
+    path = Path(args.data)
+    if path.is_file():
+        return load_jsonl(path, args.image_dir, check_images=not args.no_check_images)
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            raise TargetsError(f"{path} is a DatasetDict; pass one split's folder.")
+        return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path))
+    raise TargetsError(f"--data {path}: no such file or folder.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gap targets``: validate the data, encode the aux images, save the dataset, print a summary."""
+    from transformers import AutoImageProcessor
+
+    from .data import GapDataError
+
+    try:
+        model_dir = Path(args.model)
+        output_dir = Path(args.output_dir)
+        if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+            raise TargetsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
+        K, origin = (args.latent_tokens_per_span, "given") if args.latent_tokens_per_span else _default_k(model_dir)
+        check_latent_budget(K, name="--latent-tokens-per-span")
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise TargetsError(f"--device {device} was requested but CUDA is not available; use --device cpu.")
+        model_dtype = args.model_dtype
+        if model_dtype == "auto":
+            model_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        dataset = _load_data(args)
+        tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
+        image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
+        print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
+        result, summary = compute_latent_targets(
+            dataset,
+            tower,
+            image_processor,
+            latent_tokens_per_span=K,
+            batch_size=args.batch_size,
+            storage_dtype=args.dtype,
+            progress=not args.no_progress,
+            cache_dir=None,
+            source=str(model_dir),
+        )
+    except (TargetsError, GapDataError, FileNotFoundError, ValueError) as error:
+        print(f"gap targets: error: {error}", file=sys.stderr)
+        return 2
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    result.save_to_disk(str(output_dir))
+    del result
+    if summary["own_cache"]:
+        shutil.rmtree(summary["cache_dir"], ignore_errors=True)
+    print(format_summary(summary, str(output_dir)))
+    return 0
