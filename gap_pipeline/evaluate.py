@@ -1,0 +1,490 @@
+"""``gap evaluate``: accuracy per latent intervention and latent budget, with latency (paper Tables 6, 9, 10).
+
+Input is either a dataset in the project schema (a ``save_to_disk`` folder or a ``.jsonl`` / ``.json`` /
+``.parquet`` file: ``messages`` + ``images``, the gold answer in an ``answer`` field or in the assistant
+turn's ``<answer>`` block, optional ``options``) or a benchmark file in VLMEvalKit's TSV layout (``index``,
+``image`` as base64, ``question``, option columns ``A``-``E``, ``answer``, optional ``hint``) — the layout
+of HRBench4K, MMStar, MME-RealWorld-Lite, MathVista and WeMath files.
+
+For every (intervention, budget) pair it runs batched generation with the checkpoint's chat template, scores
+each response with the answer checker (pluggable) and writes
+
+* ``predictions.jsonl``: one record per sample and setting (id, intervention, budget, prediction, extracted
+  answer, gold, correct, latent spans opened, per-span mean latent norms, query-image vision-token norm,
+  seconds);
+* ``summary.json`` and ``summary.md``: accuracy, fraction of answers that opened a span, mean latent norm,
+  mean / P50 / P90 seconds per sample.
+
+Data parallel: launch under ``accelerate launch`` or ``torchrun``; each rank takes every world-size-th
+sample and rank 0 gathers. Resumable: finished (id, intervention, budget) records found in the output folder
+are not generated again. Seconds per sample are the batch's wall time divided by its size (use
+``--batch-size 1`` for unbatched latency, as in the paper's Table 9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import csv
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
+
+TSV_OPTION_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
+BASE_SETTING = "base"  # the intervention name recorded for a plain Qwen2.5-VL checkpoint
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+class BadRowError(ValueError):
+    """A benchmark or dataset row that cannot be scored; the message names the row."""
+
+
+@dataclass
+class EvalItem:
+    """One question: its id, chat messages, opened query images, gold answer and options."""
+
+    id: str
+    messages: list
+    images: list
+    gold: str
+    options: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def checker_row(self) -> dict:
+        row = {"id": self.id, "answer": self.gold, **self.extra}
+        if self.options:
+            row["options"] = self.options
+        return row
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _decode_base64_image(value: str, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRowError(f"{where}: the image field is not valid base64") from None
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise BadRowError(f"{where}: the image field decodes to bytes that are not an image") from None
+
+
+def mcq_prompt(question: str, options: dict, hint: str | None = None) -> str:
+    """The text of a multiple-choice question: optional hint, question, lettered options, instruction."""
+    lines = []
+    if hint:
+        lines.append(f"Hint: {hint}")
+    lines.append(f"Question: {question}")
+    if options:
+        lines.append("Options:")
+        lines.extend(f"{letter}. {text}" for letter, text in options.items())
+        lines.append(MCQ_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
+    """Items of a VLMEvalKit-style TSV and one problem line per row that cannot be scored."""
+    csv.field_size_limit(sys.maxsize)  # base64 images are long fields
+    items, problems = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        required = {"index", "image", "question", "answer"}
+        missing = required - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
+        for line, record in enumerate(reader, start=2):
+            index = (record.get("index") or "").strip() or f"line {line}"
+            where = f"{path} row index={index}"
+            try:
+                if not (record.get("image") or "").strip():
+                    raise BadRowError(f"{where}: no image")
+                image = _decode_base64_image(record["image"].strip(), where)
+                gold = (record.get("answer") or "").strip()
+                if not gold:
+                    raise BadRowError(f"{where}: no answer")
+                question = (record.get("question") or "").strip()
+                if not question:
+                    raise BadRowError(f"{where}: no question")
+                options = {
+                    letter: record[letter].strip()
+                    for letter in TSV_OPTION_LETTERS
+                    if (record.get(letter) or "").strip() and record[letter].strip().lower() != "nan"
+                }
+                hint = (record.get("hint") or "").strip()
+                text = mcq_prompt(question, options, hint if hint and hint.lower() != "nan" else None)
+            except BadRowError as error:
+                problems.append(str(error))
+                continue
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            extra = {key: record[key] for key in ("category",) if record.get(key)}
+            items.append(EvalItem(index, messages, [image], gold, options or None, extra))
+    return items, problems
+
+
+def _gold_of_row(row: dict, index: int) -> str:
+    from .answers import extract_answer
+
+    if row.get("answer") not in (None, ""):
+        return str(row["answer"]).strip()
+    for message in reversed(row.get("messages") or []):
+        if message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        text = content if isinstance(content, str) else " ".join(
+            part.get("text") or "" for part in content or [] if isinstance(part, dict)
+        )
+        if "<answer>" in text:
+            answer = extract_answer(text)
+            if answer:
+                return answer
+    raise BadRowError(f"row {index}: no gold answer: add an 'answer' field or an <answer>...</answer> block to the assistant turn")
+
+
+def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
+    """Items of a dataset in the project schema and one problem line per row that cannot be scored."""
+    from .answers import normalize_options
+    from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
+
+    dataset = load_rows(path, split)
+    base_dir = dataset_base_dir(path)
+    items, problems = [], []
+    for index, row in enumerate(dataset):
+        row_id = str(row.get("id", index)) if row.get("id") is not None else str(index)
+        try:
+            messages, images = prompt_of_row(row, index, base_dir=base_dir)
+            gold = _gold_of_row(row, index)
+            options = normalize_options(row["options"]) if row.get("options") else None
+        except (RowError, BadRowError) as error:
+            problems.append(str(error))
+            continue
+        items.append(EvalItem(row_id, messages, images, gold, options or None))
+    return items, problems
+
+
+def load_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
+    """TSV benchmark files by extension, datasets otherwise."""
+    if str(path).lower().endswith(".tsv"):
+        return load_tsv_items(path)
+    return load_dataset_items(path, split)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One summary row per (intervention, budget), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["intervention"], record["budget"]), []).append(record)
+    rows = []
+    for (intervention, budget), group in groups.items():
+        seconds = [r["seconds"] for r in group]
+        norms = [n for r in group for n in r["latent_span_norms"]]
+        rows.append({
+            "intervention": intervention,
+            "budget": budget,
+            "n": len(group),
+            "accuracy": sum(r["correct"] for r in group) / len(group),
+            "span_rate": sum(r["latent_spans"] > 0 for r in group) / len(group),
+            "mean_latent_norm": sum(norms) / len(norms) if norms else None,
+            "mean_vision_norm": _mean([r["vision_norm"] for r in group if r.get("vision_norm") is not None]),
+            "mean_seconds": sum(seconds) / len(seconds),
+            "p50_seconds": _percentile(seconds, 0.5),
+            "p90_seconds": _percentile(seconds, 0.9),
+        })
+    return rows
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    lines = [
+        "| intervention | K | n | accuracy | opened a span | mean latent norm | vision norm | mean s | P50 s | P90 s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['intervention']} | {r['budget']} | {r['n']} | {r['accuracy']:.3f} | {r['span_rate']:.2f} | "
+            f"{fmt(r['mean_latent_norm'], '.3f')} | {fmt(r['mean_vision_norm'], '.3f')} | {r['mean_seconds']:.3f} | "
+            f"{r['p50_seconds']:.3f} | {r['p90_seconds']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _vision_norms(model, inputs, n_rows):
+    """Mean L2 norm of each row's query-image vision tokens (None for rows without an image)."""
+    import torch
+
+    if inputs.get("pixel_values") is None:
+        return [None] * n_rows
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    image_token_id = model.config.image_token_id
+    per_row_images = (inputs["input_ids"] == image_token_id).sum(dim=1).tolist()
+    norms, cursor = [], 0
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    sizes = (inputs["image_grid_thw"].prod(-1) // merge).tolist()
+    for count in per_row_images:
+        taken, row_feats = 0, []
+        while taken < count:
+            row_feats.append(features[cursor])
+            taken += sizes[cursor]
+            cursor += 1
+        norms.append(torch.cat(row_feats).float().norm(dim=-1).mean().item() if row_feats else None)
+    return norms
+
+
+def generate_batch(model, processor, items, *, is_gap, intervention, budget, max_new_tokens, generator, do_sample):
+    """Generate for a batch of items; returns (texts, span counts, per-span mean norms, vision norms, seconds)."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [processor.apply_chat_template(item.messages, add_generation_prompt=True) for item in items]
+    images = [image for item in items for image in item.images]
+    inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+    vision_norms = _vision_norms(model, inputs, len(items))
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if is_gap:
+        kwargs.update(latent_intervention=intervention, latent_tokens_per_span=budget, latent_generator=generator,
+                      return_dict_in_generate=True)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, **kwargs)
+    seconds = (time.perf_counter() - started) / len(items)
+    sequences = output.sequences if is_gap else output
+    generated = sequences[:, inputs["input_ids"].shape[1]:]
+    texts = processor.batch_decode(generated, skip_special_tokens=True)
+    if is_gap:
+        spans = output.num_latent_spans.tolist()
+        norms = [norm.mean(dim=-1).tolist() for norm in output.latent_norms]
+    else:
+        spans, norms = [0] * len(items), [[] for _ in items]
+    return texts, spans, norms, vision_norms, seconds
+
+
+def _record_key(record):
+    return (str(record["id"]), record["intervention"], int(record["budget"]))
+
+
+def read_records(output_dir: Path) -> list[dict]:
+    """Every record already written in `output_dir` (merged and per-rank files), without duplicates."""
+    seen, records = set(), []
+    for path in sorted(output_dir.glob("predictions*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: it is generated again
+                if _record_key(record) not in seen:
+                    seen.add(_record_key(record))
+                    records.append(record)
+    return records
+
+
+def evaluate(
+    model,
+    processor,
+    items: list[EvalItem],
+    output_dir: str | Path,
+    *,
+    is_gap: bool,
+    interventions=("pca",),
+    budgets=(None,),
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    checker=None,
+    seed: int = 0,
+    do_sample: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every (intervention, budget) setting on this rank's share of `items`; append records as they finish.
+
+    Returns the records this call wrote. Records already present in `output_dir` are skipped.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .answers import DefaultAnswerChecker, extract_answer
+
+    checker = checker or DefaultAnswerChecker()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done = {_record_key(r) for r in read_records(output_dir)}
+    settings = [(BASE_SETTING, 0)] if not is_gap else [
+        (intervention, budget if budget is not None else model.config.latent_tokens_per_span)
+        for intervention in interventions
+        for budget in budgets
+    ]
+    mine = items[rank::world_size]
+    todo = [(s, item) for s in settings for item in mine if (item.id, s[0], s[1]) not in done]
+    path = output_dir / (f"predictions.rank{rank}.jsonl" if world_size > 1 else "predictions.jsonl")
+    written = []
+    generator = torch.Generator(device=model.device).manual_seed(seed + rank)
+    bar = tqdm(total=len(todo), desc=f"evaluate[rank {rank}]", disable=not progress)
+    with open(path, "a", encoding="utf-8") as out:
+        for setting in settings:
+            pending = [item for s, item in todo if s == setting]
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                texts, spans, norms, vision_norms, seconds = generate_batch(
+                    model, processor, batch, is_gap=is_gap, intervention=setting[0], budget=setting[1],
+                    max_new_tokens=max_new_tokens, generator=generator, do_sample=do_sample,
+                )
+                for item, text, n_spans, span_norms, vision_norm in zip(batch, texts, spans, norms, vision_norms):
+                    record = {
+                        "id": item.id,
+                        "intervention": setting[0],
+                        "budget": setting[1],
+                        "prediction": text,
+                        "extracted": extract_answer(text, options=item.options),
+                        "gold": item.gold,
+                        "correct": bool(checker(text, item.gold, item.checker_row())),
+                        "latent_spans": n_spans,
+                        "latent_span_norms": span_norms,
+                        "vision_norm": vision_norm,
+                        "seconds": seconds,
+                    }
+                    out.write(json.dumps(record) + "\n")
+                    written.append(record)
+                out.flush()
+                bar.update(len(batch))
+    bar.close()
+    return written
+
+
+def finalize(output_dir: str | Path, item_order: list[str]) -> list[dict]:
+    """Merge all prediction files into ``predictions.jsonl`` and write ``summary.json`` / ``summary.md``."""
+    output_dir = Path(output_dir)
+    records = read_records(output_dir)
+    order = {item_id: i for i, item_id in enumerate(item_order)}
+    settings_order: dict[tuple, int] = {}
+    for record in records:
+        settings_order.setdefault((record["intervention"], record["budget"]), len(settings_order))
+    records.sort(key=lambda r: (settings_order[(r["intervention"], r["budget"])], order.get(str(r["id"]), len(order))))
+    merged = output_dir / "predictions.jsonl"
+    tmp = merged.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    for rank_file in output_dir.glob("predictions.rank*.jsonl"):
+        rank_file.unlink()
+    tmp.replace(merged)
+    rows = summarize(records)
+    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    (output_dir / "summary.md").write_text(summary_markdown(rows), encoding="utf-8")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a GAP or Qwen2.5-VL checkpoint folder")
+    parser.add_argument("--data", required=True,
+                        help="a dataset (save_to_disk folder, .jsonl, .json, .parquet) or a VLMEvalKit .tsv file")
+    parser.add_argument("--split", default=None, help="split of a DatasetDict folder")
+    parser.add_argument("--output-dir", required=True, help="where predictions.jsonl and summary.{json,md} go")
+    parser.add_argument("--interventions", default="pca,suppress,noise,hidden,hidden_ema",
+                        help="comma-separated latent interventions (GAP checkpoints; default: all five)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated latent budgets K, perfect squares (default: the checkpoint's K)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise intervention (and of sampling)")
+    parser.add_argument("--checker", default=None, help="answer checker as module:callable (default: built-in)")
+    parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
+                        help="a row without image/answer or with bad base64: report and skip it, or stop")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _parse_list(value, cast):
+    return [cast(part.strip()) for part in value.split(",") if part.strip()] if value else []
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from .answers import load_checker
+    from .inference import load_model_and_processor
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    items, problems = load_items(args.data, args.split)
+    if state.is_main_process:
+        for problem in problems:
+            print(f"gap evaluate: bad row: {problem}", file=sys.stderr)
+    if problems and args.on_bad_row == "error":
+        print(f"gap evaluate: {len(problems)} bad row(s); fix them or pass --on-bad-row skip", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        items = items[: args.limit]
+    if not items:
+        print("gap evaluate: no usable rows", file=sys.stderr)
+        return 2
+    model, processor, is_gap = load_model_and_processor(args.model, dtype=args.dtype, device=state.device)
+    from modeling_gap import LATENT_INTERVENTIONS
+
+    interventions = _parse_list(args.interventions, str)
+    unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
+    if unknown:
+        print(f"gap evaluate: unknown interventions {unknown}; choose from {list(LATENT_INTERVENTIONS)}", file=sys.stderr)
+        return 2
+    budgets = _parse_list(args.budgets, int) or [None]
+    if is_gap:
+        from configuration_gap import check_latent_budget
+
+        for budget in budgets:
+            if budget is not None:
+                check_latent_budget(budget, "--budgets")
+    started = time.perf_counter()
+    evaluate(
+        model, processor, items, args.output_dir, is_gap=is_gap, interventions=interventions, budgets=budgets,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, checker=load_checker(args.checker),
+        seed=args.seed, do_sample=args.do_sample, rank=state.process_index, world_size=state.num_processes,
+        progress=not args.no_progress and state.is_local_main_process,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = finalize(args.output_dir, [item.id for item in items])
+        print(summary_markdown(rows), end="")
+        print(
+            f"{len(items)} rows ({len(problems)} bad rows skipped) x {len(rows)} settings on {state.num_processes} "
+            f"process(es) in {time.perf_counter() - started:.1f} s -> {Path(args.output_dir) / 'summary.md'}"
+        )
+    return 0

@@ -1,0 +1,202 @@
+"""`gap evaluate`: accuracy per intervention, resume, data parallelism, malformed benchmark rows."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from gap_pipeline.evaluate import evaluate, finalize, load_tsv_items
+from gap_pipeline.tiny import build_tiny_gap_model
+
+
+GOLDS = ["C", "A", "C", "B", "D", "C"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _engineered_gap():
+    """A tiny GAP model whose final-norm state is the same vector u at every position.
+
+    The last layer's value projection is a huge constant (zero weight, large bias), so attention adds the same
+    vector everywhere and h_bar ~ u. The LM head scores u: `<|latent_start|>` 2, the letter "C" 1, every other
+    token ~0. So every intervention that allows spans opens one at once, and `suppress` answers "C".
+    """
+    model, processor = build_tiny_gap_model(None, seed=0, latent_tokens_per_span=4)
+    attention = model.model.language_model.layers[-1].self_attn
+    tokenizer = processor.tokenizer
+    (letter_c,) = tokenizer.encode("C", add_special_tokens=False)
+    start, _, _ = model.config.latent_token_ids
+    with torch.no_grad():
+        attention.v_proj.weight.zero_()
+        attention.v_proj.bias.copy_(torch.linspace(-1, 1, attention.v_proj.bias.shape[0]) * 1e4)
+        probe = tokenizer(["x"], return_tensors="pt")
+        captured = []
+        handle = model.model.language_model.norm.register_forward_hook(lambda m, i, o: captured.append(o[0, -1]))
+        model(**probe)
+        handle.remove()
+        u = captured[0] / captured[0].norm() ** 2
+        model.lm_head.weight.mul_(1e-4)
+        model.lm_head.weight[start] = 2 * u
+        model.lm_head.weight[letter_c] = u
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def engineered_dir(tmp_path_factory):
+    model, processor = _engineered_gap()
+    path = tmp_path_factory.mktemp("engineered_gap")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _png_base64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _write_tsv(path, rows):
+    header = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
+    lines = ["\t".join(header)]
+    for row in rows:
+        lines.append("\t".join(str(row.get(column, "")) for column in header))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def benchmark_tsv(tmp_path_factory, tiny_image):
+    rows = [
+        {"index": 100 + i, "image": _png_base64(tiny_image(seed=i)), "question": f"How many red cells are in row {i}?",
+         "A": "1", "B": "2", "C": "3", "D": "4", "answer": gold, "category": "count"}
+        for i, gold in enumerate(GOLDS)
+    ]
+    return _write_tsv(tmp_path_factory.mktemp("bench") / "bench.tsv", rows)
+
+
+def _run_cli(*args, launcher=None, timeout=600):
+    command = (launcher or [sys.executable, "-m", "gap_pipeline"]) + ["evaluate", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_summary_equals_hand_computed_accuracy_for_each_intervention(tmp_path, engineered_dir, benchmark_tsv):
+    out = tmp_path / "eval"
+    run = _run_cli("--model", engineered_dir, "--data", benchmark_tsv, "--output-dir", out, "--max-new-tokens", 1,
+                   "--batch-size", 4, "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = {row["intervention"]: row for row in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ["pca", "suppress", "noise", "hidden", "hidden_ema"]
+    expected_suppress = sum(gold == "C" for gold in GOLDS) / len(GOLDS)  # suppress answers "C" everywhere
+    for intervention, row in summary.items():
+        assert row["n"] == len(GOLDS) and row["budget"] == 4
+        if intervention == "suppress":
+            assert row["accuracy"] == pytest.approx(expected_suppress) and row["span_rate"] == 0.0
+        else:  # a span opens at once and max_new_tokens=1 ends inside it: no answer
+            assert row["accuracy"] == 0.0 and row["span_rate"] == 1.0
+        assert row["mean_seconds"] > 0 and row["p50_seconds"] > 0 and row["p90_seconds"] >= row["p50_seconds"]
+        assert row["mean_vision_norm"] > 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 5 * len(GOLDS)
+    suppressed = [r for r in records if r["intervention"] == "suppress"]
+    assert [r["id"] for r in suppressed] == [str(100 + i) for i in range(len(GOLDS))]
+    assert all(r["extracted"] == "C" and r["correct"] == (r["gold"] == "C") for r in suppressed)
+    assert {"id", "prediction", "extracted", "correct", "latent_spans", "latent_span_norms", "seconds"} <= set(records[0])
+    assert "| suppress | 4 | 6 | 0.500 |" in (out / "summary.md").read_text()
+
+
+def test_interrupted_run_resumes_without_regenerating_finished_rows(tmp_path, benchmark_tsv):
+    model, processor = _engineered_gap()
+    items, problems = load_tsv_items(benchmark_tsv)
+    assert problems == [] and len(items) == len(GOLDS)
+    out = tmp_path / "eval"
+
+    class Interrupt(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def flaky_checker(response, gold, row):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Interrupt  # mid second batch: rows 0-2 are on disk
+        return response.strip() == gold
+
+    generated_rows = []
+    original = model.generate
+
+    def counting_generate(*args, **kwargs):
+        generated_rows.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    with mock.patch.object(model, "generate", side_effect=counting_generate):
+        with pytest.raises(Interrupt):
+            evaluate(model, processor, items, out, is_gap=True, interventions=["suppress"], batch_size=2,
+                     max_new_tokens=1, checker=flaky_checker, progress=False)
+        finished = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in finished] == ["100", "101", "102"]
+        generated_rows.clear()
+        written = evaluate(model, processor, items, out, is_gap=True, interventions=["suppress"], batch_size=2,
+                           max_new_tokens=1, checker=lambda response, gold, row: response.strip() == gold,
+                           progress=False)
+    assert sum(generated_rows) == len(GOLDS) - 3  # only the unfinished rows were generated again
+    assert [r["id"] for r in written] == ["103", "104", "105"]
+    rows = finalize(out, [item.id for item in items])
+    assert rows[0]["n"] == len(GOLDS)
+    assert rows[0]["accuracy"] == pytest.approx(sum(g == "C" for g in GOLDS) / len(GOLDS))
+
+
+def test_two_processes_give_the_same_predictions_as_one(tmp_path, engineered_dir, benchmark_tsv):
+    common = ["--model", engineered_dir, "--data", benchmark_tsv, "--interventions", "pca,suppress",
+              "--max-new-tokens", 6, "--batch-size", 2, "--no-progress"]
+    one = _run_cli(*common, "--output-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29637",
+                "-m", "gap_pipeline"]
+    two = _run_cli(*common, "--output-dir", tmp_path / "two", launcher=torchrun)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stdout
+
+    def load(path):
+        records = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
+        return [(r["id"], r["intervention"], r["prediction"], r["correct"], r["latent_spans"]) for r in records]
+
+    assert load(tmp_path / "two") == load(tmp_path / "one")
+    assert not list((tmp_path / "two").glob("predictions.rank*.jsonl"))
+
+
+def test_malformed_tsv_rows_are_reported_by_index_and_skipped_or_refused(tmp_path, engineered_dir, tiny_image):
+    good = {"image": _png_base64(tiny_image()), "question": "How many?", "A": "1", "B": "2", "C": "3", "D": "4"}
+    rows = [
+        {"index": 1, **good, "answer": "C"},
+        {"index": 2, **good, "image": "", "answer": "A"},
+        {"index": 3, **good, "image": "not*base64!", "answer": "B"},
+        {"index": 4, **good, "answer": ""},
+        {"index": 5, **good, "image": base64.b64encode(b"plain text").decode(), "answer": "C"},
+    ]
+    tsv = _write_tsv(tmp_path / "bad.tsv", rows)
+    items, problems = load_tsv_items(tsv)
+    assert [item.id for item in items] == ["1"]
+    assert len(problems) == 4
+    assert "index=2" in problems[0] and "no image" in problems[0]
+    assert "index=3" in problems[1] and "not valid base64" in problems[1]
+    assert "index=4" in problems[2] and "no answer" in problems[2]
+    assert "index=5" in problems[3] and "not an image" in problems[3]
+
+    refused = _run_cli("--model", engineered_dir, "--data", tsv, "--output-dir", tmp_path / "refused",
+                       "--on-bad-row", "error", "--max-new-tokens", 1, "--no-progress")
+    assert refused.returncode == 2 and "index=3" in refused.stderr
+    assert not (tmp_path / "refused" / "predictions.jsonl").exists()
+
+    skipped = _run_cli("--model", engineered_dir, "--data", tsv, "--output-dir", tmp_path / "skipped",
+                       "--interventions", "suppress", "--max-new-tokens", 1, "--no-progress")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "index=2" in skipped.stderr and "4 bad rows skipped" in skipped.stdout
+    scored = [json.loads(line)["id"] for line in (tmp_path / "skipped" / "predictions.jsonl").read_text().splitlines()]
+    assert scored == ["1"]
