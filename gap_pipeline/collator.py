@@ -86,8 +86,8 @@ def _to_tensor(value, dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(dtype)
     array = np.asarray(value)
-    if array.dtype == object:  # nested lists of arrays (python-formatted Array2D rows)
-        array = np.stack([np.asarray(v) for v in value])
+    if array.dtype == object:  # a numpy-formatted list-of-lists column: an object array of row arrays
+        array = np.stack([np.asarray(v, dtype=np.float64) for v in array]) if array.size else np.zeros((0,))
     return torch.from_numpy(np.array(array, copy=True)).to(dtype)
 
 
