@@ -1,0 +1,816 @@
+"""Difficulty estimation for difficulty-aware latent supervision (paper §4.3, Eq. 4; App. F).
+
+For every training row, N answers (default 8) are sampled from the *base* model for the row's
+question, checked against the row's gold answer, and the pass rate is written into the dataset:
+
+* ``accuracy`` = num_correct / num_samples, in [0, 1] (the â of Eq. 4),
+* ``num_correct``, ``num_samples``.
+
+At training time a row with ``accuracy > tau`` (tau = 0 in the paper) has its latent spans stripped
+and trains on text only; a row with ``accuracy <= tau`` keeps its spans.
+
+What a row's question and gold answer are
+-----------------------------------------
+* Question: the row's messages before its first assistant turn (system and user turns) with the
+  images they refer to (TRL's conversational vision format, ``messages`` / ``images``), rendered
+  with the model folder's processor chat template and ``add_generation_prompt=True``.
+  ``aux_images`` are never shown.
+* Gold answer: the row's ``answer`` field (``--answer-column``) when it is present and not empty;
+  otherwise the content of the last ``<answer>...</answer>`` block of the row's last assistant turn.
+  A row with neither is an error naming the row.
+
+Pluggable parts
+---------------
+* The answer checker (``--checker``): ``checker(response, gold, row) -> bool``; default
+  :class:`gap_pipeline.answers.DefaultAnswerChecker`, loaded with :func:`gap_pipeline.answers.load_checker`.
+* The sampler (``--sampler module:callable``): anything with ``sample(questions, n) -> list[list[str]]``
+  returning, for each :class:`Question`, n sampled responses. The spec names either an object with a
+  ``sample`` method or a factory (class or function) called with one :class:`SamplerSettings` argument
+  that returns such an object. The default, :class:`HFSampler`, runs ``generate`` of the model folder
+  (several questions x n samples per call, left padding, ``do_sample=True``). A faster engine (vLLM)
+  plugs in as a factory.
+
+Resuming, sharding, merging
+---------------------------
+``--output-dir OUT`` holds ``run.json`` (the settings that must stay the same across restarts and
+shards), ``results/shard-IIIII-of-SSSSS.jsonl`` (one JSON line per finished row, flushed and
+fsync'ed after every batch) and, after the merge, ``summary.json`` and the dataset with the new
+columns (``OUT/dataset`` by default, ``--output-dataset`` otherwise). A restart reads every results
+file in ``OUT/results`` and samples only rows that none of them holds. With ``--num-shards S
+--shard-index i`` a process takes the rows with ``row % S == i``; the process that completes the
+last row merges (or run ``--merge`` once all shards are done). Results are reproducible for a given
+seed, batch size and shard layout (a batch's sampling is seeded from ``--seed`` and its first row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+
+from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
+
+__all__ = [
+    "DifficultyError",
+    "HFSampler",
+    "Question",
+    "Sampler",
+    "SamplerSettings",
+    "estimate_difficulty",
+    "gold_answer",
+    "load_sampler",
+    "merge_results",
+    "read_results",
+    "shard_rows",
+]
+
+RUN_FILENAME = "run.json"
+RESULTS_DIRNAME = "results"
+SUMMARY_FILENAME = "summary.json"
+DATASET_DIRNAME = "dataset"
+MERGE_LOCK = "merge.lock"
+NEW_COLUMNS = ("accuracy", "num_correct", "num_samples")
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# Settings recorded in run.json that a restart or another shard must share.
+RUN_KEYS = (
+    "dataset",
+    "num_rows",
+    "dataset_fingerprint",
+    "model",
+    "num_samples",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "seed",
+    "sampler",
+    "checker",
+    "answer_column",
+)
+
+
+class DifficultyError(ValueError):
+    """Bad input or state of a difficulty run; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------
+# Questions and gold answers
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Question:
+    """One row to sample: what a sampler receives.
+
+    index: the row's position in the dataset; row: the row itself (a dict, for samplers and checkers
+    that read other fields); messages / images: the question (turns before the first assistant turn,
+    cleaned, and their PIL images); answer: the gold answer.
+    """
+
+    index: int
+    row: Dict[str, Any]
+    messages: List[Dict[str, Any]]
+    images: list
+    answer: str
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or []:
+        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+    return "".join(parts)
+
+
+def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
+    """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
+    value = row.get(answer_column) if hasattr(row, "get") else None
+    if value is not None and str(value).strip():
+        return str(value).strip()
+    messages = (row.get(messages_column) or []) if hasattr(row, "get") else []
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = []
+    assistant = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]
+    if assistant:
+        blocks = _ANSWER_BLOCK.findall(_message_text(assistant[-1]))
+        if blocks and blocks[-1].strip():
+            return blocks[-1].strip()
+    raise DifficultyError(
+        f"row {index} has no gold answer: no non-empty '{answer_column}' field and no <answer>...</answer> block in "
+        f"its last assistant turn; add an '{answer_column}' column (or name yours with --answer-column)"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Anything with ``sample(questions, n) -> list[list[str]]``: n responses per question, in order."""
+
+    def sample(self, questions: Sequence[Question], n: int) -> List[List[str]]: ...
+
+
+@dataclass
+class SamplerSettings:
+    """What a sampler factory is given (``--sampler module:factory`` is called as ``factory(settings)``)."""
+
+    model: Optional[str]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The RNG seed of a batch: a hash of the run seed and the batch's first row (independent of run order)."""
+    digest = hashlib.sha256(f"{seed}:{first_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+class HFSampler:
+    """The default sampler: ``generate`` of a Qwen2.5-VL (or GAP) folder, all questions of a call in one batch.
+
+    Each question's prompt is its messages rendered with the folder's chat template and
+    ``add_generation_prompt=True``; the batch is left-padded and generated with ``do_sample=True``,
+    ``num_return_sequences=n``, and the settings' temperature / top_p / top_k / max_new_tokens (other
+    generation settings come from the folder's ``generation_config.json``). Responses are decoded without
+    special tokens. Each call seeds torch from the settings' seed and the first question's row index.
+    """
+
+    def __init__(self, settings: SamplerSettings):
+        from .inference import load_model_and_processor
+
+        if not settings.model:
+            raise DifficultyError("the default sampler needs --model (a Qwen2.5-VL checkpoint folder)")
+        if settings.temperature <= 0:
+            raise DifficultyError(f"--temperature must be > 0 for sampling, got {settings.temperature}")
+        if not 0 < settings.top_p <= 1:
+            raise DifficultyError(f"--top-p must be in (0, 1], got {settings.top_p}")
+        if settings.top_k < 0:
+            raise DifficultyError(f"--top-k must be >= 0 (0 = off), got {settings.top_k}")
+        if settings.max_new_tokens < 1:
+            raise DifficultyError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
+        self.settings = settings
+        self.model, self.processor, _ = load_model_and_processor(settings.model, dtype=settings.dtype, device=settings.device)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"HFSampler(model={s.model!r}, temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k})"
+
+    def sample(self, questions: Sequence[Question], n: int) -> List[List[str]]:
+        import torch
+
+        if not questions:
+            return []
+        texts = [self.processor.apply_chat_template(q.messages, add_generation_prompt=True) for q in questions]
+        images = [image for q in questions for image in q.images]
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(next(self.model.parameters()).device)
+        torch.manual_seed(batch_seed(self.settings.seed, questions[0].index))
+        with torch.no_grad():
+            sequences = self.model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                top_k=self.settings.top_k,
+                max_new_tokens=self.settings.max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        if not isinstance(sequences, torch.Tensor):  # a generation_config with return_dict_in_generate
+            sequences = sequences.sequences
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [texts[i * n : (i + 1) * n] for i in range(len(questions))]
+
+
+_SPEC_HELP = (
+    "use 'package.module:callable' or 'path/to/file.py:callable'; the callable is an object with "
+    "sample(questions, n) -> list[list[str]], or a factory called as factory(settings) that returns one"
+)
+
+
+def _import_spec(spec: str, what: str):
+    if ":" not in spec or re.match(r"^[A-Za-z]:[\\/][^:]*$", spec):
+        raise DifficultyError(f"cannot load {what} {spec!r}: no callable named; {_SPEC_HELP}")
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise DifficultyError(f"cannot load {what} {spec!r}: {_SPEC_HELP}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        if not os.path.isfile(path):
+            raise DifficultyError(f"cannot load {what} {spec!r}: file {path} does not exist")
+        name = "_gap_user_sampler_" + re.sub(r"\W", "_", Path(path).stem)
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise DifficultyError(f"cannot load {what} {spec!r}: executing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise DifficultyError(
+                f"cannot load {what} {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DifficultyError(f"cannot load {what} {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_sampler(spec: Optional[str], settings: SamplerSettings) -> Sampler:
+    """The sampler named by `spec` (None / "" / "hf" = :class:`HFSampler`), built with `settings` if a factory."""
+    if spec is None or not spec.strip() or spec.strip() == "hf":
+        return HFSampler(settings)
+    obj = _import_spec(spec.strip(), "sampler")
+    if not isinstance(obj, type) and callable(getattr(obj, "sample", None)):
+        return obj
+    if not callable(obj):
+        raise DifficultyError(f"sampler {spec!r} is a {type(obj).__name__}; {_SPEC_HELP}")
+    sampler = obj(settings)
+    if not callable(getattr(sampler, "sample", None)):
+        raise DifficultyError(
+            f"sampler factory {spec!r} returned a {type(sampler).__name__} without a sample(questions, n) method"
+        )
+    return sampler
+
+
+def _describe(obj: Any, spec: Optional[str]) -> str:
+    return spec if spec else (repr(obj) if not isinstance(obj, type) else obj.__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# Results files
+# ----------------------------------------------------------------------------------------
+
+
+def shard_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> List[int]:
+    """The rows a shard takes: ``row % num_shards == shard_index`` (strided, so shards get similar mixes)."""
+    if num_shards < 1:
+        raise DifficultyError(f"--num-shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise DifficultyError(f"--shard-index must be in [0, {num_shards - 1}] for --num-shards {num_shards}, got {shard_index}")
+    return list(range(shard_index, num_rows, num_shards))
+
+
+def results_path(output_dir: Union[str, os.PathLike], num_shards: int, shard_index: int) -> Path:
+    return Path(output_dir) / RESULTS_DIRNAME / f"shard-{shard_index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def _read_results_file(path: Path, repair: bool) -> Dict[int, Dict[str, Any]]:
+    """Rows of one results file; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
+    results: Dict[int, Dict[str, Any]] = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    good_end = 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines):
+        is_last = number == len(lines) - 1
+        if not line.strip():
+            if not is_last:
+                good_end += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+            complete = not is_last  # a last line without "\n" was never fully flushed
+        except json.JSONDecodeError:
+            record, complete = None, False
+        if not complete:
+            if not is_last:
+                raise DifficultyError(
+                    f"{path}, line {number + 1} is not valid JSON; the results file is damaged: delete that line "
+                    "(its row will be sampled again)"
+                )
+            break
+        results[int(record["row"])] = record
+        good_end += len(line) + 1
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return results
+
+
+def read_results(output_dir: Union[str, os.PathLike], repair_path: Optional[Path] = None) -> Dict[int, Dict[str, Any]]:
+    """Every finished row in ``OUT/results/*.jsonl`` (all shards), keyed by row index."""
+    merged: Dict[int, Dict[str, Any]] = {}
+    for name in sorted(glob.glob(str(Path(output_dir) / RESULTS_DIRNAME / "*.jsonl"))):
+        path = Path(name)
+        for row, record in _read_results_file(path, repair=repair_path is not None and path == repair_path).items():
+            merged.setdefault(row, record)
+    return merged
+
+
+def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_run_config(output_dir: Union[str, os.PathLike], config: Mapping[str, Any]) -> None:
+    """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
+    path = Path(output_dir) / RUN_FILENAME
+    wanted = {key: config.get(key) for key in RUN_KEYS}
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        different = {key: (recorded.get(key), wanted[key]) for key in RUN_KEYS if recorded.get(key) != wanted[key]}
+        if different:
+            detail = "; ".join(f"{key}: was {old!r}, now {new!r}" for key, (old, new) in different.items())
+            raise DifficultyError(
+                f"{output_dir} holds a difficulty run with other settings ({detail}). Resume with the same settings, "
+                "or use a new --output-dir"
+            )
+        return
+    _atomic_write_json(path, wanted)
+
+
+# ----------------------------------------------------------------------------------------
+# Estimation
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardReport:
+    """What one call of :func:`estimate_difficulty` did."""
+
+    shard_rows: int
+    already_done: int
+    sampled_rows: int
+    seconds: float
+    complete: bool  # every row of the dataset (all shards) has a result
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def estimate_difficulty(
+    dataset,
+    sampler: Sampler,
+    checker: Callable[[str, str, Optional[Mapping[str, Any]]], bool],
+    output_dir: Union[str, os.PathLike],
+    *,
+    num_samples: int = 8,
+    rows_per_batch: int = 4,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    answer_column: str = "answer",
+    messages_column: str = "messages",
+    images_column: str = "images",
+    id_column: Optional[str] = None,
+    base_dir: Optional[Union[str, os.PathLike]] = None,
+    save_responses: bool = False,
+    run_config: Optional[Mapping[str, Any]] = None,
+    progress: bool = False,
+) -> ShardReport:
+    """Sample and check this shard's unfinished rows, appending one JSON line per row to its results file.
+
+    Rows already in any results file of `output_dir` are skipped. Gold answers and prompts of the whole
+    shard are checked before sampling starts, so a bad row fails fast. `run_config` (see ``RUN_KEYS``) is
+    recorded in / checked against ``OUT/run.json``.
+    """
+    from tqdm.auto import tqdm
+
+    if num_samples < 1:
+        raise DifficultyError(f"--num-samples must be >= 1, got {num_samples}")
+    if rows_per_batch < 1:
+        raise DifficultyError(f"--rows-per-batch must be >= 1, got {rows_per_batch}")
+    started = time.time()
+    output_dir = Path(output_dir)
+    rows = shard_rows(len(dataset), num_shards, shard_index)
+    if run_config is not None:
+        check_run_config(output_dir, run_config)
+    own_path = results_path(output_dir, num_shards, shard_index)
+    own_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(output_dir, repair_path=own_path)
+    todo = [row for row in rows if row not in done]
+    golds = {}
+    for index in todo:  # fail before any sampling if a gold answer is missing
+        golds[index] = gold_answer(dataset[index], index, answer_column, messages_column)
+    with open(own_path, "a", encoding="utf-8") as out, tqdm(
+        total=len(rows), initial=len(rows) - len(todo), unit="row", desc=f"difficulty {shard_index}/{num_shards}",
+        disable=not progress, dynamic_ncols=True,
+    ) as bar:
+        for start in range(0, len(todo), rows_per_batch):
+            questions = []
+            for index in todo[start : start + rows_per_batch]:
+                row = dict(dataset[index])
+                messages, images = prompt_of_row(
+                    row, index, messages_column=messages_column, images_column=images_column, base_dir=base_dir
+                )
+                questions.append(Question(index=index, row=row, messages=messages, images=images, answer=golds[index]))
+            responses = sampler.sample(questions, num_samples)
+            if not isinstance(responses, (list, tuple)) or len(responses) != len(questions):
+                raise DifficultyError(
+                    f"the sampler returned {len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__} "
+                    f"response lists for {len(questions)} questions (rows {[q.index for q in questions]}); it must "
+                    "return one list of n strings per question, in order"
+                )
+            lines = []
+            for question, answers in zip(questions, responses):
+                if not isinstance(answers, (list, tuple)) or len(answers) != num_samples:
+                    raise DifficultyError(
+                        f"the sampler returned {len(answers) if isinstance(answers, (list, tuple)) else answers!r} "
+                        f"responses for row {question.index}; expected {num_samples}"
+                    )
+                correct = [bool(checker(str(answer), question.answer, question.row)) for answer in answers]
+                record = {
+                    "row": question.index,
+                    "num_correct": sum(correct),
+                    "num_samples": num_samples,
+                    "accuracy": sum(correct) / num_samples,
+                    "answer": question.answer,
+                }
+                if id_column is not None:
+                    record["id"] = _json_safe(question.row.get(id_column))
+                if save_responses:
+                    record["responses"] = [str(answer) for answer in answers]
+                    record["correct"] = correct
+                lines.append(json.dumps(record, ensure_ascii=False))
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(questions))
+    finished = read_results(output_dir)
+    complete = all(row in finished for row in range(len(dataset)))
+    return ShardReport(
+        shard_rows=len(rows),
+        already_done=len(rows) - len(todo),
+        sampled_rows=len(todo),
+        seconds=time.time() - started,
+        complete=complete,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Merge
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeReport:
+    """The merged dataset's location and its accuracy statistics."""
+
+    path: Path
+    rows: int
+    mean_accuracy: float
+    latent_rows: int  # accuracy <= tau: kept as latent by difficulty-aware assignment
+    text_rows: int  # accuracy > tau: spans stripped
+    all_correct_rows: int
+    num_samples: int
+    tau: float
+    replaced_columns: List[str]
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def _save_dataset(dataset, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        dataset.to_json(str(path), lines=suffix == ".jsonl", force_ascii=False)
+    elif suffix == ".parquet":
+        dataset.to_parquet(str(path))
+    else:
+        dataset.save_to_disk(str(path))
+
+
+def merge_results(
+    dataset,
+    output_dir: Union[str, os.PathLike],
+    *,
+    output_dataset: Optional[Union[str, os.PathLike]] = None,
+    tau: float = 0.0,
+    id_column: Optional[str] = None,
+) -> MergeReport:
+    """Write `dataset` with ``accuracy``, ``num_correct`` and ``num_samples`` from every results file of `output_dir`.
+
+    Every row must have a result (an error lists the missing rows and their shards otherwise). Existing
+    columns of those names are replaced. The dataset goes to `output_dataset` (a ``.jsonl`` / ``.json`` /
+    ``.parquet`` file, or a ``save_to_disk`` folder; default ``OUT/dataset``); ``OUT/summary.json`` gets the
+    statistics.
+    """
+    output_dir = Path(output_dir)
+    results = read_results(output_dir)
+    missing = [row for row in range(len(dataset)) if row not in results]
+    if missing:
+        run = {}
+        if (output_dir / RUN_FILENAME).is_file():
+            with open(output_dir / RUN_FILENAME, encoding="utf-8") as f:
+                run = json.load(f)
+        shards = sorted({Path(p).name for p in glob.glob(str(output_dir / RESULTS_DIRNAME / "*.jsonl"))})
+        raise DifficultyError(
+            f"{len(missing)} of {len(dataset)} rows have no result yet (first: {missing[:10]}); results files: "
+            f"{shards or 'none'}. Run the missing shards (or rerun without --merge) for dataset "
+            f"{run.get('dataset', '?')}, then merge"
+        )
+    extra = sorted(row for row in results if row >= len(dataset))
+    if extra:
+        raise DifficultyError(
+            f"{output_dir} has results for rows {extra[:10]} beyond the dataset's {len(dataset)} rows: it belongs to "
+            "another dataset; use a new --output-dir"
+        )
+    if id_column is not None:
+        ids = dataset[id_column]
+        for row in range(len(dataset)):
+            recorded = results[row].get("id")
+            if "id" in results[row] and recorded != _json_safe(ids[row]):
+                raise DifficultyError(
+                    f"row {row}: the results were computed for {id_column}={recorded!r} but the dataset now holds "
+                    f"{ids[row]!r}; the dataset changed since sampling: use a new --output-dir"
+                )
+    accuracy = [float(results[row]["accuracy"]) for row in range(len(dataset))]
+    num_correct = [int(results[row]["num_correct"]) for row in range(len(dataset))]
+    num_samples = [int(results[row]["num_samples"]) for row in range(len(dataset))]
+    replaced = [name for name in NEW_COLUMNS if name in dataset.column_names]
+    merged = dataset.remove_columns(replaced) if replaced else dataset
+    merged = merged.add_column("accuracy", accuracy)
+    merged = merged.add_column("num_correct", num_correct)
+    merged = merged.add_column("num_samples", num_samples)
+    path = Path(output_dataset) if output_dataset is not None else output_dir / DATASET_DIRNAME
+    _save_dataset(merged, path)
+    n = len(dataset)
+    report = MergeReport(
+        path=path,
+        rows=n,
+        mean_accuracy=sum(accuracy) / n if n else float("nan"),
+        latent_rows=sum(1 for a in accuracy if a <= tau),
+        text_rows=sum(1 for a in accuracy if a > tau),
+        all_correct_rows=sum(1 for c, s in zip(num_correct, num_samples) if c == s),
+        num_samples=max(num_samples) if num_samples else 0,
+        tau=tau,
+        replaced_columns=replaced,
+    )
+    _atomic_write_json(output_dir / SUMMARY_FILENAME, report.to_dict())
+    return report
+
+
+def _try_merge(dataset, output_dir: Path, **kwargs) -> Optional[MergeReport]:
+    """Merge unless another process holds ``OUT/merge.lock`` (then return None)."""
+    lock = output_dir / MERGE_LOCK
+    try:
+        fd = os.open(str(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return merge_results(dataset, output_dir, **kwargs)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def format_summary(report: MergeReport, seconds: Optional[float] = None) -> str:
+    n = report.rows
+    pct = lambda k: f"{100.0 * k / n:.1f}%" if n else "-"  # noqa: E731
+    lines = [
+        f"difficulty: {n} rows, {report.num_samples} samples each; mean accuracy {report.mean_accuracy:.4f}",
+        f"  accuracy <= tau={report.tau:g} (latent supervision kept): {report.latent_rows} ({pct(report.latent_rows)})",
+        f"  accuracy >  tau (text only, spans stripped):     {report.text_rows} ({pct(report.text_rows)})",
+        f"  all {report.num_samples} samples correct: {report.all_correct_rows} ({pct(report.all_correct_rows)})",
+    ]
+    if report.replaced_columns:
+        lines.append(f"  replaced existing columns {report.replaced_columns}")
+    lines.append(f"  wrote {report.path}" + (f" ({seconds:.1f}s)" if seconds is not None else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+HELP = "Estimate each row's base-model pass rate from N sampled answers (Eq. 4) and write an `accuracy` column."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``gap difficulty``."""
+    parser.add_argument("--dataset", required=True, help="the training set (save_to_disk folder, .jsonl, .json or .parquet)")
+    parser.add_argument("--split", default=None, help="split to use when --dataset is a DatasetDict")
+    parser.add_argument("--output-dir", required=True, help="run folder: run.json, results/*.jsonl, summary.json, dataset/")
+    parser.add_argument("--output-dataset", default=None,
+                        help="where the dataset with the new columns goes: a folder (save_to_disk) or a .jsonl/.json/"
+                        ".parquet file (default: OUTPUT_DIR/dataset)")
+    parser.add_argument("--model", default=None, help="the base Qwen2.5-VL checkpoint folder (the default sampler needs it)")
+    parser.add_argument("--num-samples", type=int, default=8, help="N sampled answers per row (default: 8)")
+    parser.add_argument("--rows-per-batch", type=int, default=4,
+                        help="rows per sampler call; the default sampler generates rows x N sequences at once (default: 4)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest response (default: 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each batch is seeded from it and its first row")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype for the default sampler (default: auto = the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--sampler", default=None,
+                        help="'module:callable' or 'file.py:callable': an object with sample(questions, n), or a "
+                        "factory called with a SamplerSettings (default: HF generate)")
+    parser.add_argument("--checker", default=None,
+                        help="'module:callable' or 'file.py:callable' called as checker(response, gold, row) -> bool "
+                        "(default: gap_pipeline.answers.DefaultAnswerChecker)")
+    parser.add_argument("--answer-column", default="answer",
+                        help="column of the gold answer; rows without it use the <answer>...</answer> block of their "
+                        "last assistant turn (default: answer)")
+    parser.add_argument("--messages-column", default="messages", help="column of the conversation (default: messages)")
+    parser.add_argument("--images-column", default="images", help="column of the images (default: images)")
+    parser.add_argument("--id-column", default=None,
+                        help="a column identifying rows; recorded with each result and checked at merge time")
+    parser.add_argument("--tau", type=float, default=0.0,
+                        help="difficulty threshold of Eq. 4 for the summary: accuracy <= tau keeps latents (default: 0)")
+    parser.add_argument("--num-shards", type=int, default=1, help="processes sharing the rows (default: 1)")
+    parser.add_argument("--shard-index", type=int, default=0, help="this process's shard, 0 .. num_shards-1 (default: 0)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true", help="only merge finished results into the dataset (no sampling)")
+    mode.add_argument("--no-merge", action="store_true", help="do not merge even when every row is done")
+    parser.add_argument("--save-responses", action="store_true", help="also keep the sampled responses in the results files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_config(args: argparse.Namespace, dataset, checker_name: str) -> Dict[str, Any]:
+    return {
+        "dataset": str(Path(args.dataset).resolve()),
+        "num_rows": len(dataset),
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "model": str(Path(args.model).resolve()) if args.model else None,
+        "num_samples": args.num_samples,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "sampler": args.sampler or "hf",
+        "checker": checker_name,
+        "answer_column": args.answer_column,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gap difficulty``."""
+    from .answers import CheckerLoadError, load_checker
+
+    def fail(message: str) -> int:
+        print(f"difficulty: error: {message}", file=sys.stderr)
+        return 2
+
+    started = time.time()
+    output_dir = Path(args.output_dir)
+    if args.no_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    try:
+        shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
+        dataset = load_rows(args.dataset, split=args.split)
+        merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
+        if args.merge:
+            report = merge_results(dataset, output_dir, **merge_kwargs)
+            print(format_summary(report, time.time() - started))
+            return 0
+        checker = load_checker(args.checker)
+        config = _run_config(args, dataset, args.checker or "default")
+        check_run_config(output_dir, config)
+        settings = SamplerSettings(
+            model=args.model,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            dtype=args.dtype,
+            device=args.device,
+        )
+        sampler = load_sampler(args.sampler, settings)
+        shard = estimate_difficulty(
+            dataset,
+            sampler,
+            checker,
+            output_dir,
+            num_samples=args.num_samples,
+            rows_per_batch=args.rows_per_batch,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            answer_column=args.answer_column,
+            messages_column=args.messages_column,
+            images_column=args.images_column,
+            id_column=args.id_column,
+            base_dir=dataset_base_dir(args.dataset),
+            save_responses=args.save_responses,
+            run_config=config,
+            progress=not args.no_progress,
+        )
+    except (DifficultyError, RowError, CheckerLoadError, ValueError, FileNotFoundError) as exc:
+        return fail(str(exc))
+    print(
+        f"difficulty shard {args.shard_index}/{args.num_shards}: {shard.shard_rows} rows, {shard.already_done} "
+        f"already done, {shard.sampled_rows} sampled in {shard.seconds:.1f}s "
+        f"({_describe(sampler, args.sampler)}, checker {_describe(checker, args.checker)})"
+    )
+    if not shard.complete:
+        finished = len(read_results(output_dir))
+        print(f"  {finished}/{len(dataset)} rows done over all shards; the last shard to finish merges "
+              f"(or run with --merge once all are done)")
+        return 0
+    if args.no_merge:
+        print("  every row is done; merge with --merge")
+        return 0
+    try:
+        report = _try_merge(dataset, output_dir, **merge_kwargs)
+    except DifficultyError as exc:
+        return fail(str(exc))
+    if report is None:
+        print(f"  another process is merging ({output_dir / MERGE_LOCK} exists); if none is, run with --merge")
+        return 0
+    print(format_summary(report, time.time() - started))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="difficulty", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Loading a model folder and turning dataset rows into generation prompts.
+
+Shared by the offline steps that run a model on questions (``gap difficulty``,
+``gap norm-profile``):
+
+* :func:`load_rows` reads a dataset in the project schema from a ``save_to_disk`` folder or a
+  ``.jsonl`` / ``.json`` / ``.parquet`` file.
+* :func:`prompt_of_row` takes a row in TRL's conversational vision format (``messages``,
+  ``images``) and returns the *question*: every message before the first assistant turn, and the
+  images those messages refer to. Auxiliary images (``aux_images``) are never part of it.
+* :func:`load_model_and_processor` loads a Qwen2.5-VL or a GAP folder with the matching
+  processor, without needing ``trust_remote_code`` for GAP folders (this repository's own
+  ``modeling_gap`` / ``processing_gap`` are used).
+
+A note on message contents read back from Arrow: ``datasets`` stores a list of content items as
+one struct type, so a text item comes back as ``{"type": "text", "text": "...", "image": None}``.
+Qwen2.5-VL chat templates test ``'image' in item``, which would render such a text item as an
+image. :func:`clean_messages` drops keys whose value is None before rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "RowError",
+    "clean_messages",
+    "count_image_items",
+    "load_model_and_processor",
+    "load_rows",
+    "model_type_of",
+    "open_image",
+    "prompt_of_row",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+GAP_MODEL_TYPE = "gap_qwen2_5_vl"
+QWEN_MODEL_TYPE = "qwen2_5_vl"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be used as it is; the message names the row and the fix."""
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------
+
+
+def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a ``.jsonl``/``.json``/``.parquet`` file.
+
+    A ``DatasetDict`` folder needs ``split`` unless it has exactly one split.
+    """
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset not found: {p}")
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except FileNotFoundError as exc:
+            raise ValueError(
+                f"{p} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
+                "or a .jsonl / .json / .parquet file"
+            ) from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None:
+                if len(ds) != 1:
+                    raise ValueError(f"{p} holds splits {list(ds)}; choose one with --split")
+                split = next(iter(ds))
+            if split not in ds:
+                raise ValueError(f"{p} has no split {split!r}; it has {list(ds)}")
+            ds = ds[split]
+        elif split is not None:
+            raise ValueError(f"{p} is a single Dataset, not a DatasetDict; drop --split {split}")
+        return ds
+    if split is not None:
+        raise ValueError(f"{p} is a single file; drop --split {split}")
+    if p.suffix.lower() == ".jsonl":
+        from .data import load_jsonl
+
+        # The project's JSONL loader: image paths made absolute (relative to the file's folder) and typed as
+        # datasets.Image lists, string contents turned into content lists. Rows are validated where they are used.
+        return load_jsonl(p, validate=False)
+    builders = {".json": "json", ".parquet": "parquet"}
+    builder = builders.get(p.suffix.lower())
+    if builder is None:
+        raise ValueError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json or .parquet")
+    return datasets.load_dataset(builder, data_files=str(p), split="train")
+
+
+def dataset_base_dir(path: Union[str, os.PathLike]) -> Path:
+    """The folder against which relative image paths of a dataset are resolved."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+# ----------------------------------------------------------------------------------------
+# Rows -> prompts
+# ----------------------------------------------------------------------------------------
+
+
+def clean_messages(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Plain-dict copies of `messages` with None-valued keys dropped from messages and content items."""
+    cleaned = []
+    for message in messages:
+        item = {key: value for key, value in dict(message).items() if value is not None}
+        content = item.get("content")
+        if isinstance(content, (list, tuple)):
+            item["content"] = [
+                {key: value for key, value in dict(part).items() if value is not None}
+                if isinstance(part, Mapping)
+                else part
+                for part in content
+            ]
+        cleaned.append(item)
+    return cleaned
+
+
+def _is_image_item(part: Any) -> bool:
+    if not isinstance(part, Mapping):
+        return False
+    return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def count_image_items(messages: Sequence[Mapping[str, Any]]) -> int:
+    """How many image content items `messages` hold (after :func:`clean_messages`)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            total += sum(1 for part in content if _is_image_item(part))
+    return total
+
+
+def open_image(value: Any, base_dir: Optional[Union[str, os.PathLike]] = None, where: str = "image"):
+    """An RGB PIL image from a PIL image, a path (relative to `base_dir`), or a ``{"bytes", "path"}`` dict.
+
+    Reads with :func:`gap_pipeline.data.load_image`; a missing or unreadable image raises :class:`RowError`
+    naming `where`.
+    """
+    from PIL import UnidentifiedImageError
+
+    from .data import load_image
+
+    try:
+        return load_image(value, base_dir).convert("RGB")
+    except FileNotFoundError as exc:
+        raise RowError(
+            f"{where}: image file {exc.filename} does not exist (relative paths are resolved against {base_dir})"
+        ) from None
+    except (OSError, UnidentifiedImageError, TypeError, ValueError) as exc:
+        raise RowError(
+            f"{where}: cannot read the image ({exc}); store PIL images (datasets.Image), file paths, or "
+            "{'bytes': ..., 'path': ...} dicts"
+        ) from None
+
+
+def prompt_of_row(
+    row: Mapping[str, Any],
+    index: int,
+    *,
+    messages_column: str = "messages",
+    images_column: str = "images",
+    base_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Tuple[List[Dict[str, Any]], list]:
+    """The question of a row: ``(messages, images)``.
+
+    `messages` are the row's messages before its first assistant turn (system and user turns,
+    cleaned with :func:`clean_messages`); `images` are the first n of the row's images, n being the
+    number of image items in those messages (TRL's format lists images in the order the messages
+    refer to them). Raises :class:`RowError` naming row `index` when the row has no user turn or
+    fewer images than it refers to.
+    """
+    if messages_column not in row or row[messages_column] is None:
+        raise RowError(
+            f"row {index} has no '{messages_column}' field; rows need TRL's conversational format "
+            f"(a list of {{'role', 'content'}} messages)"
+        )
+    raw = row[messages_column]
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise RowError(f"row {index}: '{messages_column}' is a string that is not JSON; store a list of messages") from None
+    messages = clean_messages(raw)
+    prompt = []
+    for message in messages:
+        if message.get("role") == "assistant":
+            break
+        prompt.append(message)
+    if not any(message.get("role") == "user" for message in prompt):
+        raise RowError(
+            f"row {index} has no user turn before its first assistant turn; the question must be a user message"
+        )
+    n_images = count_image_items(prompt)
+    images = row.get(images_column) if hasattr(row, "get") else None
+    images = list(images or [])
+    if len(images) < n_images:
+        raise RowError(
+            f"row {index}: its question refers to {n_images} image(s) but '{images_column}' holds {len(images)}; "
+            "add the missing images or remove the image items"
+        )
+    opened = [open_image(value, base_dir, f"row {index}, image {i}") for i, value in enumerate(images[:n_images])]
+    return prompt, opened
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA device without CUDA is an error."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtype]:
+    """``"auto"`` (the checkpoint's dtype) or a torch dtype from its name."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def model_type_of(path: Union[str, os.PathLike]) -> str:
+    """The ``model_type`` in ``path/config.json``."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("model_type", "")
+
+
+def load_processor(path: Union[str, os.PathLike]):
+    """The processor saved in a model folder: ``GapProcessor`` for GAP folders, Qwen2.5-VL's otherwise."""
+    if model_type_of(path) == GAP_MODEL_TYPE:
+        from processing_gap import GapProcessor
+
+        return GapProcessor.from_pretrained(str(path))
+    from .qwen_processor import load_qwen2_5_vl_processor
+
+    return load_qwen2_5_vl_processor(path)
+
+
+def load_model_and_processor(
+    path: Union[str, os.PathLike],
+    *,
+    dtype: Union[str, torch.dtype, None] = "auto",
+    device: Union[str, torch.device, None] = "auto",
+):
+    """``(model, processor, is_gap)`` for a Qwen2.5-VL or GAP folder, the model in eval mode on `device`."""
+    model_type = model_type_of(path)
+    if model_type == GAP_MODEL_TYPE:
+        from modeling_gap import GapForConditionalGeneration as model_class
+    elif model_type == QWEN_MODEL_TYPE:
+        from transformers import Qwen2_5_VLForConditionalGeneration as model_class
+    else:
+        raise ValueError(
+            f"{path} holds a '{model_type}' model; these steps need a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') or GAP "
+            f"('{GAP_MODEL_TYPE}') checkpoint folder"
+        )
+    model = model_class.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    model.to(resolve_device(device)).eval()
+    return model, load_processor(path), model_type == GAP_MODEL_TYPE
