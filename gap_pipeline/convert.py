@@ -1,0 +1,290 @@
+"""Convert a Qwen2.5-VL checkpoint folder into a GAP checkpoint folder (``gap convert``).
+
+Reads a Qwen2.5-VL folder (weights, tokenizer, processor) and, for the PCA head, the
+``pca.safetensors`` written by ``gap fit-pca``; writes a folder that loads anywhere with
+``AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)`` and
+``AutoProcessor.from_pretrained(out, trust_remote_code=True)``:
+
+* weights (``model.safetensors``): the base weights, the three latent-token rows of the embedding
+  (and of an untied LM head) set to the mean row, the latent head and the PCA buffers (fp32);
+* ``config.json``: a ``GapConfig`` with K (``latent_tokens_per_span``), k (``pca_num_components``),
+  lambda (``latent_loss_weight``), the loss reduction, the head type and the latent token ids, with
+  ``auto_map`` pointing at the code files;
+* the remote code: ``configuration_gap.py``, ``modeling_gap.py``, ``processing_gap.py``;
+* the processor: a ``GapProcessor`` (tokenizer with ``<|latent_start|>``, ``<|latent_pad|>``,
+  ``<|latent_end|>``, the base image processor, K, and the GAP chat template).
+
+The embedding matrix grows only when the new token ids do not fit into its rows (Qwen2.5-VL-7B has
+152,064 rows for 151,665 tokens, so it keeps its size); it never shrinks. With no latent tokens in the
+input, the converted model computes the base model's logits on the base tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+__all__ = ["ConversionReport", "convert_checkpoint"]
+
+HEAD_TYPES = ("pca", "full")
+REDUCTIONS = ("mean", "sum")
+
+
+class ConversionError(ValueError):
+    """Bad arguments or inputs of a conversion; the message names the argument and the fix."""
+
+
+class ConversionReport(dict):
+    """What :func:`convert_checkpoint` wrote (a dict: output, token ids, rows before/after, K, k, ...)."""
+
+
+def _check_output_dir(output_dir: Path, base: Path, overwrite: bool) -> None:
+    if output_dir.resolve() == base.resolve():
+        raise ConversionError("--output-dir is the base checkpoint folder; write the GAP checkpoint to a new folder")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ConversionError(f"--output-dir {output_dir} exists and is not a folder")
+        if any(output_dir.iterdir()) and not overwrite:
+            raise ConversionError(
+                f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite to write into it"
+            )
+
+
+def convert_checkpoint(
+    base: Union[str, os.PathLike],
+    output_dir: Union[str, os.PathLike],
+    pca: Optional[Union[str, os.PathLike]] = None,
+    *,
+    latent_tokens_per_span: int = 36,
+    latent_head_type: str = "pca",
+    latent_adapter_size: int = 1024,
+    latent_loss_weight: float = 1.0,
+    latent_loss_reduction: str = "mean",
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Convert the Qwen2.5-VL folder `base` into a GAP folder `output_dir`; returns a :class:`ConversionReport`.
+
+    `pca` (a ``pca.safetensors`` or a folder holding one) is required for ``latent_head_type="pca"`` and
+    refused for ``"full"``. `dtype` is ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or
+    ``"float16"``; the latent head and PCA buffers are fp32 whatever it is.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from configuration_gap import LATENT_TOKENS, check_latent_budget
+    from modeling_gap import GapForConditionalGeneration
+    from processing_gap import GapProcessor
+
+    from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of, resolve_dtype
+    from .pca import load_pca
+    from .qwen_processor import load_qwen2_5_vl_processor
+
+    base, output_dir = Path(base), Path(output_dir)
+    try:
+        check_latent_budget(latent_tokens_per_span, "--latent-tokens-per-span")
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if latent_head_type not in HEAD_TYPES:
+        raise ConversionError(f"--head-type must be one of {HEAD_TYPES}, got {latent_head_type!r}")
+    if latent_loss_reduction not in REDUCTIONS:
+        raise ConversionError(f"--latent-loss-reduction must be one of {REDUCTIONS}, got {latent_loss_reduction!r}")
+    if not (latent_loss_weight >= 0 and latent_loss_weight != float("inf")):
+        raise ConversionError(f"--latent-loss-weight must be a finite number >= 0, got {latent_loss_weight}")
+    if latent_adapter_size < 1:
+        raise ConversionError(f"--latent-adapter-size must be >= 1, got {latent_adapter_size}")
+    if latent_head_type == "pca" and pca is None:
+        raise ConversionError("--head-type pca needs --pca (the pca.safetensors written by `gap fit-pca`)")
+    if latent_head_type == "full" and pca is not None:
+        raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
+    try:
+        model_type = model_type_of(base)
+    except FileNotFoundError as exc:
+        raise ConversionError(f"--base: {exc}") from None
+    if model_type == GAP_MODEL_TYPE:
+        raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
+    if model_type != QWEN_MODEL_TYPE:
+        raise ConversionError(f"--base {base} holds a '{model_type}' model; a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') folder is needed")
+    _check_output_dir(output_dir, base, overwrite)
+    basis = load_pca(pca) if pca is not None else None
+
+    base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=resolve_dtype(dtype)).eval()
+    base_processor = load_qwen2_5_vl_processor(base)
+    tokenizer = base_processor.tokenizer
+    d = base_model.config.text_config.hidden_size
+    if basis is not None and basis.d != d:
+        raise ConversionError(
+            f"the PCA in {pca} has width d={basis.d} but {base} has hidden size d={d}: fit the PCA on latent targets "
+            "from this model's vision tower"
+        )
+    rows_before = int(base_model.get_input_embeddings().weight.shape[0])
+    tokens_before = len(tokenizer)
+    had_tokens = [token for token in LATENT_TOKENS if token in tokenizer.get_vocab()]
+    weights_dtype = base_model.dtype
+
+    model, tokenizer = GapForConditionalGeneration.from_qwen2_5_vl(
+        base_model,
+        tokenizer,
+        basis,
+        latent_tokens_per_span=latent_tokens_per_span,
+        latent_head_type=latent_head_type,
+        latent_adapter_size=latent_adapter_size,
+        latent_loss_weight=latent_loss_weight,
+        latent_loss_reduction=latent_loss_reduction,
+    )
+    del base_model
+    processor = GapProcessor.from_qwen2_5_vl_processor(base_processor, tokenizer, latent_tokens_per_span=latent_tokens_per_span)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))
+    processor.save_pretrained(str(output_dir))
+    missing_code = [name for name in ("configuration_gap.py", "modeling_gap.py", "processing_gap.py")
+                    if not (output_dir / name).is_file()]
+    if missing_code:
+        raise RuntimeError(f"saving did not write the remote-code files {missing_code} into {output_dir}")
+
+    head_parameters = sum(p.numel() for p in model.latent_head.parameters())
+    config = model.config
+    return ConversionReport(
+        base=str(base),
+        output_dir=str(output_dir),
+        latent_token_ids=dict(zip(LATENT_TOKENS, config.latent_token_ids)),
+        tokens_added=[token for token in LATENT_TOKENS if token not in had_tokens],
+        tokens_before=tokens_before,
+        embedding_rows_before=rows_before,
+        embedding_rows_after=int(config.text_config.vocab_size),
+        grown=int(config.text_config.vocab_size) > rows_before,
+        latent_tokens_per_span=config.latent_tokens_per_span,
+        latent_grid_side=config.latent_grid_side,
+        latent_head_type=config.latent_head_type,
+        pca_num_components=config.pca_num_components,
+        pca_file=str(pca) if pca is not None else None,
+        hidden_size=d,
+        latent_adapter_size=config.latent_adapter_size,
+        latent_loss_weight=config.latent_loss_weight,
+        latent_loss_reduction=config.latent_loss_reduction,
+        latent_head_parameters=int(head_parameters),
+        dtype=str(weights_dtype).replace("torch.", ""),
+        tied_word_embeddings=bool(config.tie_word_embeddings),
+        files=sorted(p.name for p in output_dir.iterdir() if p.is_file()),
+    )
+
+
+def verify_conversion(base: Union[str, os.PathLike], output_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Reload the GAP folder with ``trust_remote_code`` and compare its logits with the base on a text probe.
+
+    Returns ``{"max_abs_diff", "columns", "equal"}`` over the base tokenizer's vocabulary columns. Loads both
+    models (twice the memory of one).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    base_tokenizer = AutoTokenizer.from_pretrained(str(base))
+    columns = len(base_tokenizer)
+    probe = base_tokenizer(["Count the red cells in the first row of the grid."], return_tensors="pt")
+    gap = AutoModelForImageTextToText.from_pretrained(str(output_dir), trust_remote_code=True, dtype="auto").eval()
+    with torch.no_grad():
+        gap_logits = gap(**probe).logits[..., :columns].float()
+    del gap
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype="auto").eval()
+    with torch.no_grad():
+        base_logits = reference(**probe).logits[..., :columns].float()
+    diff = float((gap_logits - base_logits).abs().max())
+    return {"max_abs_diff": diff, "columns": columns, "equal": bool(torch.equal(gap_logits, base_logits))}
+
+
+def format_summary(report: ConversionReport, seconds: Optional[float] = None) -> str:
+    ids = ", ".join(f"{token}={token_id}" for token, token_id in report["latent_token_ids"].items())
+    added = f"added {len(report['tokens_added'])}" if report["tokens_added"] else "already in the tokenizer"
+    if report["grown"]:
+        rows = (f"grown {report['embedding_rows_before']} -> {report['embedding_rows_after']} "
+                "(new rows = mean of the existing rows)")
+    else:
+        rows = f"kept at {report['embedding_rows_after']} (the new ids fit into unused rows)"
+    side = report["latent_grid_side"]
+    head = (f"pca, k = {report['pca_num_components']} components of d = {report['hidden_size']}"
+            if report["latent_head_type"] == "pca" else f"full (d -> d, no PCA), d = {report['hidden_size']}")
+    lines = [
+        f"converted {report['base']} -> {report['output_dir']}" + (f" in {seconds:.1f}s" if seconds is not None else ""),
+        f"  latent tokens: {ids} ({added})",
+        f"  embedding rows: {rows}; tied LM head: {report['tied_word_embeddings']}",
+        f"  K = {report['latent_tokens_per_span']} latent tokens per span ({side} x {side}); head: {head}",
+        f"  latent loss: lambda = {report['latent_loss_weight']:g}, reduction {report['latent_loss_reduction']}; "
+        f"head parameters: {report['latent_head_parameters']:,} (fp32, adapter {report['latent_adapter_size']}); "
+        f"weights: {report['dtype']}",
+        f"  files: {', '.join(report['files'])}",
+        "  load: AutoModelForImageTextToText.from_pretrained(OUT, trust_remote_code=True), "
+        "AutoProcessor.from_pretrained(OUT, trust_remote_code=True)",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+HELP = "Convert a Qwen2.5-VL checkpoint folder (+ pca.safetensors) into a GAP checkpoint folder."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``gap convert``."""
+    parser.add_argument("--base", required=True, help="the Qwen2.5-VL checkpoint folder (weights, tokenizer, processor)")
+    parser.add_argument("--pca", default=None, help="pca.safetensors from `gap fit-pca` (or its folder); needed for --head-type pca")
+    parser.add_argument("--output-dir", required=True, help="the GAP checkpoint folder to write")
+    parser.add_argument("--latent-tokens-per-span", type=int, default=36,
+                        help="K, latent tokens per span, a perfect square (default: 36 = 6 x 6)")
+    parser.add_argument("--head-type", choices=HEAD_TYPES, default="pca",
+                        help="pca: GAP's PCA-aligned head; full: d -> d head without PCA, the paper's LH ablation (default: pca)")
+    parser.add_argument("--latent-adapter-size", type=int, default=1024, help="width of the head's SwiGLU adapter (default: 1024)")
+    parser.add_argument("--latent-loss-weight", type=float, default=1.0, help="lambda of Eq. 3 (default: 1.0)")
+    parser.add_argument("--latent-loss-reduction", choices=REDUCTIONS, default="mean",
+                        help="mean: per element (default); sum: squared L2 over d, Eq. 2 literally")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="dtype of the saved weights (default: auto = the base checkpoint's); the latent head stays fp32")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload the result with trust_remote_code and compare its logits with the base (loads both)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gap convert``."""
+    started = time.time()
+    try:
+        report = convert_checkpoint(
+            args.base,
+            args.output_dir,
+            args.pca,
+            latent_tokens_per_span=args.latent_tokens_per_span,
+            latent_head_type=args.head_type,
+            latent_adapter_size=args.latent_adapter_size,
+            latent_loss_weight=args.latent_loss_weight,
+            latent_loss_reduction=args.latent_loss_reduction,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, ValueError, FileNotFoundError) as exc:
+        print(f"convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(report, time.time() - started))
+    if args.verify:
+        check = verify_conversion(args.base, args.output_dir)
+        verdict = "identical" if check["equal"] else f"max |diff| {check['max_abs_diff']:.3g}"
+        print(f"  verify: reloaded with trust_remote_code; logits on the base vocabulary ({check['columns']} columns) "
+              f"vs the base model without latents: {verdict}")
+        if not check["equal"] and check["max_abs_diff"] > 1e-3:
+            print("convert: error: the converted model does not reproduce the base logits", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="convert", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
