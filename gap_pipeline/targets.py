@@ -334,11 +334,15 @@ def compute_latent_targets(
         raise TargetsError("The dataset has no 'aux_images' column: there is nothing to encode.")
     stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0, "grids": set()}
 
-    def compute(messages_batch, aux_batch, indices):
+    has_ids = "id" in dataset.column_names
+
+    def compute(messages_batch, aux_batch, *rest):
+        ids_batch, indices = (rest[0], rest[1]) if has_ids else ([None] * len(rest[0]), rest[0])
         names, images, owners = [], [], []
-        for row_index, messages, aux in zip(indices, messages_batch, aux_batch):
+        row_names = {}
+        for row_index, row_id, messages, aux in zip(indices, ids_batch, messages_batch, aux_batch):
             aux = aux or []
-            name = row_name(row_index, None)
+            name = row_names[row_index] = row_name(row_index, row_id)
             if count_latent_placeholders(messages) != len(aux):
                 raise TargetsError(
                     f"{name}: {count_latent_placeholders(messages)} <latent> placeholder(s) but {len(aux)} aux "
@@ -359,7 +363,7 @@ def compute_latent_targets(
             stored = _storage(values.cpu(), storage_dtype)
             if not np.isfinite(stored).all():
                 raise TargetsError(
-                    f"{row_name(row_index)}: its latent targets overflow {storage_dtype} (NaN/inf); rerun with "
+                    f"{row_names[row_index]}: its latent targets overflow {storage_dtype} (NaN/inf); rerun with "
                     "--dtype float32."
                 )
             stats["rows"] += 1
@@ -383,7 +387,7 @@ def compute_latent_targets(
     try:
         result = dataset.map(
             compute,
-            input_columns=["messages", "aux_images"],
+            input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
             with_indices=True,
             batched=True,
             batch_size=batch_size,

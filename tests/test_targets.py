@@ -92,7 +92,7 @@ def test_a_grid_smaller_than_sqrt_k_is_an_error_naming_the_image():
 def test_too_small_grid_error_names_the_row_and_image_in_a_dataset(jsonl, base_model_and_processor):
     model, processor = base_model_and_processor
     dataset = load_jsonl(jsonl)
-    with pytest.raises(TargetsError, match=r"row 0, aux image 1: its merged vision grid is 3 x 5"):
+    with pytest.raises(TargetsError, match=r"row 0 \(id='two'\), aux image 1: its merged vision grid is 3 x 5"):
         compute_latent_targets(dataset, model, processor.image_processor, latent_tokens_per_span=16, progress=False)
 
 
