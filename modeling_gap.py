@@ -59,6 +59,18 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     next_hidden: torch.FloatTensor | None = None
 
 
+class _Fp32Linear(nn.Linear):
+    """`nn.Linear` that computes in fp32 even when its weights are stored in a lower precision.
+
+    DeepSpeed ZeRO-3 with bf16 partitions every parameter, the head's included, in bf16 (its optimizer keeps the
+    fp32 master copy); the head then still computes in fp32. Called as a module, so ZeRO-3 gathers its weights.
+    """
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class GapLatentHead(nn.Module):
     r"""F_theta and the PCA decoder of paper Eq. 1 and 16.
 
@@ -80,10 +92,10 @@ class GapLatentHead(nn.Module):
         out = config.pca_num_components if self.head_type == "pca" else d
         self.out_features = out
         fp32 = torch.float32  # explicit: the model may be built under another default dtype
-        self.proj = nn.Linear(d, out, bias=True, dtype=fp32)
-        self.gate = nn.Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
-        self.up = nn.Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
-        self.down = nn.Linear(config.latent_adapter_size, out, bias=False, dtype=fp32)
+        self.proj = _Fp32Linear(d, out, bias=True, dtype=fp32)
+        self.gate = _Fp32Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
+        self.up = _Fp32Linear(d, config.latent_adapter_size, bias=False, dtype=fp32)
+        self.down = _Fp32Linear(config.latent_adapter_size, out, bias=False, dtype=fp32)
         if self.head_type == "pca":
             self.register_buffer("pca_mean", torch.zeros(d, dtype=torch.float32))
             self.register_buffer("pca_components", torch.zeros(out, d, dtype=torch.float32))
@@ -266,9 +278,10 @@ class GapLatentLogitsProcessor(LogitsProcessor):
 class GapLatentState:
     r"""Per-call bookkeeping of latent decoding, carried through `generate`'s model kwargs.
 
-    After every forward it computes, for each row, the latent that row would feed at a pad on the next step
-    (`observe`); `latent_embeds_for` turns the pads of the next model input into `latent_embeds`, with or
-    without a KV cache (without one, every earlier latent is fed again in order).
+    After every forward it keeps the last position's final-norm state h_bar (`observe`). When the next model
+    input holds pads, `latent_embeds_for` decodes the latents of exactly those rows (the head never runs on a
+    text step) and returns them as `latent_embeds`, with or without a KV cache (without one, every earlier
+    latent is fed again in order).
     """
 
     def __init__(self, model, intervention, generator=None, ema_beta=0.9):
@@ -277,31 +290,35 @@ class GapLatentState:
         self.generator = generator
         self.ema_beta = ema_beta
         self.prompt_length = None
-        self.next_feed = None
-        self.history = []  # one (batch, d) tensor per generated column: the latent fed there if it is a pad
+        self.next_hidden = None
+        self.history = []  # per generated column: (batch, d) latents fed there (zeros where no pad), or None
         self.ema_norm = None
         self.image_tokens_per_row = None
 
+    def start(self, input_ids, image_token_id):
+        self.prompt_length = input_ids.shape[1]
+        self.image_tokens_per_row = (input_ids == image_token_id).sum(dim=1)
+
     def observe(self, outputs):
-        head = self.model.latent_head
         if self.intervention == "hidden_ema" and self.ema_norm is None:
             self.ema_norm = self._vision_norm_ema(outputs)
+        self.next_hidden = outputs.next_hidden
+
+    def feed(self, h_bar, rows):
+        """The latent each of `rows` feeds, from its final-norm state `h_bar` (n, d), per the intervention."""
+        head = self.model.latent_head
         if self.intervention == "hidden":
-            feed = outputs.next_hidden.float()
-        elif self.intervention == "hidden_ema":
-            h = outputs.next_hidden.float()
-            feed = h * (self.ema_norm[:, None] / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        elif self.intervention == "noise":
-            clean = outputs.next_latent
-            std = head.pca_eigenvalues.clamp_min(0).sqrt()
-            noise = torch.randn(
-                clean.shape[0], std.shape[0], generator=self.generator, device=std.device, dtype=torch.float32
-            )
-            noisy = head.decode(noise * std)
-            feed = noisy * (clean.norm(dim=-1, keepdim=True) / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        else:
-            feed = outputs.next_latent
-        self.next_feed = feed
+            return h_bar.float()
+        if self.intervention == "hidden_ema":
+            h = h_bar.float()
+            return h * (self.ema_norm[rows, None] / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        clean = head(h_bar)
+        if self.intervention != "noise":
+            return clean
+        std = head.pca_eigenvalues.clamp_min(0).sqrt()
+        noise = torch.randn(clean.shape[0], std.shape[0], generator=self.generator, device=std.device, dtype=torch.float32)
+        noisy = head.decode(noise * std)
+        return noisy * (clean.norm(dim=-1, keepdim=True) / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def _vision_norm_ema(self, outputs):
         """n_bar per row: EMA (beta) of the prompt's vision-token L2 norms in sequence order (paper §3.1, App. F)."""
@@ -315,25 +332,29 @@ class GapLatentState:
             )
         norms = torch.cat(list(image_outputs.pooler_output), dim=0).float().norm(dim=-1)
         beta = self.ema_beta
-        row = torch.repeat_interleave(torch.arange(counts.shape[0], device=norms.device), counts.to(norms.device))
-        offsets = torch.cumsum(counts, 0).to(norms.device) - counts.to(norms.device)
+        counts = counts.to(norms.device)
+        row = torch.repeat_interleave(torch.arange(counts.shape[0], device=norms.device), counts)
+        offsets = torch.cumsum(counts, 0) - counts
         index = torch.arange(norms.shape[0], device=norms.device) - offsets[row]  # i within its row
-        n_row = counts.to(norms.device)[row]
+        n_row = counts[row]
         # n_1 = x_1, n_i = beta n_{i-1} + (1 - beta) x_i  =>  n_N = sum_i w_i x_i with the weights below.
         weights = (1 - beta) * beta ** (n_row - 1 - index).double()
         weights = torch.where(index == 0, beta ** (n_row - 1).double(), weights)
         ema = torch.zeros(counts.shape[0], dtype=torch.float64, device=norms.device)
         return ema.index_add_(0, row, weights * norms.double()).float()
 
-    def start(self, input_ids, image_token_id):
-        self.prompt_length = input_ids.shape[1]
-        self.image_tokens_per_row = (input_ids == image_token_id).sum(dim=1)
-
     def latent_embeds_for(self, full_input_ids, model_input_ids, pad_id):
         """The `latent_embeds` for `model_input_ids` (the tail of `full_input_ids` the model reads this step)."""
         generated = full_input_ids.shape[1] - self.prompt_length
-        if generated > len(self.history):
-            self.history.append(self.next_feed)
+        if generated > len(self.history):  # a new column: decode the latents of the rows that just emitted a pad
+            is_pad = full_input_ids[:, -1] == pad_id
+            fed = None
+            if bool(is_pad.any()):
+                rows = is_pad.nonzero().flatten()
+                h_bar = self.next_hidden[rows.to(self.next_hidden.device)]
+                fed = torch.zeros(is_pad.shape[0], h_bar.shape[-1], dtype=torch.float32, device=h_bar.device)
+                fed[rows.to(fed.device)] = self.feed(h_bar, rows.to(fed.device)).float()
+            self.history.append(fed)
         pad_mask = model_input_ids == pad_id
         n_generated = min(model_input_ids.shape[1], generated)
         prompt_part = pad_mask[:, : pad_mask.shape[1] - n_generated]
@@ -342,8 +363,17 @@ class GapLatentState:
         gen_mask = pad_mask[:, pad_mask.shape[1] - n_generated :]
         if n_generated == 0 or not bool(gen_mask.any()):
             return None
-        feeds = torch.stack(self.history[len(self.history) - n_generated :], dim=1)  # (batch, n_generated, d)
+        feeds = self._stacked(len(self.history) - n_generated, len(self.history))
         return feeds[gen_mask.to(feeds.device)]
+
+    def _stacked(self, begin, end):
+        """History columns [begin, end) as (batch, n, d), zeros where no row fed a latent."""
+        columns = self.history[begin:end]
+        template = next((c for c in columns if c is not None), None)
+        if template is None:
+            d = self.model.config.text_config.hidden_size
+            return torch.zeros(self.next_hidden.shape[0], len(columns), d, device=self.next_hidden.device)
+        return torch.stack([torch.zeros_like(template) if c is None else c for c in columns], dim=1)
 
     def collect(self, sequences, pad_id, processor):
         """Per-row latents (n_spans, K, d), their norms, span counts and whether a row stopped inside a span."""
@@ -352,10 +382,7 @@ class GapLatentState:
         K = processor.latent_tokens_per_span
         d = self.model.config.text_config.hidden_size
         n_steps = min(generated.shape[1], len(self.history))
-        if n_steps:
-            feeds = torch.stack(self.history[:n_steps], dim=1)
-        else:
-            feeds = torch.zeros(batch, 0, d)
+        feeds = self._stacked(0, n_steps) if n_steps else torch.zeros(batch, 0, d)
         is_pad = (generated[:, :n_steps] == pad_id).to(feeds.device)
         num_spans = (generated == processor.start_id).sum(dim=1)
         in_span, _ = processor.span_progress(sequences)
@@ -415,6 +442,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         mm_encoder_outputs=None,
         latent_embeds=None,
         num_latent_items_in_batch=None,
+        return_next_latent=True,
         **kwargs,
     ):
         r"""Everything `Qwen2_5_VLForConditionalGeneration.forward` takes, plus:
@@ -426,6 +454,8 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             (all ranks and accumulation steps); L_latent is the sum over this micro-batch divided by it. Defaults
             to this micro-batch's count.
         num_items_in_batch (in kwargs): the same for the LM loss's supervised tokens.
+        return_next_latent (`bool`, defaults to True): decode the latent of the last position into `next_latent`.
+            `generate` turns it off and runs the head only for rows that feed a latent at the next step.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         continues_cache = cache is not None and cache.get_seq_length() > 0
@@ -457,7 +487,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         # Latent channel: the pad at position p is predicted from h_bar[p - 1] (Eq. 1).
         next_hidden = h_bar[:, -1]
-        next_latent = self.latent_head(next_hidden)
+        next_latent = self.latent_head(next_hidden) if return_next_latent or labels is not None else None
         latent_predictions = None
         latent_loss = None
         if latent_mask is not None and not continues_cache:  # decoding steps only need `next_latent`
@@ -466,9 +496,10 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             latent_predictions = self.latent_head(h_bar[source_mask])
             latent_loss = self._latent_loss(latent_predictions, latent_embeds, num_latent_items_in_batch)
         elif labels is not None:
-            # No latent position: L_latent = 0, but the head still runs (and gets zero gradients) so that
-            # every ZeRO-3 rank gathers the same parameters in the same order.
-            latent_loss = next_latent.sum() * 0.0
+            # No latent position: L_latent = 0 (not NaN). The head still runs a second time, on zero rows, and only
+            # that call feeds the loss, as in the branch above, so every ZeRO-3 rank gathers the head's parameters
+            # the same number of times in forward and in backward.
+            latent_loss = self.latent_head(h_bar.new_zeros(0, h_bar.shape[-1])).sum() * 0.0
 
         loss = lm_loss = None
         if labels is not None:
@@ -632,6 +663,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             model_inputs["latent_embeds"] = gap_latent_state.latent_embeds_for(
                 input_ids, step_ids, self.config.latent_pad_token_id
             )
+            model_inputs["return_next_latent"] = False
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):

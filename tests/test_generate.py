@@ -117,14 +117,14 @@ def test_each_row_of_a_left_padded_batch_equals_generating_it_alone(engineered):
 
 
 class _StepRecorder:
-    """Records, per forward, the last position's h_bar, the head's output and the decoder's input embedding."""
+    """Records, per forward, the last position's h_bar, the decoder's input embedding and the head's inputs."""
 
     def __init__(self, model):
-        self.h_bar, self.head_out, self.input_embeds = [], [], []
+        self.h_bar, self.head_inputs, self.input_embeds = [], [], []
         language_model = model.model.language_model
         self.handles = [
             language_model.norm.register_forward_hook(lambda m, i, o: self.h_bar.append(o[:, -1].detach().clone())),
-            model.latent_head.register_forward_hook(lambda m, i, o: self.head_out.append(o.detach().clone())),
+            model.latent_head.register_forward_hook(lambda m, i, o: self.head_inputs.append(i[0].shape[0])),
             language_model.register_forward_pre_hook(
                 lambda m, args, kwargs: self.input_embeds.append(kwargs["inputs_embeds"][:, -1].detach().clone()),
                 with_kwargs=True,
@@ -160,11 +160,14 @@ def test_pca_intervention_feeds_the_decoded_head_output_of_the_previous_step(eng
     inputs = _encode(tokenizer, PROMPTS)
     output, rec = _record(model, inputs)
     prompt_length = inputs.input_ids.shape[1]
-    for row, steps in enumerate(_pad_steps(model, output, prompt_length)):
+    pad_steps = _pad_steps(model, output, prompt_length)
+    # the head runs only for rows that feed a latent: text steps do not pay for it
+    assert sum(rec.head_inputs) == sum(len(steps) for steps in pad_steps)
+    for row, steps in enumerate(pad_steps):
         assert len(steps) > 0
         for s in steps.tolist():
-            # the head runs once per forward on the last position: its output at call s-1 is fed at call s
-            expected = rec.head_out[s - 1][row]
+            # v_hat decoded from the last state of call s - 1 is fed at call s
+            expected = model.latent_head(rec.h_bar[s - 1][row])
             torch.testing.assert_close(rec.input_embeds[s][row], expected.to(torch.float64), rtol=0, atol=1e-6)
 
 
@@ -246,7 +249,7 @@ def test_noise_latents_have_the_clean_norm_differ_from_pca_and_repeat_under_a_se
     n_checked = 0
     for row, steps in enumerate(_pad_steps(model, first, prompt_length)):
         for j, s in enumerate(steps.tolist()):
-            clean_latent = rec.head_out[s - 1][row]  # the PCA latent the model would have fed at this step
+            clean_latent = model.latent_head(rec.h_bar[s - 1][row])  # the PCA latent it would have fed here
             fed = rec.input_embeds[s][row]
             torch.testing.assert_close(fed.norm().float(), clean_latent.norm(), rtol=1e-5, atol=1e-5)
             assert (fed.float() - clean_latent).abs().max() > 1e-3
