@@ -1,0 +1,223 @@
+"""Latent decoding benchmarks (issue: benchmarks), each ratio measured side by side in one run.
+
+1. latent step vs text step within the same generation           goal <= 1.05
+2. KV-cached K=36 span after a 512-token prompt vs a loop that
+   re-encodes the whole prefix every step (COCONUT-style)          goal >= 10x faster
+3. throughput at batch 8 vs batch 1, rows opening spans at
+   different steps                                                 goal >= 4x
+4. `suppress` vs stock Qwen2.5-VL `generate` on the same weights   goal >= 0.95x
+
+    python bench/decode.py                 # CPU default size (hidden 512, 8 layers)
+    python bench/decode.py --size 7b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import SIZES, build_models, print_table, spread, sync, timed, write_results
+from transformers import LogitsProcessor, StoppingCriteria
+
+
+class OpenSpanEvery(LogitsProcessor):
+    """Opens a latent span once a row has written `period` free tokens (offset per row), so spans start at
+    different steps in different rows; vectorised like the model's own span processor."""
+
+    def __init__(self, start_id, end_id, period, offsets, prompt_length):
+        self.start_id, self.end_id, self.period = start_id, end_id, period
+        self.offsets = offsets
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            due = self.offsets.to(input_ids.device) == 0
+        else:
+            marks = (generated == self.end_id) | (generated == self.start_id)
+            positions = torch.arange(generated.shape[1], device=input_ids.device)
+            last_mark = torch.where(marks, positions, -1).amax(dim=1)
+            since = generated.shape[1] - 1 - last_mark
+            due = since >= self.period + self.offsets.to(input_ids.device)
+        boost = torch.zeros_like(scores)
+        boost[:, self.start_id] = torch.where(due, 1e4, 0.0).to(scores.dtype)
+        return scores + boost
+
+
+class StepClock(StoppingCriteria):
+    """Time between consecutive calls = one full generation step; classified by the token that step read."""
+
+    def __init__(self, pad_id, device):
+        self.pad_id, self.device = pad_id, device
+        self.last = None
+        self.latent, self.text = [], []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        sync(self.device)
+        now = time.perf_counter()
+        if self.last is not None:  # the first call closes the prefill step: not counted
+            read = input_ids[0, -2].item()
+            (self.latent if read == self.pad_id else self.text).append(now - self.last)
+        self.last = now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def random_prompts(batch, lengths, vocab_limit, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, length in enumerate(lengths):  # left padding
+        input_ids[row, width - length:] = torch.randint(10, vocab_limit, (length,), generator=generator)
+        attention_mask[row, width - length:] = 1
+    return input_ids, attention_mask
+
+
+def bench_step_ratio(gap, args):
+    start, pad, end = gap.config.latent_token_ids
+    input_ids, mask = random_prompts(1, [128], start - 20)
+    input_ids, mask = input_ids.to(args.device), mask.to(args.device)
+    clock = StepClock(pad, args.device)
+    for repeat in range(args.repeats + 1):
+        clock.last = None
+        if repeat == 0:  # warm-up
+            latent_keep, text_keep = len(clock.latent), len(clock.text)
+        opener = OpenSpanEvery(start, end, 12, torch.zeros(1, dtype=torch.long), input_ids.shape[1])
+        gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.steps, logits_processor=[opener],
+                     stopping_criteria=[clock])
+        if repeat == 0:
+            del clock.latent[latent_keep:], clock.text[text_keep:]
+    ratio = statistics.median(clock.latent) / statistics.median(clock.text)
+    return {"metric": "latent step / text step (same generation)", "value": ratio, "goal": "<= 1.05",
+            "met": ratio <= 1.05,
+            "detail": f"median {statistics.median(clock.latent) * 1e3:.2f} vs {statistics.median(clock.text) * 1e3:.2f} ms "
+                      f"over {len(clock.latent)} latent / {len(clock.text)} text steps"}, {
+        "latent_step_s": spread(clock.latent), "text_step_s": spread(clock.text)}
+
+
+@torch.no_grad()
+def recompute_span(gap, input_ids, mask, K):
+    """COCONUT-style: every step re-encodes the whole prefix (no cache) and feeds all latents so far."""
+    start, pad, end = gap.config.latent_token_ids
+    latents = []
+    sequence, attention = input_ids, mask
+    tokens = [start] + [pad] * K + [end]
+    for token in tokens:
+        out = gap(input_ids=sequence, attention_mask=attention,
+                  latent_embeds=torch.stack(latents) if latents else None, use_cache=False, logits_to_keep=1)
+        if token == pad or (token == end and len(latents) < K):
+            pass
+        new = torch.full((sequence.shape[0], 1), token, dtype=sequence.dtype, device=sequence.device)
+        if sequence[0, -1].item() in (start, pad) and len(latents) < K:
+            latents.append(out.next_latent[0].to(gap.dtype))
+        sequence = torch.cat([sequence, new], dim=1)
+        attention = torch.cat([attention, torch.ones_like(new)], dim=1)
+    return sequence
+
+
+def bench_cache_vs_recompute(gap, args):
+    start, pad, end = gap.config.latent_token_ids
+    K = gap.config.latent_tokens_per_span
+    input_ids, mask = random_prompts(1, [512], start - 20, seed=1)
+    input_ids, mask = input_ids.to(args.device), mask.to(args.device)
+    opener = OpenSpanEvery(start, end, 10**6, torch.zeros(1, dtype=torch.long), input_ids.shape[1])
+    cached, recomputed = [], []
+    for repeat in range(args.repeats + 1):
+        t_cache, out = timed(lambda: gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=K + 2,
+                                                  logits_processor=[opener]), args.device)
+        t_loop, seq = timed(lambda: recompute_span(gap, input_ids, mask, K), args.device)
+        if repeat:
+            cached.append(t_cache)
+            recomputed.append(t_loop)
+    assert (out[0, 512:] == seq[0, 512:]).all(), "both paths must produce the same span"
+    ratio = statistics.median(recomputed) / statistics.median(cached)
+    return {"metric": f"K={K} span after 512 tokens: recompute loop / KV cache", "value": ratio, "goal": ">= 10",
+            "met": ratio >= 10,
+            "detail": f"{statistics.median(recomputed):.2f} s vs {statistics.median(cached):.2f} s"}, {
+        "cached_s": spread(cached), "recompute_s": spread(recomputed)}
+
+
+def bench_batching(gap, args):
+    start, pad, end = gap.config.latent_token_ids
+    lengths = [64, 96, 80, 120, 72, 100, 88, 110]
+    input_ids, mask = random_prompts(8, lengths, start - 20, seed=2)
+    input_ids, mask = input_ids.to(args.device), mask.to(args.device)
+    offsets = torch.arange(8) * 3  # rows open spans at different steps
+    new_tokens = args.steps
+
+    def batch_run():
+        opener = OpenSpanEvery(start, end, 8, offsets, input_ids.shape[1])
+        return gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, logits_processor=[opener])
+
+    def single_runs():
+        for row in range(8):
+            keep = mask[row].bool()
+            ids = input_ids[row:row + 1, keep]
+            opener = OpenSpanEvery(start, end, 8, offsets[row:row + 1], ids.shape[1])
+            gap.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         logits_processor=[opener])
+
+    batched, single = [], []
+    for repeat in range(args.repeats + 1):
+        t_batch, out = timed(batch_run, args.device)
+        t_single, _ = timed(single_runs, args.device)
+        if repeat:
+            batched.append(t_batch)
+            single.append(t_single)
+    spans = (out[:, input_ids.shape[1]:] == start).sum(1).tolist()
+    ratio = statistics.median(single) / statistics.median(batched)
+    return {"metric": "throughput batch 8 / batch 1 (spans at different steps)", "value": ratio, "goal": ">= 4",
+            "met": ratio >= 4,
+            "detail": f"8 rows in {statistics.median(batched):.2f} s vs {statistics.median(single):.2f} s one by one; "
+                      f"spans per row {spans}"}, {"batch8_s": spread(batched), "eight_batch1_s": spread(single)}
+
+
+def bench_suppress_vs_stock(gap, stock, args):
+    start, _, _ = gap.config.latent_token_ids
+    input_ids, mask = random_prompts(4, [100, 80, 120, 90], start - 20, seed=3)
+    input_ids, mask = input_ids.to(args.device), mask.to(args.device)
+    gap_times, stock_times = [], []
+    for repeat in range(args.repeats + 1):
+        t_gap, a = timed(lambda: gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.steps,
+                                              latent_intervention="suppress"), args.device)
+        t_stock, b = timed(lambda: stock.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.steps),
+                           args.device)
+        if repeat:
+            gap_times.append(t_gap)
+            stock_times.append(t_stock)
+    ratio = statistics.median(stock_times) / statistics.median(gap_times)
+    return {"metric": "suppress throughput / stock Qwen2.5-VL generate", "value": ratio, "goal": ">= 0.95",
+            "met": ratio >= 0.95,
+            "detail": f"{statistics.median(gap_times):.2f} s vs {statistics.median(stock_times):.2f} s, "
+                      f"same tokens: {bool((a == b).all()) if a.shape == b.shape else False}"}, {
+        "suppress_s": spread(gap_times), "stock_s": spread(stock_times)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=96, help="new tokens per generation (parts 1, 3, 4)")
+    args = parser.parse_args(argv)
+    gap, stock = build_models(args.size, dtype=getattr(torch, args.dtype), device=args.device)
+    rows, raw = [], {}
+    for name, run in [("step", lambda: bench_step_ratio(gap, args)),
+                      ("cache", lambda: bench_cache_vs_recompute(gap, args)),
+                      ("batch", lambda: bench_batching(gap, args)),
+                      ("suppress", lambda: bench_suppress_vs_stock(gap, stock, args))]:
+        row, detail = run()
+        rows.append(row)
+        raw[name] = detail
+        print(f"  {row['metric']}: {row['value']:.3f} ({row['detail']})", flush=True)
+    print_table(f"decode benchmarks — size {args.size}, {args.device}, {args.dtype}, median of {args.repeats}", rows)
+    path = write_results(f"decode_{args.size}_{args.device}", {"args": vars(args), "rows": rows, "raw": raw})
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
