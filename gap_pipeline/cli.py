@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "convert": "gap_pipeline.convert",
     "norm-profile": "gap_pipeline.norms",
     "evaluate": "gap_pipeline.evaluate",
+    "demo-data": "gap_pipeline.demo_task",
 }
 
 
