@@ -81,6 +81,8 @@ SUMMARY_FILENAME = "summary.json"
 DATASET_DIRNAME = "dataset"
 MERGE_LOCK = "merge.lock"
 NEW_COLUMNS = ("accuracy", "num_correct", "num_samples")
+# Columns that a question never needs and that are expensive to read row by row.
+HEAVY_COLUMNS = ("aux_images", "latent_targets", "pixel_values", "image_grid_thw")
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # Settings recorded in run.json that a restart or another shard must share.
 RUN_KEYS = (
@@ -114,7 +116,7 @@ class Question:
     """One row to sample: what a sampler receives.
 
     index: the row's position in the dataset; row: the row itself (a dict, for samplers and checkers
-    that read other fields); messages / images: the question (turns before the first assistant turn,
+    that read other fields such as ``options``; without the large ``HEAVY_COLUMNS``); messages / images: the question (turns before the first assistant turn,
     cleaned, and their PIL images); answer: the gold answer.
     """
 
@@ -445,8 +447,9 @@ def estimate_difficulty(
 ) -> ShardReport:
     """Sample and check this shard's unfinished rows, appending one JSON line per row to its results file.
 
-    Rows already in any results file of `output_dir` are skipped. Gold answers and prompts of the whole
-    shard are checked before sampling starts, so a bad row fails fast. `run_config` (see ``RUN_KEYS``) is
+    Rows already in any results file of `output_dir` are skipped. The gold answers of the whole shard are
+    checked before sampling starts, so a row without one fails fast; prompts and images are read per batch.
+    Questions carry their row without ``HEAVY_COLUMNS`` (aux images, latent targets, pixels). `run_config` (see ``RUN_KEYS``) is
     recorded in / checked against ``OUT/run.json``.
     """
     from tqdm.auto import tqdm
@@ -464,9 +467,14 @@ def estimate_difficulty(
     own_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(output_dir, repair_path=own_path)
     todo = [row for row in rows if row not in done]
+    # Rows are read without the columns no question needs (aux images, latent targets, pixels): they are large.
+    heavy = [name for name in HEAVY_COLUMNS if name in dataset.column_names]
+    view = dataset.remove_columns(heavy) if heavy else dataset
+    text_columns = [name for name in (messages_column, answer_column) if name in view.column_names]
+    text_view = view.select_columns(text_columns)
     golds = {}
-    for index in todo:  # fail before any sampling if a gold answer is missing
-        golds[index] = gold_answer(dataset[index], index, answer_column, messages_column)
+    for index in todo:  # fail before any sampling (and without decoding images) if a gold answer is missing
+        golds[index] = gold_answer(text_view[index], index, answer_column, messages_column)
     with open(own_path, "a", encoding="utf-8") as out, tqdm(
         total=len(rows), initial=len(rows) - len(todo), unit="row", desc=f"difficulty {shard_index}/{num_shards}",
         disable=not progress, dynamic_ncols=True,
@@ -474,7 +482,7 @@ def estimate_difficulty(
         for start in range(0, len(todo), rows_per_batch):
             questions = []
             for index in todo[start : start + rows_per_batch]:
-                row = dict(dataset[index])
+                row = dict(view[index])
                 messages, images = prompt_of_row(
                     row, index, messages_column=messages_column, images_column=images_column, base_dir=base_dir
                 )

@@ -249,11 +249,25 @@ def model_type_of(path: Union[str, os.PathLike]) -> str:
         return json.load(f).get("model_type", "")
 
 
+def register_gap_config() -> None:
+    """Make ``AutoConfig`` know ``gap_qwen2_5_vl`` from this repository's `configuration_gap`.
+
+    Loading a GAP folder's tokenizer goes through ``AutoConfig``; without the registration it finds
+    ``auto_map`` in ``config.json`` and asks interactively whether to trust the folder's remote code.
+    """
+    from transformers import AutoConfig
+
+    from configuration_gap import GapConfig
+
+    AutoConfig.register(GapConfig.model_type, GapConfig, exist_ok=True)
+
+
 def load_processor(path: Union[str, os.PathLike]):
     """The processor saved in a model folder: ``GapProcessor`` for GAP folders, Qwen2.5-VL's otherwise."""
     if model_type_of(path) == GAP_MODEL_TYPE:
         from processing_gap import GapProcessor
 
+        register_gap_config()
         return GapProcessor.from_pretrained(str(path))
     from .qwen_processor import load_qwen2_5_vl_processor
 

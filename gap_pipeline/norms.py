@@ -459,6 +459,11 @@ def dataset_samples(
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     dataset = load_rows(path, split=split)
+    if messages_column not in dataset.column_names:
+        raise ValueError(f"{path} has no '{messages_column}' column (its columns: {dataset.column_names}); "
+                         "name the conversation column with --messages-column")
+    # Only the question's columns: aux images and latent targets are large and never needed here.
+    dataset = dataset.select_columns([c for c in (messages_column, images_column) if c in dataset.column_names])
     n = len(dataset) if limit is None else min(limit, len(dataset))
     base_dir = dataset_base_dir(path)
 

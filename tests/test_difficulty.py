@@ -333,3 +333,20 @@ def test_bad_question_rows_name_the_row_and_the_fix(tmp_path):
     gone = {"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["nowhere.png"]}
     with pytest.raises(RowError, match="row 6, image 0: image file .*nowhere.png does not exist"):
         prompt_of_row(gone, 6, base_dir=tmp_path)
+
+
+def test_questions_carry_the_row_without_aux_images_or_latent_targets(tmp_path):
+    rows = _rows(2)
+    for row in rows:
+        row["aux_images"] = ["never/read.png"]
+        row["latent_targets"] = [[0.5] * 4]
+        row["options"] = ["10", "11"]
+    seen = []
+
+    class Recorder:
+        def sample(self, questions, n):
+            seen.extend(sorted(q.row) for q in questions)
+            return [_stub_answers(q.index, n) for q in questions]
+
+    _run(datasets.Dataset.from_list(rows), tmp_path, Recorder())
+    assert seen == [["answer", "messages", "options"]] * 2

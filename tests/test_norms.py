@@ -181,3 +181,24 @@ def test_cli_errors_name_the_argument(tmp_path, tiny_base_dir, dataset_dir, caps
     assert cli.main(["norm-profile", "--model", str(dataset_dir), "--dataset", str(dataset_dir),
                      "--output-dir", str(tmp_path / "o")]) == 2
     assert "is not a model folder" in capsys.readouterr().err
+
+
+def test_loading_a_gap_folder_never_asks_to_trust_remote_code(tiny_gap_dir):
+    """The GAP processor's tokenizer goes through AutoConfig; unregistered, it would prompt on stdin."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import builtins
+        def no_prompt(*args, **kwargs):
+            raise SystemExit("asked: " + str(args[:1]))
+        builtins.input = no_prompt
+        from gap_pipeline.inference import load_model_and_processor
+        model, processor, is_gap = load_model_and_processor({str(tiny_gap_dir)!r}, device="cpu")
+        assert is_gap and type(processor).__name__ == "GapProcessor"
+        print("OK")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), (run.stdout[-2000:], run.stderr[-2000:])
