@@ -501,7 +501,13 @@ def estimate_difficulty(
                         f"the sampler returned {len(answers) if isinstance(answers, (list, tuple)) else answers!r} "
                         f"responses for row {question.index}; expected {num_samples}"
                     )
-                correct = [bool(checker(str(answer), question.answer, question.row)) for answer in answers]
+                try:
+                    correct = [bool(checker(str(answer), question.answer, question.row)) for answer in answers]
+                except Exception as exc:
+                    raise DifficultyError(
+                        f"the answer checker failed on row {question.index} (gold {question.answer!r}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 record = {
                     "row": question.index,
                     "num_correct": sum(correct),

@@ -350,3 +350,14 @@ def test_questions_carry_the_row_without_aux_images_or_latent_targets(tmp_path):
 
     _run(datasets.Dataset.from_list(rows), tmp_path, Recorder())
     assert seen == [["answer", "messages", "options"]] * 2
+
+
+def test_a_failing_checker_is_reported_with_the_row(tmp_path, dataset):
+    def checker(response, gold, row):
+        if gold == "13":
+            raise KeyError("options")
+        return False
+
+    with pytest.raises(DifficultyError, match=r"answer checker failed on row 3 \(gold '13'\): KeyError"):
+        estimate_difficulty(dataset, StubSampler(), checker, tmp_path, num_samples=N, rows_per_batch=2)
+    assert sorted(read_results(tmp_path)) == [0, 1]  # the batch before it was kept
