@@ -3,7 +3,7 @@
 import base64
 import io
 import json
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,12 @@ from gap_pipeline.tiny import build_tiny_gap_model
 
 GOLDS = ["C", "A", "C", "B", "D", "C"]
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _engineered_gap():
@@ -157,7 +163,7 @@ def test_two_processes_give_the_same_predictions_as_one(tmp_path, engineered_dir
               "--max-new-tokens", 6, "--batch-size", 2, "--no-progress"]
     one = _run_cli(*common, "--output-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29637",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                 "-m", "gap_pipeline"]
     two = _run_cli(*common, "--output-dir", tmp_path / "two", launcher=torchrun)
     assert two.returncode == 0, two.stderr[-3000:]
