@@ -232,3 +232,197 @@ def test_evaluation_logs_both_loss_terms(work, tmp_path):
     metrics = trainer.evaluate(eval_dataset=dataset)
     assert {"eval_loss", "eval_lm_loss", "eval_latent_loss", "eval_latent_norm_ratio"} <= set(metrics)
     assert metrics["eval_latent_loss"] > 0 and math.isfinite(metrics["eval_lm_loss"])
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+
+
+def _clean_env():
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks share two cores
+    return env
+
+
+def _code_processor_and_weights(folder):
+    names = {p.name for p in Path(folder).iterdir()}
+    expected = {"configuration_gap.py", "modeling_gap.py", "processing_gap.py", "processor_config.json",
+                "chat_template.jinja", "tokenizer.json", "config.json", "model.safetensors"}
+    return expected - names
+
+
+def test_python_launch_converts_a_base_checkpoint_and_saves_complete_checkpoints(work, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+               "--model_name_or_path", str(work.base), "--pca_path", str(work.pca), "--dataset_path", str(work.data),
+               "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
+               "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    config = json.loads((out / "gap-init" / "config.json").read_text())
+    assert config["model_type"] == "gap_qwen2_5_vl" and config["latent_tokens_per_span"] == K
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        assert not _code_processor_and_weights(folder), folder
+    logs = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in logs if "lm_loss" in entry and "train_runtime" not in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(entry["latent_loss"]) and entry["latent_loss"] > 0 for entry in steps)
+
+
+def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
+    parser = train_sft.make_parser()
+    required = ["--dataset_path", "data", "--model_name_or_path", "model", "--output_dir", str(tmp_path)]
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        ["--config", str(REPO / "configs" / "gap_7b.yaml"), *required, "--bf16", "false", "--use_cpu", "true"]
+    )
+    assert (training_args.learning_rate, script_args.latent_head_learning_rate) == (1e-5, 1e-5)
+    assert (training_args.weight_decay, training_args.lr_scheduler_type, training_args.warmup_steps) == (
+        0.01, "cosine", 0.03)
+    assert (training_args.num_train_epochs, training_args.seed, training_args.dataloader_num_workers) == (2, 12345, 16)
+    assert training_args.activation_checkpointing and model_args.dtype == "bfloat16"
+    assert (script_args.latent_tokens_per_span, script_args.latent_loss_weight, script_args.difficulty_threshold) == (
+        36, 1.0, 0.0)
+    assert script_args.freeze_vision_tower and script_args.global_batch_size == 128
+    # one process here: 128 rows per step at 1 per device = 128 accumulation steps
+    derived = train_sft.apply_global_batch_size(training_args, script_args.global_batch_size)
+    assert derived.gradient_accumulation_steps == 128 and derived.per_device_train_batch_size == 1
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        train_sft.apply_global_batch_size(_args(tmp_path, per_device_train_batch_size=3), 128)
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), *required, "--no_freeze_vision_tower"]
+    )
+    assert not training_args.bf16 and not training_args.activation_checkpointing and training_args.use_cpu
+    assert model_args.dtype == "float32" and not script_args.freeze_vision_tower
+
+
+# -- DeepSpeed, 2 CPU processes ------------------------------------------------------------------------------------
+
+# Launched by the `deepspeed` launcher: train_sft's own parser and main, then the trained weights gathered from the
+# engine (the fp32 master copy for a 16-bit latent head) and saved by rank 0 for comparison with the saved folder.
+DS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch
+from deepspeed import zero
+from deepspeed.utils import safe_get_full_fp32_param
+import train_sft
+
+script_args, training_args, model_args = train_sft.make_parser().parse_args_and_config()
+trainer = train_sft.main(script_args, training_args, model_args)
+state = {{}}
+for name, parameter in trainer.model.named_parameters():
+    if name.startswith("latent_head.") and parameter.dtype != torch.float32:
+        value = safe_get_full_fp32_param(parameter).reshape(parameter.ds_shape)
+    else:
+        with zero.GatheredParameters([parameter]):
+            value = parameter.detach().clone()
+    state[name] = value.cpu()
+if trainer.args.process_index == 0:
+    torch.save(state, training_args.output_dir + "/gathered.pt")
+    with open(training_args.output_dir + "/log_history.json", "w") as f:
+        json.dump(trainer.state.log_history, f)
+print("world", trainer.args.world_size, "accumulation", trainer.args.gradient_accumulation_steps, flush=True)
+trainer.end()
+"""
+
+# Run in a fresh process that never imported this repository: reload each saved folder with remote code.
+RELOAD_SCRIPT = """
+import json, sys
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+for out, init, checkpoint in json.loads(sys.argv[1]):
+    gathered = torch.load(out + "/gathered.pt")
+    for folder in (out, checkpoint):
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        assert type(processor).__name__ == "GapProcessor", type(processor).__name__
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    state = model.state_dict()
+    for name, value in gathered.items():
+        assert torch.equal(state[name].float(), value.float()), name
+    assert all(p.dtype == torch.float32 for p in model.latent_head.parameters())
+    with safe_open(out + "/model.safetensors", "pt") as f:
+        head = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("latent_head.")}
+    assert set(head.values()) == {"F32"}, head
+    with safe_open(init + "/model.safetensors", "pt") as f:
+        before = f.get_tensor("latent_head.proj.weight")
+    assert not torch.equal(before.float(), state["latent_head.proj.weight"].float()), "the head did not train"
+    print("OK", out)
+"""
+
+
+def _ds_config(tmp_path, name, **zero_overrides):
+    config = json.loads((REPO / "ds_configs" / name).read_text())
+    config["zero_optimization"].update(zero_overrides)
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(work, tmp_path_factory):
+    """ZeRO-3 (from the base checkpoint, converted in the run) and ZeRO-2 (from the GAP checkpoint), launched
+    together, 2 processes each, bf16, 2 steps; rank 1 gets a row with no image and no latent in the first step."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    script = root / "train_and_gather.py"
+    script.write_text(DS_SCRIPT.format(repo=str(REPO)))
+    common = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
+              "--bf16", "true", "--dtype", "bfloat16", "--per_device_train_batch_size", "1", "--max_steps", "2",
+              "--logging_steps", "1", "--save_strategy", "steps", "--train_sampling_strategy", "sequential"]
+    runs = {
+        "zero3": (29631, [
+            "--deepspeed", str(_ds_config(root, "zero3.json", stage3_param_persistence_threshold=0)),
+            "--model_name_or_path", str(work.base), "--pca_path", str(work.pca),
+            "--converted_model_dir", str(root / "zero3-init"), "--global_batch_size", "4", "--save_steps", "1",
+        ]),
+        "zero2": (29632, [
+            "--deepspeed", str(_ds_config(root, "zero2.json")), "--model_name_or_path", str(work.gap),
+            "--save_steps", "2",
+        ]),
+    }
+    processes, logs = {}, {}
+    start = time.monotonic()
+    for stage, (port, extra) in runs.items():
+        out = root / stage
+        logs[stage] = open(root / f"{stage}.log", "w")
+        command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+                   "--master_port", str(port), str(script), *common, *extra, "--output_dir", str(out)]
+        processes[stage] = subprocess.Popen(command, cwd=root, env=_clean_env(), stdout=logs[stage],
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+    codes = {}
+    for stage, process in processes.items():
+        try:
+            codes[stage] = process.wait(timeout=max(1.0, 420 - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)  # the launcher and its ranks share this session
+            codes[stage] = "timeout"
+        logs[stage].close()
+    results = {stage: SimpleNamespace(code=codes[stage], out=root / stage, log=(root / f"{stage}.log").read_text(),
+                                      seconds=time.monotonic() - start) for stage in runs}
+    done = [stage for stage in runs if codes[stage] == 0]
+    inits = {"zero3": root / "zero3-init", "zero2": work.gap}
+    checkpoints = {"zero3": root / "zero3" / "checkpoint-1", "zero2": root / "zero2" / "checkpoint-2"}
+    if done:
+        argument = json.dumps([[str(root / s), str(inits[s]), str(checkpoints[s])] for s in done])
+        reload = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, argument], cwd=root, env=_clean_env(),
+                                capture_output=True, text=True, timeout=300)
+        for stage in done:
+            results[stage].reload = reload
+    return results
+
+
+@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+def test_deepspeed_two_processes_train_save_and_reload(deepspeed_runs, stage):
+    run = deepspeed_runs[stage]
+    assert run.code == 0, run.log[-6000:]
+    assert "world 2 accumulation " + ("2" if stage == "zero3" else "1") in run.log
+    assert run.reload.returncode == 0, run.reload.stderr[-4000:]
+    assert f"OK {run.out}" in run.reload.stdout
+    logs = json.loads((run.out / "log_history.json").read_text())
+    steps = [entry for entry in logs if "lm_loss" in entry and "train_runtime" not in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["latent_loss"]) and e["latent_loss"] > 0 for e in steps)
+    for folder in [run.out] + sorted(run.out.glob("checkpoint-*")):
+        assert not _code_processor_and_weights(folder), folder
