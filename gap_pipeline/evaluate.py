@@ -133,28 +133,10 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
     return items, problems
 
 
-def _gold_of_row(row: dict, index: int) -> str:
-    from .answers import extract_answer
-
-    if row.get("answer") not in (None, ""):
-        return str(row["answer"]).strip()
-    for message in reversed(row.get("messages") or []):
-        if message.get("role") != "assistant":
-            continue
-        content = message.get("content")
-        text = content if isinstance(content, str) else " ".join(
-            part.get("text") or "" for part in content or [] if isinstance(part, dict)
-        )
-        if "<answer>" in text:
-            answer = extract_answer(text)
-            if answer:
-                return answer
-    raise BadRowError(f"row {index}: no gold answer: add an 'answer' field or an <answer>...</answer> block to the assistant turn")
-
-
 def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
     """Items of a dataset in the project schema and one problem line per row that cannot be scored."""
     from .answers import normalize_options
+    from .difficulty import DifficultyError, gold_answer
     from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
 
     dataset = load_rows(path, split)
@@ -164,9 +146,9 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
         row_id = str(row.get("id", index)) if row.get("id") is not None else str(index)
         try:
             messages, images = prompt_of_row(row, index, base_dir=base_dir)
-            gold = _gold_of_row(row, index)
+            gold = gold_answer(row, index)
             options = normalize_options(row["options"]) if row.get("options") else None
-        except (RowError, BadRowError) as error:
+        except (RowError, DifficultyError) as error:
             problems.append(str(error))
             continue
         items.append(EvalItem(row_id, messages, images, gold, options or None))

@@ -206,3 +206,16 @@ def test_malformed_tsv_rows_are_reported_by_index_and_skipped_or_refused(tmp_pat
     assert "index=2" in skipped.stderr and "4 bad rows skipped" in skipped.stdout
     scored = [json.loads(line)["id"] for line in (tmp_path / "skipped" / "predictions.jsonl").read_text().splitlines()]
     assert scored == ["1"]
+
+
+def test_dataset_in_the_project_schema_is_evaluated_with_its_gold_answers(tmp_path, engineered_dir):
+    from gap_pipeline.demo_task import generate_split
+
+    data = generate_split(tmp_path / "data", "test", 5, seed=1)
+    run = _run_cli("--model", engineered_dir, "--data", data, "--output-dir", tmp_path / "eval", "--interventions",
+                   "suppress", "--max-new-tokens", 1, "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [(r["id"], r["gold"]) for r in records] == [(row["id"], row["answer"]) for row in rows]
+    assert all(r["prediction"] == "C" and not r["correct"] for r in records)  # digits 0-4 are never "C"
