@@ -8,16 +8,21 @@ trained to predict them; rows whose `accuracy` exceeds tau train on text only (E
 converted with `GapForConditionalGeneration.from_qwen2_5_vl` and `--pca_path` into `--converted_model_dir`
 (default `<output_dir>/gap-init`), then loaded from there, so ZeRO-3 partitions it while loading.
 
-# One process (CPU or one GPU), the tiny CPU preset
+# One process (CPU or one GPU): the tiny CPU preset on the demo task, from a tiny base checkpoint
 ```bash
-python train_sft.py --config configs/tiny_cpu.yaml \
-    --model_name_or_path runs/tiny-gap --dataset_path runs/tiny-data --output_dir runs/tiny-sft
+gap tiny-model --output-dir runs/tiny-base
+gap demo-data --output-dir runs/demo/data
+gap targets --data runs/demo/data/train.jsonl --model runs/tiny-base --latent-tokens-per-span 16 \
+    --output-dir runs/demo/train_targets
+gap fit-pca --targets runs/demo/train_targets --output-dir runs/demo/pca
+python train_sft.py --config configs/tiny_cpu.yaml --model_name_or_path runs/tiny-base \
+    --pca_path runs/demo/pca/pca.safetensors --dataset_path runs/demo/train_targets --output_dir runs/demo/sft
 ```
 
 # DeepSpeed ZeRO-3 on the GPUs of one node, the paper's recipe (global batch 128 at 1 per device)
 ```bash
 deepspeed --num_gpus 8 train_sft.py --config configs/gap_7b.yaml --deepspeed ds_configs/zero3.json \
-    --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --pca_path runs/pca/pca.safetensors \
+    --model_name_or_path path/to/Qwen2.5-VL-7B-Instruct --pca_path runs/pca/pca.safetensors \
     --dataset_path runs/gap-data --output_dir runs/gap-7b
 ```
 

@@ -255,7 +255,8 @@ def test_python_launch_converts_a_base_checkpoint_and_saves_complete_checkpoints
     command = [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
                "--model_name_or_path", str(work.base), "--pca_path", str(work.pca), "--dataset_path", str(work.data),
                "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
-               "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+               "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
+               "--latent_tokens_per_span", str(K)]
     run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     config = json.loads((out / "gap-init" / "config.json").read_text())
@@ -370,7 +371,8 @@ def deepspeed_runs(work, tmp_path_factory):
     script.write_text(DS_SCRIPT.format(repo=str(REPO)))
     common = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
               "--bf16", "true", "--dtype", "bfloat16", "--per_device_train_batch_size", "1", "--max_steps", "2",
-              "--logging_steps", "1", "--save_strategy", "steps", "--train_sampling_strategy", "sequential"]
+              "--logging_steps", "1", "--save_strategy", "steps", "--train_sampling_strategy", "sequential",
+              "--latent_tokens_per_span", str(K)]
     runs = {
         "zero3": (29631, [
             "--deepspeed", str(_ds_config(root, "zero3.json", stage3_param_persistence_threshold=0)),
