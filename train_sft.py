@@ -5,8 +5,9 @@ The loss is L = L_LM + lambda * L_latent (Eq. 2-3): the latent targets of each r
 trained to predict them; rows whose `accuracy` exceeds tau train on text only (Eq. 4).
 
 `--model_name_or_path` is either a GAP checkpoint (loaded as is) or a plain Qwen2.5-VL checkpoint, which is first
-converted with `GapForConditionalGeneration.from_qwen2_5_vl` and `--pca_path` into `--converted_model_dir`
-(default `<output_dir>/gap-init`), then loaded from there, so ZeRO-3 partitions it while loading.
+converted with `--pca_path`, as `gap convert` does (`GapForConditionalGeneration.from_qwen2_5_vl`), into
+`--converted_model_dir` (default `<output_dir>/gap-init`), then loaded from there, so ZeRO-3 partitions it while
+loading.
 
 # One process (CPU or one GPU): the tiny CPU preset on the demo task, from a tiny base checkpoint
 ```bash
@@ -26,7 +27,8 @@ deepspeed --num_gpus 8 train_sft.py --config configs/gap_7b.yaml --deepspeed ds_
     --dataset_path runs/gap-data --output_dir runs/gap-7b
 ```
 
-# Several nodes: list them in a hostfile (one `hostname slots=N` line per node) and launch once, from the first
+# Several nodes: list them in a hostfile (one `hostname slots=N` line per node; passwordless ssh between them and
+# the same paths on each) and launch once, from the first
 ```bash
 deepspeed --hostfile hostfile --master_addr node-0 --master_port 29500 train_sft.py --config configs/gap_7b.yaml \
     --deepspeed ds_configs/zero3.json --model_name_or_path runs/gap-7b-init --dataset_path runs/gap-data \
@@ -40,8 +42,8 @@ torchrun --nproc_per_node 8 train_sft.py --config configs/gap_7b.yaml --deepspee
 ```
 
 `--global_batch_size G` sets `gradient_accumulation_steps = G / (per_device_train_batch_size * world_size)` (it
-must divide); without it, `--gradient_accumulation_steps` is used as given. On a machine without CUDA the script
-trains on the CPU (`use_cpu` defaults to true there) and DeepSpeed uses the gloo backend.
+must divide); without it, `--gradient_accumulation_steps` is used as given. On a machine without an accelerator the
+script trains on the CPU (`use_cpu` defaults to true there) and DeepSpeed uses the gloo backend.
 """
 
 import contextlib
