@@ -409,6 +409,9 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     config_class = GapConfig
     config: GapConfig
     _keep_in_fp32_modules_strict = ["latent_head"]
+    # forward normalises the LM loss by `num_items_in_batch` (and L_latent by `num_latent_items_in_batch`), so the
+    # Trainer may pass it (the Qwen2.5-VL parent says False).
+    accepts_loss_kwargs = True
 
     def __init__(self, config: GapConfig):
         super().__init__(config)

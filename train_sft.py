@@ -150,9 +150,6 @@ class GapSFTTrainer(SFTTrainer):
         # `compute_loss` below never asks for it, and removing the instance attribute restores the class's forward.
         if "forward" in vars(gap):
             del gap.forward
-        # The Qwen2.5-VL parent declares `accepts_loss_kwargs = False`, which would make the Trainer skip
-        # `num_items_in_batch`; GAP's forward normalises by it (and by `num_latent_items_in_batch`) itself.
-        self.model_accepts_loss_kwargs = True
         self.latent_head_learning_rate = (
             self.args.learning_rate if latent_head_learning_rate is None else latent_head_learning_rate
         )
