@@ -177,8 +177,9 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
     transformers 5) with a byte-level BPE of a few hundred entries trained deterministically
     on a built-in corpus, so ordinary English tokenizes compactly and any Unicode text
     round-trips through bytes.  The 14 Qwen2.5-VL special tokens follow the BPE vocabulary
-    in Qwen's order; ``<|endoftext|>`` is the pad and eos token, there is no unk or bos
-    token.  The chat template is :data:`TINY_CHAT_TEMPLATE`.  The GAP latent tokens are not
+    in Qwen's order; as in Qwen2.5-VL-Instruct, ``<|im_end|>`` is the eos token (a chat turn's end, so
+    trainers that append eos and generation that stops on it agree with the template) and
+    ``<|endoftext|>`` the pad token; there is no unk or bos token.  The chat template is :data:`TINY_CHAT_TEMPLATE`.  The GAP latent tokens are not
     included.
     """
     vocab, merges = _trained_bpe()
@@ -197,6 +198,7 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
     expected = list(range(len(vocab), len(vocab) + len(QWEN2_5_VL_SPECIAL_TOKENS)))
     if ids != expected:  # a transformers change in how added tokens are numbered
         raise RuntimeError(f"special token ids {ids} are not the expected {expected}")
+    tokenizer.eos_token = "<|im_end|>"  # set after numbering: it is already one of the special tokens
     return tokenizer
 
 

@@ -104,7 +104,7 @@ def test_tokenizer_special_tokens(tiny_tokenizer):
         assert tok.encode(token, add_special_tokens=False) == [token_id], token
         assert token in tok.all_special_tokens, token
         assert tok.decode([token_id], skip_special_tokens=True) == ""
-    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert tok.unk_token is None and tok.bos_token is None
     vocab = tok.get_vocab()
     for token in LATENT_TOKENS:
