@@ -1,0 +1,314 @@
+"""The model card (README.md) of a GAP checkpoint folder.
+
+`render_model_card` writes what a reader of the Hub page needs: the base model, the method (the paper's
+sections), the GAP settings read from the `GapConfig` (K, k, d, lambda, the loss reduction, the head type, the
+latent token ids), tau and the datasets of the run, the exact training command with its hyperparameters, and how
+to load the folder with ``trust_remote_code`` and generate with latents and interventions. A card for a LoRA
+adapter folder also says how to load it onto its base and how to merge it (``gap merge-lora``).
+
+The front matter carries the same facts machine-readably under ``gap:`` (settings, and the run under
+``gap.training``), so a later step (``gap merge-lora``, ``gap convert``) can write the card of the folder it
+derives from another one (`read_training_run`).
+
+Imports only the standard library and PyYAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["PAPER_TITLE", "TrainingRun", "read_training_run", "render_model_card", "write_model_card"]
+
+PAPER_TITLE = (
+    "Fill the GAP: A Granular Alignment Paradigm for Visual Reasoning in Multimodal Large Language Models"
+)
+# The sections of the paper a GAP checkpoint implements, in the order the card lists them.
+PAPER_SECTIONS = (
+    ("§4.1 Data-Level Alignment: Controllable Latent Data Construction",
+     "each latent span is supervised by the frozen vision tower's embeddings of an auxiliary image, pooled to a "
+     "sqrt(K) x sqrt(K) grid; the auxiliary image is never an input."),
+    ("§4.2 Feature-Level Alignment: PCA-Aligned Latent Head",
+     "the latent head reads the final-RMSNorm state and predicts k PCA coefficients c; the latent fed back at the "
+     "next position is P_k^T c + mu, in the vision-embedding subspace (Eq. 1). The loss is "
+     "L = L_LM + lambda * L_latent (Eq. 2-3)."),
+    ("§4.3 Model-Level Alignment: Difficulty-Aware Latent Supervision",
+     "rows the base model already solves (accuracy > tau over N samples) train on text only (Eq. 4)."),
+    ("Appendix F: Implementation Details",
+     "the training recipe, the projector initialisation and the scheduled-sampling ablation."),
+)
+INTERVENTIONS = (
+    ("pca", "GAP (default): v_hat = P_k^T F(h_bar) + mu"),
+    ("suppress", "`<|latent_start|>` is banned: no latent span opens"),
+    ("noise", "c ~ N(0, diag(eigenvalues)), reconstructed, rescaled to the clean latent's norm"),
+    ("hidden", "the final-norm state h_bar itself (output-as-input baseline)"),
+    ("hidden_ema", "h_bar rescaled to an EMA of the query image's vision-token norms"),
+)
+CARD_NAME = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class TrainingRun:
+    """What a model card says about the run that produced a checkpoint (every field optional).
+
+    base_model: what training started from, as given (`--model_name_or_path`: a Hub id or a folder).
+    base_model_id: the Hub id of the base model for the card's metadata, when `base_model` is a folder.
+    datasets: the training (and evaluation) data, as given.
+    command: the exact command line of the run.
+    world_size: the number of training processes.
+    difficulty_threshold: tau of Eq. 4.
+    scheduled_sampling_prob: the probability that a span's teacher-forced latents are replaced (0 = off).
+    hyperparameters: name -> value, listed as given.
+    lora: the LoRA settings (r, alpha, dropout, target modules, ...) when the run trained an adapter.
+    merged: True when the LoRA adapter has been merged into the weights of this folder.
+    """
+
+    base_model: str | None = None
+    base_model_id: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    command: str | None = None
+    world_size: int | None = None
+    difficulty_threshold: float | None = None
+    scheduled_sampling_prob: float | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+    merged: bool = False
+
+
+def _hub_id(value: str | None) -> str | None:
+    """`value` if it reads as a Hub repository id (owner/name) and is not a local folder."""
+    if value and _HUB_ID.match(value) and not os.path.exists(value):
+        return value
+    return None
+
+
+def _settings(config) -> dict[str, Any]:
+    """The GAP fields of a `GapConfig`, by the names the card uses."""
+    return {
+        "latent_tokens_per_span": config.latent_tokens_per_span,
+        "pca_num_components": config.pca_num_components,
+        "hidden_size": config.text_config.hidden_size,
+        "latent_loss_weight": config.latent_loss_weight,
+        "latent_loss_reduction": config.latent_loss_reduction,
+        "latent_head_type": config.latent_head_type,
+        "latent_adapter_size": config.latent_adapter_size,
+        "latent_token_ids": list(config.latent_token_ids) if config.latent_token_ids is not None else None,
+    }
+
+
+def _plain(value):
+    """`value` with tuples and sets as lists (YAML-safe)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(item) for item in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _front_matter(settings, training, model_id, tags, adapter):
+    base_id = None
+    if training is not None:
+        base_id = training.base_model_id or _hub_id(training.base_model)
+    metadata: dict[str, Any] = {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": sorted({"gap", "visual-latent-reasoning", "qwen2_5_vl", "custom_code", *(tags or [])}),
+    }
+    if base_id is not None:
+        metadata["base_model"] = base_id
+    if training is not None:
+        hub_datasets = [name for name in training.datasets if _hub_id(name)]
+        if hub_datasets:
+            metadata["datasets"] = hub_datasets
+    gap = dict(settings)
+    if model_id is not None:
+        gap["model_id"] = model_id
+    if training is not None:
+        gap["training"] = dataclasses.asdict(training)
+    metadata["gap"] = gap
+    return "---\n" + yaml.safe_dump(_plain(metadata), sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _table(header, rows):
+    """A two-column Markdown table; pipes inside cells (`<|latent_pad|>`) are escaped so they do not split them."""
+
+    def cell(value):
+        return str(value).replace("|", "\\|")
+
+    lines = [f"| {cell(header[0])} | {cell(header[1])} |", "|---|---|"]
+    lines += [f"| {cell(name)} | {cell(value)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _code(value) -> str:
+    return f"`{value}`"
+
+
+def render_model_card(
+    config,
+    *,
+    model_name: str | None = None,
+    model_id: str | None = None,
+    training: TrainingRun | None = None,
+    adapter: bool = False,
+    tags: list[str] | None = None,
+) -> str:
+    """The README.md of a GAP checkpoint folder (or of a LoRA adapter folder when `adapter`).
+
+    Args:
+        config: the checkpoint's `GapConfig` (of the base model, for an adapter).
+        model_name: the card's title (default: the last part of `model_id`, else "GAP model").
+        model_id: where the folder is published (a Hub id), used in the loading code.
+        training: the run that produced the folder; None for a converted, untrained checkpoint.
+        adapter: the folder holds a PEFT LoRA adapter, not full weights.
+        tags: extra metadata tags.
+    """
+    settings = _settings(config)
+    title = model_name or (model_id.split("/")[-1] if model_id else "GAP model")
+    where = model_id or "path/to/this/folder"
+    K = settings["latent_tokens_per_span"]
+    k = settings["pca_num_components"]
+    parts = [_front_matter(settings, training, model_id, tags, adapter), f"# {title}\n"]
+
+    base = None if training is None else (training.base_model_id or training.base_model)
+    kind = "A LoRA adapter for a GAP model" if adapter else "A GAP model"
+    origin = f" trained from `{base}`" if base else ""
+    parts.append(
+        f"{kind}{origin}: Qwen2.5-VL that writes *visual latent tokens* inside its own decoding. After "
+        f"`<|latent_start|>` the model produces K = {K} continuous vectors, each predicted by a latent head and fed "
+        "back as the next input embedding, then `<|latent_end|>` and ordinary text again.\n"
+    )
+
+    parts.append("## Method\n")
+    parts.append(f"GAP (Granular Alignment Paradigm), from *{PAPER_TITLE}*:\n")
+    parts.append("\n".join(f"- **{name}** — {what}" for name, what in PAPER_SECTIONS) + "\n")
+
+    head = settings["latent_head_type"]
+    if head == "pca":
+        head_text = f"`pca`: PCA-aligned head (k = {k} coefficients, SwiGLU adapter of width {settings['latent_adapter_size']})"
+    else:
+        head_text = "`full`: an R^d -> R^d head with no PCA (the paper's LH ablation)"
+    reduction = settings["latent_loss_reduction"]
+    reduction_text = {"mean": "`mean` (squared error averaged over d)", "sum": "`sum` (squared L2 over d, Eq. 2)"}.get(
+        reduction, _code(reduction)
+    )
+    ids = settings["latent_token_ids"]
+    rows = [
+        ("K (latent tokens per span)", K),
+        ("k (PCA components)", k if head == "pca" else "— (full head)"),
+        ("d (hidden size)", settings["hidden_size"]),
+        ("λ (latent loss weight)", settings["latent_loss_weight"]),
+        ("latent loss reduction", reduction_text + ", averaged over the latent positions of the global batch"),
+        ("latent head", head_text),
+        ("latent token ids", "not set" if ids is None else
+         f"`<|latent_start|>` {ids[0]}, `<|latent_pad|>` {ids[1]}, `<|latent_end|>` {ids[2]}"),
+    ]
+    if training is not None:
+        tau = training.difficulty_threshold
+        rows.append(("τ (difficulty threshold)", "not recorded" if tau is None else
+                     f"{tau} (rows with accuracy > τ train on text only)"))
+        p = training.scheduled_sampling_prob
+        rows.append(("scheduled sampling", "not recorded" if p is None else
+                     ("off (teacher forcing)" if p == 0 else f"p = {p} per span (App. F ablation)")))
+    parts.append("## GAP settings\n")
+    parts.append(_table(("setting", "value"), rows) + "\n")
+
+    if training is not None:
+        parts.append("## Training\n")
+        lines = []
+        if training.base_model:
+            lines.append(f"- base model: `{training.base_model}`"
+                         + (f" (Hub: `{training.base_model_id}`)" if training.base_model_id else ""))
+        if training.datasets:
+            lines.append("- datasets: " + ", ".join(f"`{name}`" for name in training.datasets))
+        if training.world_size:
+            lines.append(f"- processes: {training.world_size}")
+        if training.lora:
+            lora = ", ".join(f"{name} = {_code(value)}" for name, value in training.lora.items())
+            lines.append(f"- LoRA on the language model ({lora}); latent head and latent-token rows fully trained"
+                         + ("; merged into these weights with `gap merge-lora`" if training.merged else ""))
+        if lines:
+            parts.append("\n".join(lines) + "\n")
+        if training.hyperparameters:
+            rows = ((name, _code(value)) for name, value in training.hyperparameters.items())
+            parts.append(_table(("hyperparameter", "value"), rows) + "\n")
+        if training.command:
+            launched = ""
+            if training.world_size and training.world_size > 1:
+                launched = (f"Run by each of the {training.world_size} processes (started with `deepspeed --num_gpus"
+                            f" N` or `torchrun --nproc_per_node N`):\n\n")
+            parts.append(f"{launched}```bash\n{training.command}\n```\n")
+
+    parts.append("## Usage\n")
+    if adapter:
+        parts.append(
+            "This folder holds a PEFT LoRA adapter. Merge it into its GAP base to get a full checkpoint:\n\n"
+            "```bash\ngap merge-lora --adapter path/to/this/adapter --output-dir merged [--base path/to/gap-base]\n```\n\n"
+            "or load it onto the base in Python:\n\n"
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
+            "base = AutoModelForImageTextToText.from_pretrained(\"path/to/gap-base\", trust_remote_code=True)\n"
+            f"model = PeftModel.from_pretrained(base, \"{where}\").merge_and_unload()\n```\n\n"
+            "The merged model then generates as below.\n"
+        )
+    parts.append(
+        "The model, its configuration and its processor load with `trust_remote_code=True` "
+        "(the code files `configuration_gap.py`, `modeling_gap.py`, `processing_gap.py` lie next to the weights).\n\n"
+        "```python\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+        f"repo = \"{where}\"\n"
+        "model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype=\"auto\")\n"
+        "processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)\n\n"
+        "image = Image.open(\"question.png\").convert(\"RGB\")\n"
+        "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", \"text\": \"How many red "
+        "cells are in row 2?\"}]}]\n"
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        "inputs = processor(text=[prompt], images=[image], return_tensors=\"pt\").to(model.device)\n"
+        "out = model.generate(**inputs, max_new_tokens=64, return_dict_in_generate=True,\n"
+        "                     latent_intervention=\"pca\")  # or suppress / noise / hidden / hidden_ema\n"
+        "answer = out.sequences[:, inputs[\"input_ids\"].shape[1]:]\n"
+        "print(processor.batch_decode(answer, skip_special_tokens=True)[0])\n"
+        "print(out.num_latent_spans[0], \"latent spans\")  # out.latents[0]: (spans, K, d), the latents fed back\n"
+        "```\n\n"
+        "`generate` forces exactly K `<|latent_pad|>` steps after each `<|latent_start|>` (each fed the latent decoded "
+        "from the previous step, through the KV cache), then `<|latent_end|>`; `latent_tokens_per_span=` overrides K "
+        "(a perfect square). `latent_intervention=` chooses what a latent step feeds (the paper's Tables 1 and 6):\n"
+    )
+    parts.append(_table(("`latent_intervention`", "what a latent step feeds"),
+                        ((f"`{name}`", what) for name, what in INTERVENTIONS)) + "\n")
+    return "\n".join(parts)
+
+
+def write_model_card(folder, config, **kwargs) -> Path:
+    """Write `render_model_card(config, **kwargs)` to `folder`/README.md; returns the path."""
+    path = Path(folder) / CARD_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_model_card(config, **kwargs), encoding="utf-8")
+    return path
+
+
+def read_training_run(folder) -> TrainingRun | None:
+    """The `TrainingRun` recorded in `folder`/README.md's front matter (None without a GAP card)."""
+    path = Path(folder) / CARD_NAME
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    match = re.match(r"^---\n(.*?)\n---\n", text, flags=re.DOTALL)
+    if match is None:
+        return None
+    metadata = yaml.safe_load(match.group(1)) or {}
+    recorded = (metadata.get("gap") or {}).get("training") if isinstance(metadata, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainingRun)}
+    return TrainingRun(**{key: value for key, value in recorded.items() if key in names})
