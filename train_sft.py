@@ -44,18 +44,36 @@ torchrun --nproc_per_node 8 train_sft.py --config configs/gap_7b.yaml --deepspee
 `--global_batch_size G` sets `gradient_accumulation_steps = G / (per_device_train_batch_size * world_size)` (it
 must divide); without it, `--gradient_accumulation_steps` is used as given. On a machine without an accelerator the
 script trains on the CPU (`use_cpu` defaults to true there) and DeepSpeed uses the gloo backend.
+
+# Push the final checkpoint with its model card; resume a run; LoRA, then merge; scheduled sampling
+```bash
+python train_sft.py ... --push_to_hub --hub_model_id me/gap-7b --base_model_id Qwen/Qwen2.5-VL-7B-Instruct
+python train_sft.py ... --resume_from_checkpoint runs/gap-7b/checkpoint-500   # or `last`
+python train_sft.py ... --use_peft --lora_r 64 --lora_alpha 128 --output_dir runs/gap-lora
+gap merge-lora --adapter runs/gap-lora --output-dir runs/gap-lora-merged
+python train_sft.py ... --scheduled_sampling_prob 0.25
+```
 """
 
 import contextlib
 import dataclasses
+import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate.utils import is_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, get_last_checkpoint
+from transformers.utils import PushInProgress
+from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
+
+from gap_pipeline.model_card import TrainingRun, write_model_card
 
 
 # Dataset columns `GapDataCollator` reads: TRL's conversational vision format, the GAP columns, and the image
@@ -72,6 +90,75 @@ COLLATOR_COLUMNS = (
 )
 # Name of the model's latent head in parameter names (`latent_head.proj.weight`, ...).
 LATENT_HEAD_PREFIX = "latent_head."
+# The projections LoRA adapts by default (`--use_peft` without `--lora_target_modules`), in the language model only.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# GAP's own resumable state in a checkpoint folder (next to the Trainer's trainer_state.json).
+GAP_STATE_NAME = "gap_trainer_state.json"
+# What a checkpoint folder holds only to resume training (not pushed as the model): Trainer, DeepSpeed, GAP.
+TRAINING_STATE_PATTERNS = (
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    GAP_STATE_NAME,
+    "global_step*",
+    "latest",
+    "zero_to_fp32.py",
+)
+# Where `push_to_hub` saves the model it uploads, inside output_dir ("_*" is never uploaded by checkpoint pushes).
+HUB_STAGING_DIR = "_hub_push"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def configure_lora(peft_config, config):
+    """Adapt a PEFT LoRA config to a GAP model (in place; returns it).
+
+    * LoRA goes on the language model only: `target_modules` None or "all-linear" becomes the decoder layers'
+      projections (`LORA_TARGET_MODULES`), a list of names is restricted to the decoder layers (the vision tower
+      and the latent head have layers of the same names); a string is a regular expression and is kept as given.
+    * `latent_head` joins `modules_to_save`: the whole head trains and is saved with the adapter.
+    * The rows of ``<|latent_start|>``, ``<|latent_pad|>`` and ``<|latent_end|>`` train
+      (`trainable_token_indices`): in the input embedding, and in the LM head when it is not tied to it (a tied
+      head follows the embedding), unless a layer is already in `modules_to_save` (trained whole). Without them
+      the model could never learn to open a span.
+    """
+    start, pad, end = config.latent_token_ids
+    modules_to_save = list(peft_config.modules_to_save or [])
+    if "latent_head" not in modules_to_save:
+        modules_to_save.append("latent_head")
+    peft_config.modules_to_save = modules_to_save
+
+    targets = peft_config.target_modules
+    if targets is None or targets == "all-linear":
+        names = LORA_TARGET_MODULES
+    elif isinstance(targets, str):
+        names = None
+    else:
+        names = sorted(targets)
+    if names is not None:
+        alternatives = "|".join(sorted(dict.fromkeys(names)))
+        peft_config.target_modules = rf"(?:.*\.)?language_model\.layers\.\d+\..*\.(?:{alternatives})"
+
+    indices = peft_config.trainable_token_indices
+    if indices is None:
+        indices = {}
+    elif not isinstance(indices, dict):
+        indices = {"embed_tokens": list(indices)}
+    else:
+        indices = {layer: list(ids) for layer, ids in indices.items()}
+    layers = ["embed_tokens"] if config.tie_word_embeddings else ["embed_tokens", "lm_head"]
+    for layer in layers:
+        if layer in modules_to_save:
+            continue
+        indices[layer] = sorted(set(indices.get(layer, [])) | {start, pad, end})
+    peft_config.trainable_token_indices = indices or None
+    return peft_config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -96,8 +183,21 @@ class GapSFTTrainer(SFTTrainer):
     * the vision tower and the latent head run on every micro-batch, so ZeRO-3 ranks gather the same parameters in
       the same order (a micro-batch without images encodes a one-token dummy image whose features are weighted 0).
 
-    `model` must be an instance (a `GapForConditionalGeneration`, or a PEFT model around one); with `peft_config` the
-    latent head is added to `modules_to_save`, so it stays fully trainable.
+    `model` must be an instance (a `GapForConditionalGeneration`, or a PEFT model around one). With `peft_config`
+    (a LoRA config) the adapter goes on the language model only (`configure_lora`), the latent head is fully
+    trainable (`modules_to_save`) and so are the three latent tokens' rows of the input embedding and, when untied,
+    of the LM head (`trainable_token_indices`).
+
+    `scheduled_sampling_prob` p > 0 turns on scheduled sampling (paper App. F, an ablation): every training
+    micro-batch runs a teacher-forced first pass without gradients, then each latent span's inputs are replaced,
+    with probability p per span (seeded by `args.seed`, the step and the rank), by the first pass's detached
+    predictions, and the loss optimised is the second pass's, against the true targets. Both passes run on every
+    rank and every micro-batch (ZeRO-3 lock-step). `scheduled_sampling_fraction` (replaced spans / spans) is logged.
+    Evaluation stays teacher-forced.
+
+    Saving writes a model card (`gap_pipeline.model_card`) into every saved folder; `training_run` (a
+    `TrainingRun`) supplies what the trainer cannot know (command, base model, datasets). `push_to_hub` uploads a
+    fresh save of the model (the folder `save_model` writes, card included) and nothing else from `output_dir`.
     """
 
     _tag_names = ["trl", "sft", "gap"]
@@ -115,6 +215,8 @@ class GapSFTTrainer(SFTTrainer):
         latent_head_learning_rate=None,
         freeze_vision_tower=True,
         peft_config=None,
+        scheduled_sampling_prob=0.0,
+        training_run=None,
         **kwargs,
     ):
         if isinstance(model, str):
@@ -126,12 +228,17 @@ class GapSFTTrainer(SFTTrainer):
             raise ValueError(f"`latent_head_learning_rate` must be >= 0, got {latent_head_learning_rate}.")
         if not isinstance(args, SFTConfig):
             raise TypeError(f"GapSFTTrainer needs an `SFTConfig` as `args`, got {type(args).__name__}.")
+        if not 0.0 <= scheduled_sampling_prob <= 1.0:
+            raise ValueError(f"`scheduled_sampling_prob` must be in [0, 1], got {scheduled_sampling_prob}.")
         # The collator builds every tensor from the raw rows; TRL must not tokenize a dataset without images.
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if peft_config is not None:
-            modules_to_save = list(peft_config.modules_to_save or [])
-            if "latent_head" not in modules_to_save:
-                peft_config.modules_to_save = modules_to_save + ["latent_head"]
+            if not freeze_vision_tower:
+                raise ValueError(
+                    "With a PEFT config only the adapter, the latent head and the latent-token rows train; the vision "
+                    "tower stays frozen. Drop --no_freeze_vision_tower or train without --use_peft."
+                )
+            configure_lora(peft_config, (model.get_base_model() if is_peft_model(model) else model).config)
         super().__init__(
             model,
             args=args,
@@ -159,6 +266,10 @@ class GapSFTTrainer(SFTTrainer):
         self._latent_pad_id = gap.config.latent_pad_token_id
         self._num_latent_items_in_batch = None
         self._latent_norm_ratio = {mode: torch.zeros(2, dtype=torch.float64) for mode in ("train", "eval")}
+        self.scheduled_sampling_prob = float(scheduled_sampling_prob)
+        self._replaced_spans = torch.zeros(2, dtype=torch.float64)  # (replaced spans, spans) since the last log
+        self._sampling_micro_step = (None, 0)  # (global step, micro-batches seen in it): the coin flips' seed
+        self.training_run = training_run if training_run is not None else TrainingRun()
 
     # -- model access ---------------------------------------------------------------------------------------------
     def _gap_model(self):
@@ -210,7 +321,10 @@ class GapSFTTrainer(SFTTrainer):
         if global_counts:
             inputs["num_items_in_batch"] = num_items_in_batch
             inputs["num_latent_items_in_batch"] = self._num_latent_items_in_batch
-        outputs = model(**inputs)
+        if mode == "train" and self.scheduled_sampling_prob > 0:
+            outputs = self._scheduled_sampling_forward(model, inputs)
+        else:
+            outputs = model(**inputs)
         loss = outputs.loss
         if vision_anchor is not None:
             loss = loss + vision_anchor
@@ -221,6 +335,67 @@ class GapSFTTrainer(SFTTrainer):
             loss = loss * scale
         self._record_metrics(mode, inputs, outputs, scale, self.current_gradient_accumulation_steps if global_counts else 1)
         return (loss, outputs) if return_outputs else loss
+
+    def _scheduled_sampling_forward(self, model, inputs):
+        """The two passes of scheduled sampling (App. F); returns the second pass's outputs, its loss against the
+        true targets.
+
+        The first pass is the teacher-forced forward, without gradients (with the labels, so that the latent head
+        runs as many times as in the second pass on every rank, latents or not). Each latent span is then picked with
+        probability p (`_span_coin_flips`), and the inputs of the picked spans' pads become the first pass's
+        detached predictions (v_hat, PCA-decoded). Both passes run on every micro-batch, latents or not, so ZeRO-3
+        ranks gather the same parameters in the same order; the images are encoded once, for both.
+        """
+        with torch.no_grad():
+            first = model(**inputs)
+        targets = inputs.get("latent_embeds")
+        span_of_pad, n_spans = self._span_ids(inputs["input_ids"])
+        replaced = self._span_coin_flips(n_spans)
+        second_inputs = dict(inputs)
+        if targets is not None:
+            predictions = first.latent_predictions.detach().to(targets.device, targets.dtype)
+            picked = replaced.to(targets.device)[span_of_pad.to(targets.device)]
+            second_inputs["latent_embeds"] = torch.where(picked[:, None], predictions, targets)
+        outputs = model(**second_inputs)
+        if targets is not None:
+            # The forward compared its predictions with the inputs it was given; the loss compares them with v.
+            gap = self._gap_model()
+            latent_loss = gap._latent_loss(outputs.latent_predictions, targets, inputs.get("num_latent_items_in_batch"))
+            outputs["latent_loss"] = latent_loss
+            outputs["loss"] = outputs.lm_loss + gap.config.latent_loss_weight * latent_loss.to(outputs.lm_loss.device)
+        counts = torch.tensor([[float(replaced.sum()), float(n_spans)]], device=self.args.device)
+        self._replaced_spans += self.accelerator.gather(counts).sum(0).double().cpu()
+        return outputs
+
+    def _span_ids(self, input_ids):
+        """(span index of every ``<|latent_pad|>``, in pad order; number of spans): spans are numbered in
+        row-major order of their ``<|latent_start|>``, like the rows of `latent_embeds`."""
+        starts = (input_ids == self._gap_model().config.latent_start_token_id).long()
+        pads = input_ids == self._latent_pad_id
+        opened = starts.cumsum(1)
+        if (opened[pads] == 0).any():
+            raise ValueError(
+                "A <|latent_pad|> has no <|latent_start|> before it in its row: scheduled sampling replaces whole "
+                "spans, so every pad must belong to one (expand `<latent>` placeholders with the GAP processor)."
+            )
+        per_row = starts.sum(1)
+        earlier = per_row.cumsum(0) - per_row
+        return (opened + earlier[:, None] - 1)[pads], int(per_row.sum())
+
+    def _span_coin_flips(self, n_spans):
+        """Which of `n_spans` spans get their inputs replaced: True with probability p each.
+
+        The generator is seeded from (`args.seed`, global step, micro-batch within the step, process index), so a
+        run repeats exactly and a resumed run flips the same coins as an uninterrupted one, with no state saved.
+        """
+        step = self.state.global_step
+        last_step, seen = self._sampling_micro_step
+        seen = seen if last_step == step else 0
+        self._sampling_micro_step = (step, seen + 1)
+        entropy = [self.args.seed, step, seen, self.args.process_index]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(n_spans, generator=generator) < self.scheduled_sampling_prob
 
     def _encode_images(self, inputs):
         """Run the vision tower before the forward, on every rank and every micro-batch.
@@ -292,6 +467,11 @@ class GapSFTTrainer(SFTTrainer):
         if count > 0:
             self._metrics[mode]["latent_norm_ratio"] = [ratio_sum / count]
         self._latent_norm_ratio[mode].zero_()
+        if mode == "train" and self.scheduled_sampling_prob > 0:
+            replaced, spans = self._replaced_spans.tolist()
+            if spans > 0:
+                self._metrics[mode]["scheduled_sampling_fraction"] = [replaced / spans]
+            self._replaced_spans.zero_()
         super().log(logs, start_time)
 
     # -- saving ---------------------------------------------------------------------------------------------------
@@ -308,9 +488,200 @@ class GapSFTTrainer(SFTTrainer):
             self._fp32_head_state = None
 
     def _save(self, output_dir=None, state_dict=None):
+        """`Trainer._save`, then the model card into the same folder (on the processes that write)."""
         if state_dict is not None and getattr(self, "_fp32_head_state", None):
             state_dict = {**state_dict, **self._fp32_head_state}
         super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir if output_dir is not None else self.args.output_dir)
+
+    # -- model card and Hub ---------------------------------------------------------------------------------------
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, output_dir=None):
+        """Write GAP's model card (`gap_pipeline.model_card`) as README.md into `output_dir` (default
+        `args.output_dir`), replacing TRL's; on the processes that save.
+
+        `dataset_name` is added to the card's datasets, `tags` to its metadata tags.
+        """
+        if not self.args.should_save:
+            return
+        if model_name is None:
+            model_name = (self.args.hub_model_id or os.path.abspath(self.args.output_dir)).rstrip("/").split("/")[-1]
+        run = self._training_run_for_card()
+        if dataset_name is not None and dataset_name not in run.datasets:
+            run.datasets = [*run.datasets, dataset_name]
+        write_model_card(
+            output_dir if output_dir is not None else self.args.output_dir,
+            self._gap_model().config,
+            model_name=model_name,
+            model_id=self.hub_model_id or self.args.hub_model_id,
+            training=run,
+            adapter=is_peft_model(self.model),
+            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else list(tags or []))],
+        )
+
+    def _training_run_for_card(self):
+        """`training_run` completed with what the trainer knows: tau, p, world size, LoRA, hyperparameters."""
+        run = self.training_run
+        tau = run.difficulty_threshold
+        if tau is None:
+            tau = getattr(self.data_collator, "difficulty_threshold", None)
+        args = self.args
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        hyperparameters = {
+            "learning_rate": args.learning_rate,
+            "latent_head_learning_rate": self.latent_head_learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "weight_decay": args.weight_decay,
+            "optim": str(getattr(args.optim, "value", args.optim)),
+            "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "max_grad_norm": args.max_grad_norm,
+            "precision": precision,
+            "activation_checkpointing": args.activation_checkpointing,
+            "freeze_vision_tower": self.freeze_vision_tower,
+            "seed": args.seed,
+            "steps_trained": self.state.global_step,
+        }
+        if args.deepspeed:
+            hyperparameters["deepspeed"] = args.deepspeed if isinstance(args.deepspeed, str) else "dict"
+        return dataclasses.replace(
+            run,
+            datasets=list(run.datasets),
+            difficulty_threshold=tau,
+            scheduled_sampling_prob=self.scheduled_sampling_prob,
+            world_size=run.world_size or args.world_size,
+            hyperparameters={**hyperparameters, **run.hyperparameters},
+            lora=run.lora if run.lora is not None else self._lora_settings(),
+        )
+
+    def _lora_settings(self):
+        """The active LoRA config's main fields, or None without PEFT."""
+        if not is_peft_model(self.model):
+            return None
+        config = self.model.peft_config[self.model.active_adapter]
+        fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "trainable_token_indices")
+        return {name: getattr(config, name, None) for name in fields}
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
+                    **kwargs):
+        """Upload the model to `hub_model_id`: exactly the folder `save_model` writes (weights or adapter, config,
+        remote code, processor and chat template, training_args.bin), with GAP's model card as README.md.
+
+        The folder is saved afresh into `<output_dir>/_hub_push` (every process takes part, as in `save_model`),
+        uploaded from there and removed, so nothing else in `output_dir` (a converted `gap-init`, logs,
+        checkpoints) is pushed. `kwargs` go to `create_model_card` (`model_name`, `dataset_name`, `tags`).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        staging = os.path.join(self.args.output_dir, HUB_STAGING_DIR)
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)
+        self.save_model(staging, _internal_call=True)
+        if not self.is_world_process_zero():
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            return None
+        if kwargs:
+            self.create_model_card(output_dir=staging, **kwargs)
+        self._finish_current_push()
+        result = hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=staging,
+            commit_message=commit_message,
+            token=token,
+            run_as_future=not blocking,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+        if blocking:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            result.add_done_callback(lambda _: shutil.rmtree(staging, ignore_errors=True))
+        return result
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """During training (`hub_strategy` every_save, checkpoint, all_checkpoints): upload the checkpoint's model
+        files (the folder less what only resuming needs, `TRAINING_STATE_PATTERNS`) to the repository's root, and
+        for `checkpoint` / `all_checkpoints` the whole folder under `last-checkpoint/` or `checkpoint-N/`, as the
+        Trainer does. Unlike the Trainer's version it uploads from the checkpoint folder itself, so the remote code,
+        processor and card go along and nothing else from `output_dir` does."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        common = {
+            "repo_id": self.hub_model_id,
+            "token": self.args.hub_token,
+            "run_as_future": True,
+            "revision": self.args.hub_revision,
+        }
+        jobs = [
+            hf_api().upload_folder(
+                folder_path=checkpoint_folder,
+                commit_message=commit_message,
+                ignore_patterns=list(TRAINING_STATE_PATTERNS),
+                **common,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = (
+                "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(checkpoint_folder)
+            )
+            jobs.append(
+                hf_api().upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=commit_message + ", checkpoint",
+                    **common,
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    # -- checkpoints and resuming ---------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, plus GAP's state (`GAP_STATE_NAME`: the token count TRL logs as `num_tokens`).
+
+        The scheduled-sampling coin flips need no state (`_span_coin_flips`); the logging windows of
+        `latent_norm_ratio` and `scheduled_sampling_fraction` restart on resume, like the Trainer's loss window.
+        """
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, GAP_STATE_NAME), "w") as f:
+                json.dump({"num_tokens": self._total_train_tokens}, f)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; a resumed run also restores GAP's state from the checkpoint folder.
+
+        `resume_from_checkpoint` is a checkpoint folder, or True for the last one in `output_dir`.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint-* folder to resume from in {self.args.output_dir}.")
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, GAP_STATE_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self._total_train_tokens = int(json.load(f)["num_tokens"])
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def _gather_fp32_latent_head(self):
         """{state-dict key: fp32 CPU tensor} of the head's low-precision DeepSpeed parameters (empty otherwise)."""
@@ -433,6 +804,23 @@ class GapScriptArguments:
         metadata={
             "help": "Rows per optimizer step over all processes; sets gradient_accumulation_steps = global_batch_size "
             "/ (per_device_train_batch_size * world_size), which must be a whole number."
+        },
+    )
+    scheduled_sampling_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Scheduled sampling (paper App. F ablation; 0 = off, teacher forcing). With p > 0 every training "
+            "step runs two forward passes: a teacher-forced one without gradients, then one where each latent span's "
+            "inputs are, with probability p (seeded), the first pass's detached PCA-decoded predictions. The loss "
+            "optimised (and logged) is the second pass's, against the true targets; `scheduled_sampling_fraction` "
+            "logs the share of replaced spans. Evaluation stays teacher-forced."
+        },
+    )
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model (e.g. Qwen/Qwen2.5-VL-7B-Instruct) for the model card's `base_model` "
+            "metadata, when --model_name_or_path is a local folder."
         },
     )
 
@@ -619,8 +1007,11 @@ def load_gap_dataset(path, config):
     return dataset
 
 
-def main(script_args, training_args, model_args):
-    """Load (or convert) the model, load the data, train `GapSFTTrainer`, save; returns the trainer."""
+def main(script_args, training_args, model_args, argv=None):
+    """Load (or convert) the model, load the data, train `GapSFTTrainer`, save (and push); returns the trainer.
+
+    `argv` is the command line the model card records (default `sys.argv`).
+    """
     from trl import get_peft_config
 
     from gap_pipeline.collator import GapDataCollator
@@ -645,6 +1036,16 @@ def main(script_args, training_args, model_args):
         max_length=training_args.max_length,
         latent_tokens_per_span=model.config.latent_tokens_per_span,
     )
+    datasets = [script_args.dataset_path]
+    if eval_dataset is not None:
+        datasets.append(script_args.eval_dataset_path)
+    training_run = TrainingRun(
+        base_model=model_args.model_name_or_path,
+        base_model_id=script_args.base_model_id,
+        datasets=datasets,
+        command=command_line(argv if argv is not None else sys.argv),
+        difficulty_threshold=script_args.difficulty_threshold,
+    )
     trainer = GapSFTTrainer(
         model,
         args=training_args,
@@ -655,12 +1056,35 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
         latent_head_learning_rate=script_args.latent_head_learning_rate,
         freeze_vision_tower=script_args.freeze_vision_tower,
+        scheduled_sampling_prob=script_args.scheduled_sampling_prob,
+        training_run=training_run,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     if training_args.push_to_hub:
+        # `push_to_hub` saves the final model itself (into a folder it uploads whole); save it to output_dir too.
+        trainer.save_model(training_args.output_dir, _internal_call=True)
         trainer.push_to_hub()
+    else:
+        trainer.save_model(training_args.output_dir)
     return trainer
+
+
+def command_line(argv):
+    """The command that started this process, as one shell line: `python train_sft.py ...`, without the
+    `--local_rank` a launcher adds."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--local_rank":
+            skip = True
+            continue
+        if arg.startswith("--local_rank="):
+            continue
+        args.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]) if argv else "train_sft.py", *args])
 
 
 if __name__ == "__main__":
