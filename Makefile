@@ -1,4 +1,7 @@
+# make demo     the whole GAP pipeline on CPU on the demo task (under 10 minutes after the install)
+# make demo-full  3 seeds plus the LH+PCA+DA and full-head ablations, mean +- std
 # make test     create .venv if needed, install the project into it, run the tests
+# make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
 #
 # The install runs once and again only when setup.cfg or pyproject.toml change (stamp file).
@@ -13,12 +16,21 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gap-vl-installed
 
-.PHONY: install test
+.PHONY: install test demo demo-full bench
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m gap_pipeline demo --output-dir runs/demo
+
+demo-full: $(STAMP)
+	$(PY) -m gap_pipeline demo --full --output-dir runs/demo-full
+
+bench: $(STAMP)
+	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) pca_fit.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

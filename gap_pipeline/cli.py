@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "norm-profile": "gap_pipeline.norms",
     "evaluate": "gap_pipeline.evaluate",
     "demo-data": "gap_pipeline.demo_task",
+    "demo": "gap_pipeline.demo",
 }
 
 
