@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .datasets_io import load_dataset_folder
+
 __all__ = [
     "RowError",
     "clean_messages",
@@ -65,24 +67,13 @@ def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
     if not p.exists():
         raise FileNotFoundError(f"dataset not found: {p}")
     if p.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except FileNotFoundError as exc:
-            raise ValueError(
-                f"{p} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
-                "or a .jsonl / .json / .parquet file"
-            ) from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split is None:
-                if len(ds) != 1:
-                    raise ValueError(f"{p} holds splits {list(ds)}; choose one with --split")
-                split = next(iter(ds))
-            if split not in ds:
-                raise ValueError(f"{p} has no split {split!r}; it has {list(ds)}")
-            ds = ds[split]
-        elif split is not None:
-            raise ValueError(f"{p} is a single Dataset, not a DatasetDict; drop --split {split}")
-        return ds
+        return load_dataset_folder(
+            p,
+            split,
+            ValueError,
+            "{path} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
+            "or a .jsonl / .json / .parquet file",
+        )
     if split is not None:
         raise ValueError(f"{p} is a single file; drop --split {split}")
     if p.suffix.lower() == ".jsonl":

@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
+from .datasets_io import load_dataset_folder
+
 PCA_FILENAME = "pca.safetensors"
 REPORT_FILENAME = "pca_report.json"
 DEFAULT_COLUMN = "latent_targets"
@@ -646,26 +648,13 @@ def _row_matrix(value: Any, row_index: int, column: str) -> Optional[np.ndarray]
 def load_targets_dataset(path: Union[str, os.PathLike], split: Optional[str] = None):
     """``datasets.load_from_disk`` (memory-mapped); a DatasetDict needs ``split`` unless it
     has exactly one split."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise PcaError(
-            f"{path} is not a dataset saved with Dataset.save_to_disk ({exc}); pass a dataset "
-            "directory or a .npy file of shape (N, d)"
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            if len(ds) != 1:
-                raise PcaError(f"{path} holds splits {list(ds)}; choose one with --split")
-            split = next(iter(ds))
-        if split not in ds:
-            raise PcaError(f"{path} has no split {split!r}; it has {list(ds)}")
-        ds = ds[split]
-    elif split is not None:
-        raise PcaError(f"{path} is a single Dataset, not a DatasetDict; drop --split {split}")
-    return ds
+    return load_dataset_folder(
+        path,
+        split,
+        PcaError,
+        "{path} is not a dataset saved with Dataset.save_to_disk ({exc}); pass a dataset "
+        "directory or a .npy file of shape (N, d)",
+    )
 
 
 def iter_dataset_vectors(

@@ -1,0 +1,52 @@
+"""Reading ``Dataset.save_to_disk`` folders: the one place that picks a split of a ``DatasetDict``.
+
+Used by :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`;
+each passes its own error class and the message for a folder that is not a saved dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Type, Union
+
+__all__ = ["load_dataset_folder", "select_split"]
+
+
+def select_split(ds, split: Optional[str], where: object, error_cls: Type[Exception] = ValueError):
+    """The ``datasets.Dataset`` that ``split`` names in ``ds``.
+
+    A ``DatasetDict`` needs ``split`` unless it has exactly one split; a single ``Dataset`` takes no
+    ``split``. ``where`` (the folder) starts each message; errors are raised as ``error_cls``.
+    """
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise error_cls(f"{where} holds splits {list(ds)}; choose one with --split")
+            split = next(iter(ds))
+        if split not in ds:
+            raise error_cls(f"{where} has no split {split!r}; it has {list(ds)}")
+        return ds[split]
+    if split is not None:
+        raise error_cls(f"{where} is a single Dataset, not a DatasetDict; drop --split {split}")
+    return ds
+
+
+def load_dataset_folder(
+    path: Union[str, os.PathLike],
+    split: Optional[str],
+    error_cls: Type[Exception],
+    not_a_dataset: str,
+):
+    """``datasets.load_from_disk(path)`` (memory-mapped) narrowed to one split by :func:`select_split`.
+
+    A folder that ``load_from_disk`` rejects raises ``error_cls(not_a_dataset.format(path=path, exc=exc))``.
+    """
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise error_cls(not_a_dataset.format(path=path, exc=exc)) from None
+    return select_split(ds, split, path, error_cls)
