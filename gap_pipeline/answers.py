@@ -27,13 +27,11 @@ Matching rules (documented here because results depend on them):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
 import re
-import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+from .plugins import import_object
 
 __all__ = [
     "AnswerChecker",
@@ -508,48 +506,9 @@ def load_checker(spec: Optional[str] = None, **kwargs: Any) -> AnswerChecker:
     if spec is None or not str(spec).strip() or str(spec).strip() == "default":
         return DefaultAnswerChecker(**kwargs)
     spec = str(spec).strip()
-    if ":" in spec and not re.match(r"^[A-Za-z]:[\\/]", spec):
-        module_name, _, attr = spec.rpartition(":")
-    elif "." in spec:
-        module_name, _, attr = spec.rpartition(".")
-    else:
-        raise CheckerLoadError(f"cannot load answer checker {spec!r}: no callable named; {_SPEC_HELP}")
-    if not module_name or not attr:
-        raise CheckerLoadError(f"cannot load answer checker {spec!r}: {_SPEC_HELP}")
-
-    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-        path = os.path.abspath(module_name)
-        if not os.path.isfile(path):
-            raise CheckerLoadError(f"cannot load answer checker {spec!r}: file {path} does not exist; {_SPEC_HELP}")
-        name = "_gap_user_checker_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-        file_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[name] = module
-        try:
-            file_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise CheckerLoadError(
-                f"cannot load answer checker {spec!r}: executing {path} failed with "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:
-            raise CheckerLoadError(
-                f"cannot load answer checker {spec!r}: importing module {module_name!r} failed with "
-                f"{type(exc).__name__}: {exc}; {_SPEC_HELP}"
-            ) from exc
-
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CheckerLoadError(
-                f"cannot load answer checker {spec!r}: {module_name!r} has no attribute {attr!r}"
-            ) from None
+    obj, attr = import_object(
+        spec, "answer checker", CheckerLoadError, _SPEC_HELP, "_gap_user_checker_", allow_dotted=True
+    )
     if isinstance(obj, type):
         try:
             obj = obj(**kwargs)

@@ -48,8 +48,6 @@ import argparse
 import dataclasses
 import glob
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -60,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
+from .plugins import import_object
 
 __all__ = [
     "DifficultyError",
@@ -259,45 +258,11 @@ _SPEC_HELP = (
 )
 
 
-def _import_spec(spec: str, what: str):
-    if ":" not in spec or re.match(r"^[A-Za-z]:[\\/][^:]*$", spec):
-        raise DifficultyError(f"cannot load {what} {spec!r}: no callable named; {_SPEC_HELP}")
-    module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr:
-        raise DifficultyError(f"cannot load {what} {spec!r}: {_SPEC_HELP}")
-    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-        path = os.path.abspath(module_name)
-        if not os.path.isfile(path):
-            raise DifficultyError(f"cannot load {what} {spec!r}: file {path} does not exist")
-        name = "_gap_user_sampler_" + re.sub(r"\W", "_", Path(path).stem)
-        file_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[name] = module
-        try:
-            file_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise DifficultyError(f"cannot load {what} {spec!r}: executing {path} failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:
-            raise DifficultyError(
-                f"cannot load {what} {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise DifficultyError(f"cannot load {what} {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def load_sampler(spec: Optional[str], settings: SamplerSettings) -> Sampler:
     """The sampler named by `spec` (None / "" / "hf" = :class:`HFSampler`), built with `settings` if a factory."""
     if spec is None or not spec.strip() or spec.strip() == "hf":
         return HFSampler(settings)
-    obj = _import_spec(spec.strip(), "sampler")
+    obj, _ = import_object(spec.strip(), "sampler", DifficultyError, _SPEC_HELP, "_gap_user_sampler_")
     if not isinstance(obj, type) and callable(getattr(obj, "sample", None)):
         return obj
     if not callable(obj):
