@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_every_stage_and_prints_the_intervention_table(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
-        [sys.executable, "-m", "gap_pipeline", "demo", "--output-dir", out, "--train-rows", 40, "--test-rows", 10,
-         "--epochs", 1, "--difficulty-rows", 6, "--difficulty-samples", 2],
+        [sys.executable, "-m", "gap_pipeline", "demo", "--output-dir", str(out), "--train-rows", "40",
+         "--test-rows", "10", "--epochs", "1", "--difficulty-rows", "6", "--difficulty-samples", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-4000:]
