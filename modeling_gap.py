@@ -265,14 +265,15 @@ class GapLatentLogitsProcessor(LogitsProcessor):
         in_span, pads_so_far = self.span_progress(input_ids)
         force_pad = in_span & (pads_so_far < self.latent_tokens_per_span)
         force_end = in_span & (pads_so_far >= self.latent_tokens_per_span)
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[:, [self.pad_id, self.end_id]] = True
-        if self.ban_start:
-            banned[:, self.start_id] = True
-        scores = scores.masked_fill(banned & ~in_span[:, None], float("-inf"))
+        scores = scores.clone()
+        # outside a span: ban pad and end (and start under `suppress`); touches only those columns
+        banned = [self.pad_id, self.end_id] + ([self.start_id] if self.ban_start else [])
+        scores[:, banned] = scores[:, banned].masked_fill(~in_span[:, None], float("-inf"))
+        # inside a span: everything -inf but the forced token (pad or end, both already -inf in free rows)
+        scores.masked_fill_(in_span[:, None], float("-inf"))
         forced = torch.where(force_pad, self.pad_id, self.end_id)
-        only_forced = torch.full_like(scores, float("-inf")).scatter(1, forced[:, None], 0.0)
-        return torch.where(in_span[:, None], only_forced, scores)
+        forced_score = torch.where(in_span, 0.0, float("-inf")).to(scores.dtype)
+        return scores.scatter_(1, forced[:, None], forced_score[:, None])
 
 
 class GapLatentState:

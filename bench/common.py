@@ -58,9 +58,11 @@ def build_models(size: str, latent_tokens_per_span: int = 36, dtype=torch.float3
                   intermediate_size=2 * s["vision_hidden"], out_hidden_size=s["hidden_size"],
                   fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112)
     base_config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    # The SwiGLU adapter is sized like the 7B head's (1024 wide at d = 3584): d / 4, so the head's share of a step
+    # is the real model's, not four times it.
     gap_config = GapConfig(text_config=text, vision_config=vision, **ids, latent_tokens_per_span=latent_tokens_per_span,
-                           pca_num_components=s["k"], latent_start_token_id=vocab - 4, latent_pad_token_id=vocab - 3,
-                           latent_end_token_id=vocab - 2)
+                           pca_num_components=s["k"], latent_adapter_size=s["hidden_size"] // 4,
+                           latent_start_token_id=vocab - 4, latent_pad_token_id=vocab - 3, latent_end_token_id=vocab - 2)
     torch.manual_seed(seed)
     gap = GapForConditionalGeneration(gap_config)
     pca = synthetic_pca(s["hidden_size"], s["k"], seed=seed)
@@ -92,6 +94,29 @@ def timed(fn, device="cpu"):
 def spread(values):
     """median, min, max of a list of numbers."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def reset_peak_rss():
+    """Reset this process's peak resident memory (Linux: VmHWM), so a later `peak_rss_mb` measures what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def current_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process since start or the last `reset_peak_rss` (Linux VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def machine():

@@ -200,7 +200,7 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=96, help="new tokens per generation (parts 1, 3, 4)")
     args = parser.parse_args(argv)
     gap, stock = build_models(args.size, dtype=getattr(torch, args.dtype), device=args.device)

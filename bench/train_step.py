@@ -3,7 +3,8 @@
 Both trainers run `training_step` (forward + backward) and an AdamW step on the same rows: the GAP side with its
 latent spans fed their targets and the latent loss, the plain side as stock Qwen2.5-VL on the same token ids
 (the pads are ordinary tokens to it). Time is the median over interleaved repeats; peak memory is each side's
-peak resident memory growth over its first steps, measured in a fresh process per side. Goal: <= 1.05x time.
+peak resident memory above its resident size between steps (activations, gradients, temporaries), measured in a
+fresh process per side. Goal: <= 1.05x time.
 
     python bench/train_step.py                   # hidden 512, 8 layers, 16 rows of ~130 tokens
     python bench/train_step.py --size 7b --device cuda
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, SIZES, print_table, spread, sync, write_results
+from common import REPO, SIZES, current_rss_mb, peak_rss_mb, print_table, reset_peak_rss, spread, sync, write_results
 
 
 def build(size: str, rows: int, seed: int = 0):
@@ -115,10 +115,15 @@ def worker(side: str, size: str, rows: int, steps: int) -> dict:
         gap_trainer, stock_trainer = trainers(gap, stock, processor, tmp)
         gap_batch, stock_batch = batches(processor, data)
         trainer, batch = (gap_trainer, gap_batch) if side == "gap" else (stock_trainer, stock_batch)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        step(trainer, batch)  # optimizer state exists after the first step
+        import gc
+
+        gc.collect()
+        resident = current_rss_mb()
+        reset_peak_rss()
         for _ in range(steps):
             step(trainer, batch)
-        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+        return {"peak_mb": peak_rss_mb() - resident}
 
 
 def main(argv=None):
