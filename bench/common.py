@@ -102,21 +102,23 @@ def reset_peak_rss():
         f.write("5")
 
 
-def current_rss_mb():
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def current_rss_mb():
+    """Resident memory of this process now, in MB."""
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb():
-    """Peak resident memory of this process since start or the last `reset_peak_rss` (Linux VmHWM), in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """Peak resident memory of this process since start or the last `reset_peak_rss`, in MB."""
+    return _status_mb("VmHWM")
 
 
 def machine():
