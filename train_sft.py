@@ -1023,6 +1023,10 @@ def main(script_args, training_args, model_args, argv=None):
 
         deepspeed.init_distributed(dist_backend="gloo")
 
+    # Seed before the model exists: converting a base checkpoint draws the latent head's adapter weights.
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
     model, processor = load_gap_model_and_processor(script_args, training_args, model_args)
     train_dataset = load_gap_dataset(script_args.dataset_path, model.config)
     eval_dataset = None
