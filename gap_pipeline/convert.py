@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Union
 
 __all__ = ["ConversionReport", "convert_checkpoint"]
 
@@ -278,13 +278,3 @@ def run(args: argparse.Namespace) -> int:
             print("convert: error: the converted model does not reproduce the base logits", file=sys.stderr)
             return 1
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

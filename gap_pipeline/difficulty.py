@@ -783,13 +783,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_summary(report, time.time() - started))
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="difficulty", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

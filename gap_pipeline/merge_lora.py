@@ -144,13 +144,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"  wrote {report['output']} in {time.time() - started:.1f} s; it loads with "
           f"AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="merge-lora", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

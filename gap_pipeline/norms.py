@@ -700,13 +700,3 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(profile))
     print(f"  wrote {json_path} and {png_path} ({time.time() - started:.1f}s)")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="norm-profile", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

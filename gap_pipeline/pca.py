@@ -819,13 +819,3 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(report))
     print(f"  wrote {pca_path} and {report_path}")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fit-pca", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

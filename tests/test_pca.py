@@ -317,19 +317,8 @@ def test_dataset_errors_name_the_row(tmp_path):
 def _cli(*argv, cwd):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if (REPO / "gap_pipeline" / "__main__.py").is_file() and "fit-pca" in _registered_commands():
-        cmd = [sys.executable, "-m", "gap_pipeline", "fit-pca", *argv]
-    else:
-        cmd = [sys.executable, "-m", "gap_pipeline.pca", *argv]
+    cmd = [sys.executable, "-m", "gap_pipeline", "fit-pca", *argv]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _registered_commands():
-    try:
-        from gap_pipeline import cli
-    except ImportError:
-        return {}
-    return getattr(cli, "COMMANDS", {})
 
 
 def test_cli_end_to_end_dataset(tmp_path):
