@@ -1,7 +1,9 @@
-"""Reading ``Dataset.save_to_disk`` folders: the one place that picks a split of a ``DatasetDict``.
+"""File I/O shared by the pipeline steps.
 
-Used by :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`;
-each passes its own error class and the message for a folder that is not a saved dataset.
+* Reading ``Dataset.save_to_disk`` folders: the one place that picks a split of a ``DatasetDict``. Used by
+  :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`; each passes its own
+  error class and the message for a folder that is not a saved dataset.
+* Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Type, Union
 
-__all__ = ["load_dataset_folder", "select_split"]
+__all__ = ["load_dataset_folder", "select_split", "write_json_file"]
 
 
 def select_split(ds, split: Optional[str], where: object, error_cls: Type[Exception] = ValueError):
@@ -50,3 +52,18 @@ def load_dataset_folder(
     except FileNotFoundError as exc:
         raise error_cls(not_a_dataset.format(path=path, exc=exc)) from None
     return select_split(ds, split, path, error_cls)
+
+
+def write_json_file(path, payload, default_name):
+    """Write `payload` as indented JSON to `path`, or to ``path/default_name`` when `path` is not a ``.json`` file."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix != ".json":
+        p = p / default_name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    return p

@@ -62,7 +62,6 @@ final-norm / pre-norm decoder states at the latent steps.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -483,14 +482,9 @@ def dataset_samples(
 
 def write_profile(profile: Dict[str, Any], path: Union[str, os.PathLike]) -> Path:
     """Write the profile JSON (a folder gets ``norm_profile.json``)."""
-    p = Path(path)
-    if p.suffix != ".json":
-        p = p / PROFILE_FILENAME
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        json.dump(profile, f, indent=2)
-        f.write("\n")
-    return p
+    from .datasets_io import write_json_file
+
+    return write_json_file(path, profile, PROFILE_FILENAME)
 
 
 def plot_profile(profile: Dict[str, Any], path: Union[str, os.PathLike], title: Optional[str] = None) -> Path:

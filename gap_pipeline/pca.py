@@ -19,7 +19,6 @@ writes ``pca.safetensors`` (tensors ``mean`` (d), ``components`` (k x d, orthono
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -522,14 +521,9 @@ def load_pca(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
 
 def write_report(path: Union[str, os.PathLike], report: Mapping[str, Any]) -> Path:
     """Writes the report as indented JSON (a directory gets ``pca_report.json``)."""
-    p = Path(path)
-    if p.suffix != ".json":
-        p = p / REPORT_FILENAME
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
-    return p
+    from .datasets_io import write_json_file
+
+    return write_json_file(path, report, REPORT_FILENAME)
 
 
 def _fmt_target(v: float) -> str:
