@@ -47,14 +47,22 @@ __all__ = ["IGNORE_INDEX", "GapDataCollator", "count_latent_positions", "prepare
 IGNORE_INDEX = -100
 
 
+def _is_gap_processor(processor) -> bool:
+    return type(processor).__name__ == "GapProcessor" and all(
+        hasattr(processor, name) for name in ("latent_tokens_per_span", "encode_conversation", "tokenizer")
+    )
+
+
 def _as_gap_processor(processor, latent_tokens_per_span):
     """`processor` as a GapProcessor with K = `latent_tokens_per_span` (sharing tokenizer and image processor)."""
     from processing_gap import GAP_CHAT_TEMPLATE, GapProcessor
 
-    if isinstance(processor, GapProcessor):
+    # A GapProcessor from AutoProcessor(trust_remote_code=True) is the class of the checkpoint's own
+    # processing_gap.py (a `transformers_modules` copy), not this repository's: recognise it by its interface.
+    if isinstance(processor, GapProcessor) or _is_gap_processor(processor):
         if latent_tokens_per_span is None or latent_tokens_per_span == processor.latent_tokens_per_span:
             return processor
-        return GapProcessor(
+        return type(processor)(
             image_processor=processor.image_processor,
             tokenizer=processor.tokenizer,
             chat_template=processor.chat_template,

@@ -364,3 +364,16 @@ def test_k_can_be_overridden_and_a_plain_processor_with_latent_tokens_is_wrapped
     assert isinstance(wrapped.processor, GapProcessor)
     row = _text_row("a <latent>", targets=_targets(1))
     assert torch.equal(wrapped([row])["input_ids"], GapDataCollator(processor)([row])["input_ids"])
+
+
+def test_a_processor_loaded_with_auto_processor_trust_remote_code_is_accepted(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path / "saved")
+    remote = AutoProcessor.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(remote) is not GapProcessor  # the checkpoint's own copy of processing_gap.py
+    row = _text_row("a <latent>", targets=_targets(1))
+    expected = GapDataCollator(processor)([row])["input_ids"]
+    assert torch.equal(GapDataCollator(remote)([row])["input_ids"], expected)
+    resized = GapDataCollator(remote, latent_tokens_per_span=9)
+    assert type(resized.processor) is type(remote) and resized.processor.latent_tokens_per_span == 9
