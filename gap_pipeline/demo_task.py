@@ -8,8 +8,14 @@ and 2 x 2 merge every cell is exactly one merged vision token. Two question type
 * ``marked``: "How many COLOUR cells are in the row of the marked cell?" — one cell carries a black frame;
   the model must find its row first (two hops).
 
-Auxiliary image: the same grid with every cell outside the relevant row blanked to grey — the evidence made
-explicit. Its 16 merged tokens are the latent targets (K = 16, one latent per cell, no pooling).
+Every cell carries two small white coordinate marks: a 4 x 4 px square on its left half whose height encodes the
+row and one on its right half whose height encodes the column. Qwen2.5-VL locates image tokens through its
+trained vision tower and M-RoPE; the demo's random frozen tower gives every cell of one colour the same features
+(no position at all), and the tiny model's M-RoPE (head_dim 16, theta 1e6) turns by at most 0.03 rad per row
+and 2e-4 rad per column, so without the marks no model, latent or not, can tell which cell is which.
+
+Auxiliary image: the same grid with every cell outside the relevant row blanked to grey (marks kept) — the
+evidence made explicit. Its 16 merged tokens are the latent targets (K = 16, one latent per cell, no pooling).
 
 Teacher response, in the paper's format: ``<think>`` a short plan, ``<latent>``, ``<parser>`` a one-line
 description of the auxiliary image ``</parser>``, ``</think><answer>n</answer>``.
@@ -38,13 +44,24 @@ COLOURS = {
 }
 GREY = (128, 128, 128)
 FRAME = 5  # px of the black frame on the marked cell
+MARK = 4  # px side of the white coordinate marks, drawn inside the frame
+MARK_COLOUR = (255, 255, 255)
 ROW_NAMES = ["one", "two", "three", "four"]
 QUESTION_TYPES = ("row", "marked")
 
 
+def mark_boxes(r: int, c: int):
+    """The two coordinate marks of cell (r, c), as boxes inside the cell: at x 6-9 px, its top at 6 + 4 r px (the
+    row), and at x 18-21 px, its top at 6 + 4 c px (the column); the cell's centre pixel stays its colour."""
+    x0, y0 = c * CELL, r * CELL
+    row_mark = (x0 + 6, y0 + 6 + MARK * r, x0 + 6 + MARK - 1, y0 + 6 + MARK * r + MARK - 1)
+    column_mark = (x0 + 18, y0 + 6 + MARK * c, x0 + 18 + MARK - 1, y0 + 6 + MARK * c + MARK - 1)
+    return row_mark, column_mark
+
+
 def draw_grid(cells, marked=None, keep_row=None):
-    """A PIL image of `cells` (GRID x GRID colour names); `marked` (r, c) gets a black frame; with `keep_row`
-    every cell outside that row is grey."""
+    """A PIL image of `cells` (GRID x GRID colour names) with every cell's coordinate marks; `marked` (r, c) gets
+    a black frame; with `keep_row` every cell outside that row is grey (its marks stay)."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (SIZE, SIZE), GREY)
@@ -56,6 +73,8 @@ def draw_grid(cells, marked=None, keep_row=None):
             draw.rectangle(box, fill=colour)
             if marked == (r, c) and (keep_row is None or r == keep_row):
                 draw.rectangle(box, outline=(0, 0, 0), width=FRAME)
+            for mark in mark_boxes(r, c):
+                draw.rectangle(mark, fill=MARK_COLOUR)
     return image
 
 

@@ -51,3 +51,21 @@ def test_generated_rows_pass_the_schema_validator_and_give_one_token_per_cell(tm
     inputs = tiny_processor.image_processor(images=[image], return_tensors="pt")
     t, h, w = inputs["image_grid_thw"][0].tolist()
     assert (t, h // 2, w // 2) == (1, GRID, GRID)
+
+
+def test_every_cell_carries_white_marks_that_encode_its_row_and_column_in_both_images(tmp_path):
+    from gap_pipeline.demo_task import MARK_COLOUR, mark_boxes
+
+    path = generate_split(tmp_path, "train", 5, seed=1)
+    row = json.loads(path.read_text().splitlines()[1])  # a "marked" row: its frame must not hide the marks
+    for name in (row["images"][0], row["aux_images"][0]):
+        pixels = np.asarray(Image.open(tmp_path / name))
+        patterns = set()
+        for r in range(GRID):
+            for c in range(GRID):
+                cell = pixels[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL]
+                white = tuple(map(tuple, np.argwhere((cell == MARK_COLOUR).all(-1))))
+                for x0, y0, x1, y1 in mark_boxes(r, c):
+                    assert (pixels[y0 : y1 + 1, x0 : x1 + 1] == MARK_COLOUR).all()
+                patterns.add(white)
+        assert len(patterns) == GRID * GRID, "each cell's marks are unique to its (row, column)"
