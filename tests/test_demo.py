@@ -32,3 +32,32 @@ def test_demo_runs_every_stage_and_prints_the_intervention_table(tmp_path):
         assert plot.size[0] > 200 and plot.size[1] > 200
     for log in ("tiny-model", "targets", "train-control", "difficulty", "train-gap", "evaluate-gap"):
         assert (out / "logs" / f"{log}.log").is_file()
+
+
+def _fake_seed_run(seed, accuracy):
+    row = {"accuracy": accuracy, "span_rate": 1.0, "mean_latent_norm": 0.2}
+    stats = {"norm_mean": 1.0}
+    return {
+        "seed": seed,
+        "gap": {name: dict(row) for name in ("pca", "suppress", "noise", "hidden", "hidden_ema")},
+        "control": {"accuracy": accuracy / 2, "span_rate": 0.0, "mean_latent_norm": None},
+        "gap_da": dict(row),
+        "gap_full_head": dict(row),
+        "norms": {"latents": {key: stats for key in ("query_vision_input", "latent", "final_norm_state",
+                                                      "pre_norm_state")}},
+    }
+
+
+def test_full_mode_table_gives_mean_and_std_over_seeds_with_the_two_ablation_rows():
+    import argparse
+
+    from gap_pipeline.demo import format_table
+
+    runs = [_fake_seed_run(0, 0.2), _fake_seed_run(1, 0.4), _fake_seed_run(2, 0.6)]
+    text, table = format_table(runs, argparse.Namespace(test_rows=10))
+    assert table["seeds"] == [0, 1, 2]
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["GAP, pca"]["accuracy"] == 0.4 and abs(rows["GAP, pca"]["accuracy_std"] - 0.2) < 1e-12
+    assert abs(rows["control (no latents)"]["accuracy"] - 0.2) < 1e-12
+    assert "LH+PCA+DA, pca" in rows and "LH (full head), pca" in rows
+    assert "mean ± std over seeds [0, 1, 2]" in text and "0.400 ± 0.200" in text
