@@ -209,9 +209,17 @@ class _gathered:
 
     def __enter__(self):
         if self.params:
-            import deepspeed  # only reached when parameters are DeepSpeed-partitioned
-
-            self.context = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
+            # Only DeepSpeed gives parameters a `ds_id`, so it is installed here. The import sits in `try` because
+            # transformers' remote-code check (`dynamic_module_utils.check_imports`) requires every module imported
+            # outside a `try` block from whoever loads this file, and loading and generating need no DeepSpeed.
+            try:
+                from deepspeed.zero import GatheredParameters
+            except ImportError as error:
+                raise ImportError(
+                    f"{len(self.params)} parameters are partitioned by DeepSpeed ZeRO-3 (they carry `ds_id`) but "
+                    f"deepspeed cannot be imported ({error}); run in the environment that partitioned them."
+                ) from error
+            self.context = GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
             self.context.__enter__()
         return self
 

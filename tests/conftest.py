@@ -6,6 +6,9 @@ weights builds its own copy, e.g. with ``build_tiny_tokenizer()``, or loads the 
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Any accidental Hub access must fail loudly; set before transformers / huggingface_hub
 # are imported (they read these at import time).
@@ -22,6 +25,10 @@ from gap_pipeline.tiny import (  # noqa: E402
     build_tiny_tokenizer,
     save_tiny_base_checkpoint,
 )
+
+# What a Hub user who loads a GAP checkpoint has installed (issue 18), and what they do not.
+HUB_USER_PACKAGES = ("torch", "transformers", "accelerate", "pillow")
+TRAINING_STACK = ("deepspeed", "trl", "peft", "datasets")
 
 # Spare embedding rows of the `tiny_base_dir_spare` checkpoint: more than the three GAP
 # latent tokens, so conversion can place them without growing the matrix.
@@ -99,3 +106,50 @@ def tiny_gap_and_processor(tiny_base_dir):
 def tiny_gap(tiny_gap_and_processor):
     """The model of `tiny_gap_and_processor`."""
     return tiny_gap_and_processor[0]
+
+
+def _installed_closure(names):
+    """The distributions `names` need installed: them and their requirements (no extras), recursively."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo, closure = list(names), {}
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in closure:
+            continue
+        closure[name] = distribution = importlib.metadata.distribution(name)
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return closure
+
+
+@pytest.fixture(scope="session")
+def hub_user_python(tmp_path_factory):
+    """Runs Python code as a Hub user would: ``hub_user_python(code, cwd) -> subprocess.CompletedProcess``.
+
+    The interpreter starts without its site-packages (``-S``); its only packages are HUB_USER_PACKAGES and what
+    they require, linked into one folder on PYTHONPATH. So the training stack, this repository and everything
+    else installed here are absent: not importable, and not found by ``importlib.util.find_spec`` or
+    ``importlib.metadata``, which transformers' ``is_*_available`` checks use.
+    """
+    site = tmp_path_factory.mktemp("hub_user_site")
+    for distribution in _installed_closure(HUB_USER_PACKAGES).values():
+        if distribution.files is None:
+            raise RuntimeError(f"{distribution.metadata['Name']} lists no files (RECORD); reinstall it with pip.")
+        for top in {file.parts[0] for file in distribution.files if file.parts[0] != ".."}:
+            link = site / top
+            if not link.exists():
+                link.symlink_to(Path(distribution.locate_file(top)))
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = str(site)
+
+    def run(code: str, cwd) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    return run
