@@ -6,6 +6,10 @@ latent token ids), tau and the datasets of the run, the exact training command w
 to load the folder with ``trust_remote_code`` and generate with latents and interventions. A card for a LoRA
 adapter folder also says how to load it onto its base and how to merge it (``gap merge-lora``).
 
+A card publishes no local absolute path (`published_run`): the base model and the datasets appear by Hub id or,
+for a local folder, by the folder's name; paths in the command and the hyperparameters are made relative to the
+working directory.
+
 The front matter carries the same facts machine-readably under ``gap:`` (settings, and the run under
 ``gap.training``), so a later step (``gap merge-lora``, ``gap convert``) can write the card of the folder it
 derives from another one (`read_training_run`).
@@ -18,13 +22,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["PAPER_TITLE", "TrainingRun", "read_training_run", "render_model_card", "write_model_card"]
+__all__ = [
+    "PAPER_TITLE",
+    "TrainingRun",
+    "public_command",
+    "public_name",
+    "published_run",
+    "read_training_run",
+    "render_model_card",
+    "write_model_card",
+]
 
 PAPER_TITLE = (
     "Fill the GAP: A Granular Alignment Paradigm for Visual Reasoning in Multimodal Large Language Models"
@@ -62,6 +76,7 @@ class TrainingRun:
     base_model_id: the Hub id of the base model for the card's metadata, when `base_model` is a folder.
     datasets: the training (and evaluation) data, as given.
     command: the exact command line of the run.
+    (A card publishes these without local absolute paths: see `published_run`.)
     world_size: the number of training processes.
     difficulty_threshold: tau of Eq. 4.
     scheduled_sampling_prob: the probability that a span's teacher-forced latents are replaced (0 = off).
@@ -87,6 +102,40 @@ def _hub_id(value: str | None) -> str | None:
     if value and _HUB_ID.match(value) and not os.path.exists(value):
         return value
     return None
+
+
+def public_name(value: str) -> str:
+    """How a card names a model or dataset given as `value`: a Hub id as is, a local folder by its name only."""
+    return _hub_id(value) or os.path.basename(os.path.normpath(os.path.abspath(value)))
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the working directory when it is absolute; anything else unchanged."""
+    return os.path.relpath(path) if os.path.isabs(path) else path
+
+
+def public_command(command: str) -> str:
+    """`command` (one shell line) with every absolute path, also in ``--name=/path``, relative to the working
+    directory, so it still runs from there."""
+    words = []
+    for word in shlex.split(command):
+        name, equals, value = word.partition("=")
+        words.append(f"{name}={_relative(value)}" if equals and name.startswith("-") else _relative(word))
+    return shlex.join(words)
+
+
+def published_run(run: TrainingRun) -> TrainingRun:
+    """`run` as a card publishes it: the base model and the datasets by Hub id or folder name (`public_name`),
+    absolute paths in the command (`public_command`) and in the hyperparameters relative to the working directory."""
+    return dataclasses.replace(
+        run,
+        base_model=None if run.base_model is None else public_name(run.base_model),
+        datasets=[public_name(name) for name in run.datasets],
+        command=None if run.command is None else public_command(run.command),
+        hyperparameters={
+            name: _relative(value) if isinstance(value, str) else value for name, value in run.hyperparameters.items()
+        },
+    )
 
 
 def _settings(config) -> dict[str, Any]:
@@ -169,11 +218,14 @@ def render_model_card(
         config: the checkpoint's `GapConfig` (of the base model, for an adapter).
         model_name: the card's title (default: the last part of `model_id`, else "GAP model").
         model_id: where the folder is published (a Hub id), used in the loading code.
-        training: the run that produced the folder; None for a converted, untrained checkpoint.
+        training: the run that produced the folder (published as `published_run` gives it); None for a converted,
+            untrained checkpoint.
         adapter: the folder holds a PEFT LoRA adapter, not full weights.
         tags: extra metadata tags.
     """
     settings = _settings(config)
+    if training is not None:
+        training = published_run(training)
     title = model_name or (model_id.split("/")[-1] if model_id else "GAP model")
     where = model_id or "path/to/this/folder"
     K = settings["latent_tokens_per_span"]

@@ -1,0 +1,67 @@
+"""The model card publishes no local absolute path (issue 18): the base model and datasets by Hub id or folder
+name, the command and path hyperparameters relative to the working directory."""
+
+import shlex
+
+import pytest
+
+from gap_pipeline.model_card import TrainingRun, read_training_run, render_model_card, write_model_card
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """Folders of a trainer's machine; the working directory is `tmp_path`/work."""
+    base = tmp_path / "models" / "Qwen2.5-VL-7B-Instruct"
+    data = tmp_path / "work" / "runs" / "gap-data"
+    ds_config = tmp_path / "work" / "ds_configs" / "zero3.json"
+    for folder in (base, data, ds_config.parent):
+        folder.mkdir(parents=True)
+    ds_config.write_text("{}")
+    monkeypatch.chdir(tmp_path / "work")
+    command = shlex.join(["python", "train_sft.py", "--model_name_or_path", str(base), f"--dataset_path={data}",
+                          "--deepspeed", str(ds_config), "--output_dir", "runs/gap-7b"])
+    run = TrainingRun(base_model=str(base), datasets=[str(data), "me/gap-latents"], command=command,
+                      hyperparameters={"deepspeed": str(ds_config), "learning_rate": 1e-5})
+    return tmp_path, run
+
+
+def _front_matter(card):
+    return card.split("---\n")[1]
+
+
+def test_card_names_local_folders_and_relative_paths_never_absolute_ones(tiny_gap, machine, tmp_path):
+    root, run = machine
+    folder = write_model_card(tmp_path / "out", tiny_gap.config, training=run).parent
+    card = (folder / "README.md").read_text()
+    assert str(root) not in card
+    assert "trained from `Qwen2.5-VL-7B-Instruct`" in card and "- base model: `Qwen2.5-VL-7B-Instruct`\n" in card
+    assert "- datasets: `gap-data`, `me/gap-latents`" in card
+    front = _front_matter(card)
+    assert "\nbase_model:" not in "\n" + front.split("\ngap:")[0]  # no Hub id is known for a local folder
+    assert "datasets:\n- me/gap-latents\n" in front
+    published = read_training_run(folder)
+    assert published.base_model == "Qwen2.5-VL-7B-Instruct"
+    assert published.datasets == ["gap-data", "me/gap-latents"]
+    assert published.command == ("python train_sft.py --model_name_or_path ../models/Qwen2.5-VL-7B-Instruct "
+                                 "--dataset_path=runs/gap-data --deepspeed ds_configs/zero3.json --output_dir runs/gap-7b")
+    assert f"```bash\n{published.command}\n```" in card
+    assert published.hyperparameters == {"deepspeed": "ds_configs/zero3.json", "learning_rate": 1e-5}
+    # what a card records is already public: rewriting a card from it (gap merge-lora) publishes the same card
+    assert render_model_card(tiny_gap.config, training=published) == card
+
+
+def test_base_model_id_is_the_base_model_the_card_publishes(tiny_gap, machine):
+    _, run = machine
+    run.base_model_id = "Qwen/Qwen2.5-VL-7B-Instruct"
+    card = render_model_card(tiny_gap.config, training=run)
+    assert "\nbase_model: Qwen/Qwen2.5-VL-7B-Instruct\n" in "\n" + _front_matter(card)
+    assert "trained from `Qwen/Qwen2.5-VL-7B-Instruct`" in card
+    assert "- base model: `Qwen2.5-VL-7B-Instruct` (Hub: `Qwen/Qwen2.5-VL-7B-Instruct`)" in card
+
+
+def test_a_hub_id_given_as_the_base_model_is_published_as_is(tiny_gap, machine):
+    _, run = machine
+    run.base_model = "Qwen/Qwen2.5-VL-3B-Instruct"  # no such local folder: a Hub id
+    card = render_model_card(tiny_gap.config, training=run)
+    assert "\nbase_model: Qwen/Qwen2.5-VL-3B-Instruct\n" in "\n" + _front_matter(card)
+    assert "- base model: `Qwen/Qwen2.5-VL-3B-Instruct`\n" in card
