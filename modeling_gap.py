@@ -213,13 +213,13 @@ class _gathered:
             # transformers' remote-code check (`dynamic_module_utils.check_imports`) requires every module imported
             # outside a `try` block from whoever loads this file, and loading and generating need no DeepSpeed.
             try:
-                from deepspeed.zero import GatheredParameters
+                import deepspeed
             except ImportError as error:
                 raise ImportError(
                     f"{len(self.params)} parameters are partitioned by DeepSpeed ZeRO-3 (they carry `ds_id`) but "
                     f"deepspeed cannot be imported ({error}); run in the environment that partitioned them."
                 ) from error
-            self.context = GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
+            self.context = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
             self.context.__enter__()
         return self
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from modeling_gap import GapForConditionalGeneration, GapLatentHead
 
 
 K = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ids_with_spans(model, rows):
@@ -132,6 +134,41 @@ def test_head_at_init_is_the_pca_projection():
 
 
 # 3. Position alignment ------------------------------------------------------------------------------------
+
+
+def test_set_pca_writes_through_zero3_partitioned_parameters(tmp_path):
+    # A fresh process: DeepSpeed's process group must not leak into the other tests.
+    script = textwrap.dedent("""
+        import os, socket, torch
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        import deepspeed
+        from configuration_gap import GapConfig
+        from gap_pipeline.tiny import synthetic_pca
+        from modeling_gap import GapLatentHead
+        deepspeed.init_distributed(dist_backend="gloo")
+        config = GapConfig(pca_num_components=8, latent_adapter_size=16,
+                           text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=32, vocab_size=50))
+        zero3 = {"train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        with deepspeed.zero.Init(config_dict_or_path=zero3):
+            head = GapLatentHead(config)
+        assert head.proj.weight.numel() == 0 and hasattr(head.proj.weight, "ds_id")  # partitioned
+        pca = synthetic_pca(64, 8, seed=3)
+        head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])
+        with deepspeed.zero.GatheredParameters(list(head.parameters())):
+            torch.testing.assert_close(head.proj.weight, pca["components"].float())
+            torch.testing.assert_close(head.proj.bias, -(pca["components"] @ pca["mean"]).float())
+        print("written through ZeRO-3")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "written through ZeRO-3" in run.stdout
 
 
 def test_latent_at_pad_p_is_predicted_from_the_state_at_p_minus_1(tiny_gap):
