@@ -71,8 +71,7 @@ def build(size: str, rows: int, seed: int = 0):
 def trainers(gap, stock, processor, output_dir):
     from trl import SFTConfig, SFTTrainer
 
-    sys.path.insert(0, str(REPO))
-    from train_sft import GapSFTTrainer
+    from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer
 
     common = dict(output_dir=output_dir, per_device_train_batch_size=16, learning_rate=1e-4, report_to="none",
                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, max_length=None,
@@ -80,7 +79,7 @@ def trainers(gap, stock, processor, output_dir):
     from datasets import Dataset
 
     dummy = Dataset.from_list([{"messages": [{"role": "user", "content": "x"}]}])
-    gap_trainer = GapSFTTrainer(model=gap, args=SFTConfig(**common), train_dataset=dummy, processing_class=processor)
+    gap_trainer = GapSFTTrainer(model=gap, args=GapSFTConfig(**common), train_dataset=dummy, processing_class=processor)
     stock_trainer = SFTTrainer(model=stock, args=SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}),
                                train_dataset=dummy, processing_class=processor)
     for trainer in (gap_trainer, stock_trainer):

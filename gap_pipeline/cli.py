@@ -33,7 +33,7 @@ COMMANDS: dict[str, str] = {
     "targets": "gap_pipeline.targets",
     "difficulty": "gap_pipeline.difficulty",
     "convert": "gap_pipeline.convert",
-    "merge-lora": "gap_pipeline.merge_lora",
+    "merge-lora": "gap_pipeline.lora",
     "norm-profile": "gap_pipeline.norms",
     "evaluate": "gap_pipeline.evaluate",
     "demo-data": "gap_pipeline.demo_task",

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-__all__ = ["ConversionReport", "convert_checkpoint"]
+__all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
 HEAD_TYPES = ("pca", "full")
 REDUCTIONS = ("mean", "sum")
@@ -171,6 +173,55 @@ def convert_checkpoint(
         tied_word_embeddings=bool(config.tie_word_embeddings),
         files=sorted(p.name for p in output_dir.iterdir() if p.is_file()),
     )
+
+
+def is_gap_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a GAP checkpoint (a ``config.json`` of model type ``gap_qwen2_5_vl``)."""
+    from .inference import GAP_MODEL_TYPE, model_type_of
+
+    try:
+        return model_type_of(path) == GAP_MODEL_TYPE
+    except FileNotFoundError:
+        return False
+
+
+def ensure_gap_checkpoint(
+    base: str | os.PathLike,
+    target: str | os.PathLike,
+    pca: str | os.PathLike | None = None,
+    **options: Any,
+) -> Path:
+    """The GAP folder `target`, converted from the Qwen2.5-VL folder `base` unless it already holds one.
+
+    The conversion (:func:`convert_checkpoint` with `pca` and `options`) writes into a temporary folder next to
+    `target` and renames it into place, so several processes sharing a filesystem may race: the first rename wins
+    and the others reuse its folder. A `target` that exists and holds something else is refused.
+    """
+    target = Path(target)
+    if not os.path.isdir(base):
+        raise ConversionError(
+            f"{base} is not a local folder: download the Qwen2.5-VL checkpoint first (e.g. `hf download {base} "
+            f"--local-dir <dir>`) and pass the folder."
+        )
+    if options.get("latent_head_type", "pca") == "pca" and pca is None:
+        raise ConversionError(
+            f"{base} is a plain Qwen2.5-VL checkpoint: pass --pca_path (the pca.safetensors of `gap fit-pca`) to "
+            f"convert it, or a GAP checkpoint as --model_name_or_path."
+        )
+    if is_gap_folder(target):
+        return target
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConversionError(f"--converted_model_dir {target} exists and holds no GAP checkpoint; remove it or pick another.")
+    target.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".gap-init-", dir=target.absolute().parent)
+    convert_checkpoint(base, staging, pca, overwrite=True, **options)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another node sharing this filesystem renamed its copy first
+        shutil.rmtree(staging)
+        if not is_gap_folder(target):
+            raise
+    return target
 
 
 def verify_conversion(base: Union[str, os.PathLike], output_dir: Union[str, os.PathLike]) -> Dict[str, Any]:

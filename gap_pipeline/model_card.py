@@ -14,7 +14,11 @@ The front matter carries the same facts machine-readably under ``gap:`` (setting
 ``gap.training``), so a later step (``gap merge-lora``, ``gap convert``) can write the card of the folder it
 derives from another one (`read_training_run`).
 
-Imports only the standard library and PyYAML.
+Pushing is the Trainer's own (`Trainer.push_to_hub`, and the checkpoint pushes of `hub_strategy`): it uploads
+`output_dir` less `_*` and `checkpoint-*`. `GapSFTTrainer` writes the card there (TRL writes it before every
+checkpoint) and `RemoteCodeOnPush` puts the remote code next to the `config.json` the Trainer copies there, so the
+pushed repository loads with ``trust_remote_code``. GAP's resumable state is the Trainer's own too
+(`num_input_tokens_seen` in trainer_state.json).
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
+from transformers.dynamic_module_utils import custom_object_save
 
 __all__ = [
     "PAPER_TITLE",
+    "RemoteCodeOnPush",
     "TrainingRun",
+    "command_line",
+    "lora_settings",
     "public_command",
     "public_name",
     "published_run",
@@ -364,3 +373,40 @@ def read_training_run(folder) -> TrainingRun | None:
         return None
     names = {f.name for f in dataclasses.fields(TrainingRun)}
     return TrainingRun(**{key: value for key, value in recorded.items() if key in names})
+
+
+def lora_settings(model: Any) -> dict[str, Any] | None:
+    """The active LoRA config's main fields of a PEFT `model`, for the card; None for a plain model."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return None
+    config = peft_config[model.active_adapter]
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "trainable_token_indices")
+    return {name: getattr(config, name, None) for name in fields}
+
+
+class RemoteCodeOnPush(TrainerCallback):
+    """Before each Hub push of the Trainer, write the GAP model's code files (``modeling_gap.py`` and the
+    ``configuration_gap.py`` it imports) into `output_dir`, the folder the Trainer uploads, next to the
+    ``config.json`` whose ``auto_map`` names them. The Trainer copies the weights and config there from the
+    checkpoint and saves the processor (``processing_gap.py``) there itself; the card is already there."""
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        gap = model.get_base_model() if hasattr(model, "get_base_model") else model
+        os.makedirs(args.output_dir, exist_ok=True)
+        custom_object_save(gap, args.output_dir)
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that started this process, as one shell line: `python train_sft.py ...`, without the
+    `--local_rank` a launcher adds."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg == "--local_rank":
+            skip = not skip
+            continue
+        if not arg.startswith("--local_rank="):
+            args.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]) if argv else "train_sft.py", *args])

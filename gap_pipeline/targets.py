@@ -246,6 +246,15 @@ def _load(dataset_or_dir):
     return dataset_or_dir, "the dataset"
 
 
+def load_targets_dataset(path: str | os.PathLike, config: Any = None):
+    """The dataset folder `path` written by `gap targets` (memory-mapped), checked against the K and d of a GAP
+    model's `config` when one is given (`check_targets_compatible`)."""
+    dataset, _ = _load(path)
+    if config is not None:
+        check_targets_compatible(path, config)
+    return dataset
+
+
 def targets_metadata(dataset_or_dir) -> dict[str, Any]:
     """The ``gap_targets`` record of a dataset (or folder) written by `gap targets`."""
     dataset, where = _load(dataset_or_dir)

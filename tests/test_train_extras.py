@@ -1,4 +1,4 @@
-"""train_sft.py extras (issue #7): push with GAP's model card, resuming, LoRA + merge, scheduled sampling.
+"""train_sft.py and GapSFTTrainer extras (issue #7): push with GAP's model card, resuming, LoRA + merge, scheduled sampling.
 
 The data, PCA and converted GAP checkpoint are `test_train_sft`'s `work` fixture (8 rows through the real pipeline).
 Nothing reaches the network: the Hub calls the Trainer makes (`HfApi.create_repo`, `HfApi.upload_folder`) go to
@@ -28,11 +28,12 @@ from transformers import TrainerCallback
 
 import train_sft
 from gap_pipeline import cli
+from gap_pipeline.lora import configure_lora
 from gap_pipeline.model_card import read_training_run
 from modeling_gap import GapForConditionalGeneration
 from test_train_sft import K, REPO, _clean_env, _first_batch, _trainer, work  # noqa: F401 (work: a fixture)
 
-TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", train_sft.GAP_STATE_NAME}
+TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
 
 def _files(folder):
@@ -94,7 +95,7 @@ def _cli_argv(work, out, *extra, model=None):
 
 @pytest.fixture(scope="module")
 def pushed(work, tmp_path_factory):
-    """A CLI run from the plain base checkpoint (converted into <output_dir>/gap-init) with --push_to_hub, saving and
+    """A CLI run from the plain base checkpoint (converted into <output_dir>/_gap-init) with --push_to_hub, saving and
     pushing at every step, against a FakeHub."""
     root = tmp_path_factory.mktemp("push")
     hub = FakeHub(root / "hub")
@@ -113,14 +114,13 @@ def test_push_uploads_exactly_the_saved_folder_with_its_card(pushed):
     assert hub.repos == ["me/tiny-gap"]
     final = hub.commits[-1]
     assert final.message == "End of training" and final.path_in_repo is None
-    # output_dir also holds gap-init/ and checkpoint-*/; what was pushed is the final folder: its files, card included
-    assert (out / "gap-init" / "config.json").is_file() and (out / "checkpoint-2").is_dir()
+    # output_dir also holds _gap-init/ and checkpoint-*/; what was pushed is the final folder: its files, card included
+    assert (out / "_gap-init" / "config.json").is_file() and (out / "checkpoint-2").is_dir()
     assert final.files == _top_level_files(out)
     assert {"README.md", "model.safetensors", "config.json", "modeling_gap.py", "configuration_gap.py",
             "processing_gap.py", "processor_config.json", "chat_template.jinja", "tokenizer.json"} <= final.files
     for name in final.files:
         assert (pushed.repo / name).read_bytes() == (out / name).read_bytes(), name
-    assert not (out / train_sft.HUB_STAGING_DIR).exists()
     # during training each checkpoint pushed its model files (not what only resuming needs)
     checkpoint_commits = hub.commits[:-1]
     assert [c.message for c in checkpoint_commits] == ["Training in progress, step 1", "Training in progress, step 2"]
@@ -191,12 +191,13 @@ class _StopAt(TrainerCallback):
 def _resumable(work, out, lora):
     # 8 rows at 4 per step: 2 steps per epoch, so step 3 is inside the second epoch; random order, cosine schedule,
     # scheduled sampling (its coin flips must repeat too); LoRA with dropout (its random state too)
-    kwargs = {"scheduled_sampling_prob": 0.5}
+    kwargs = {}
     if lora:
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1)
-    return _trainer(work, out, trainer_kwargs=kwargs, per_device_train_batch_size=4, max_steps=5,
+    return _trainer(work, out, trainer_kwargs=kwargs, scheduled_sampling_prob=0.5, per_device_train_batch_size=4,
+                    max_steps=5,
                     save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=1,
                     train_sampling_strategy="random", seed=7)
 
@@ -212,8 +213,10 @@ def test_resumed_run_equals_an_uninterrupted_one(work, tmp_path, lora):
     assert interrupted.state.global_step == 3
     checkpoint = tmp_path / "run" / "checkpoint-3"
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", train_sft.GAP_STATE_NAME,
-            weights, "processor_config.json", "README.md"} <= _top_level_files(checkpoint)
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", weights,
+            "processor_config.json", "README.md"} <= _top_level_files(checkpoint)
+    # the token count (`num_tokens`) resumes from the Trainer's own state
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"] > 0
 
     resumed = _resumable(work, tmp_path / "run", lora)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -261,7 +264,7 @@ def test_configure_lora_targets_the_language_model_and_the_latent_rows(work):
 
     config = GapForConditionalGeneration.config_class.from_pretrained(work.gap)
     ids = sorted(config.latent_token_ids)
-    lora = train_sft.configure_lora(LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), config)
+    lora = configure_lora(LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), config)
     assert lora.modules_to_save == ["latent_head"]
     assert lora.trainable_token_indices == {"embed_tokens": ids, "lm_head": ids}  # the tiny base is untied
     pattern = re.compile(lora.target_modules)
@@ -271,7 +274,7 @@ def test_configure_lora_targets_the_language_model_and_the_latent_rows(work):
                  "model.language_model.layers.0.self_attn.v_proj"):
         assert not pattern.fullmatch(name), name
     config.tie_word_embeddings = True
-    tied = train_sft.configure_lora(LoraConfig(r=4, modules_to_save=["latent_head"]), config)
+    tied = configure_lora(LoraConfig(r=4, modules_to_save=["latent_head"]), config)
     assert tied.trainable_token_indices == {"embed_tokens": ids} and tied.modules_to_save == ["latent_head"]
     assert re.compile(tied.target_modules).fullmatch("model.language_model.layers.0.mlp.gate_proj")
 
@@ -366,7 +369,7 @@ def _count_forwards(trainer):
 
 
 def test_scheduled_sampling_off_is_the_teacher_forced_loss(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], trainer_kwargs={"scheduled_sampling_prob": 0.0})
+    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=0.0)
     batch = _first_batch(trainer)
     calls, handle = _count_forwards(trainer)
     try:
@@ -380,7 +383,7 @@ def test_scheduled_sampling_off_is_the_teacher_forced_loss(work, tmp_path):
 
 
 def test_scheduled_sampling_all_spans_is_the_second_pass_loss_against_the_targets(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], trainer_kwargs={"scheduled_sampling_prob": 1.0})
+    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=1.0)
     batch = _first_batch(trainer)
     targets = batch["latent_embeds"]
     calls, handle = _count_forwards(trainer)
@@ -404,7 +407,7 @@ def test_scheduled_sampling_runs_two_passes_every_step_and_logs_the_replaced_fra
     def run(out):
         # rows 1 and 5 have no latent: the second pass still runs on their micro-batches
         trainer = _trainer(work, out, rows=[1, 5, 0, 2, 3, 4, 6, 7], per_device_train_batch_size=2, max_steps=4,
-                           trainer_kwargs={"scheduled_sampling_prob": 0.5})
+                           scheduled_sampling_prob=0.5)
         calls, handle = _count_forwards(trainer)
         try:
             trainer.train()
@@ -426,7 +429,7 @@ def test_scheduled_sampling_runs_two_passes_every_step_and_logs_the_replaced_fra
 
 
 def test_span_coin_flips_depend_on_seed_step_micro_batch_and_rank(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0], trainer_kwargs={"scheduled_sampling_prob": 0.5})
+    trainer = _trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=0.5)
     flips = [trainer._span_coin_flips(64) for _ in range(2)]  # two micro-batches of step 0
     assert not torch.equal(flips[0], flips[1])
     assert 10 < int(flips[0].sum()) < 54
@@ -435,25 +438,26 @@ def test_span_coin_flips_depend_on_seed_step_micro_batch_and_rank(work, tmp_path
     trainer.state.global_step = 1
     assert not torch.equal(trainer._span_coin_flips(64), flips[0])
     with pytest.raises(ValueError, match=r"scheduled_sampling_prob"):
-        _trainer(work, tmp_path, rows=[0], trainer_kwargs={"scheduled_sampling_prob": 1.5})
+        _trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=1.5)
 
 
 DS_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import train_sft
+from gap_pipeline.trainer import GapSFTTrainer
 
 script_args, training_args, model_args = train_sft.make_parser().parse_args_and_config()
 calls = []
-original = train_sft.GapSFTTrainer.__init__
+original = GapSFTTrainer.__init__
 
 
 def counting_init(self, *args, **kwargs):
     original(self, *args, **kwargs)
-    self._gap_model().model.language_model.register_forward_hook(lambda *a: calls.append(1))
+    self.gap_model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
 
 
-train_sft.GapSFTTrainer.__init__ = counting_init
+GapSFTTrainer.__init__ = counting_init
 trainer = train_sft.main(script_args, training_args, model_args)
 print("rank", trainer.args.process_index, "forwards", len(calls), flush=True)
 if trainer.args.process_index == 0:

@@ -1,4 +1,4 @@
-"""train_sft.py: GapSFTTrainer mechanics, the CLI and its presets, DeepSpeed ZeRO-2/ZeRO-3 on 2 CPU processes.
+"""train_sft.py and gap_pipeline.trainer: GapSFTTrainer mechanics, the CLI and its presets, DeepSpeed ZeRO-2/ZeRO-3 on 2 CPU processes.
 
 The data go through the real pipeline: rows -> `compute_latent_targets` (tiny base vision tower) -> PCA fitted on
 those targets -> `convert_checkpoint`, so the latent loss can actually fall.
@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from trl import SFTConfig
 
 import train_sft
 from gap_pipeline.collator import GapDataCollator
@@ -28,7 +27,7 @@ from gap_pipeline.targets import TARGETS_COLUMN, compute_latent_targets
 from gap_pipeline.tiny import build_tiny_base_model
 from modeling_gap import GapForConditionalGeneration
 from processing_gap import GapProcessor
-from train_sft import GapSFTTrainer
+from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer, apply_global_batch_size
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,10 +96,11 @@ def _args(output_dir, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return SFTConfig(**values)
+    return GapSFTConfig(**values)
 
 
 def _trainer(work, output_dir, rows=None, trainer_kwargs=None, **args):
+    """A GapSFTTrainer on the `work` checkpoint and data; `args` are GapSFTConfig fields."""
     model = GapForConditionalGeneration.from_pretrained(work.gap).train()
     processor = GapProcessor.from_pretrained(work.gap, trust_remote_code=False)
     dataset = datasets.load_from_disk(str(work.data))
@@ -160,7 +160,7 @@ def test_vision_tower_runs_on_every_micro_batch_with_and_without_images(work, tm
 
 def test_head_learning_rate_is_on_exactly_the_head_parameters(work, tmp_path):
     trainer = _trainer(work, tmp_path, rows=[0], weight_decay=0.1,
-                       trainer_kwargs={"latent_head_learning_rate": 7e-4})
+                       latent_head_learning_rate=7e-4)
     optimizer = trainer.create_optimizer()
     head = {id(p) for p in trainer.model.latent_head.parameters()}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -182,7 +182,7 @@ def test_head_learning_rate_is_on_exactly_the_head_parameters(work, tmp_path):
 @pytest.mark.parametrize("freeze", [True, False])
 def test_frozen_vision_tower_gets_no_gradient(work, tmp_path, freeze):
     trainer = _trainer(work, tmp_path, rows=[0, 1], per_device_train_batch_size=2,
-                       trainer_kwargs={"freeze_vision_tower": freeze})
+                       freeze_vision_tower=freeze)
     trainer.compute_loss(trainer.model, _first_batch(trainer)).backward()
     tower = list(trainer.model.model.visual.parameters())
     if freeze:
@@ -215,7 +215,7 @@ def test_logged_losses_of_two_accumulation_steps_equal_one_step_on_the_same_rows
 
 def test_tiny_model_overfits_eight_rows(work, tmp_path):
     trainer = _trainer(work, tmp_path, per_device_train_batch_size=8, max_steps=20, learning_rate=3e-3,
-                       trainer_kwargs={"latent_head_learning_rate": 1e-2})
+                       latent_head_learning_rate=1e-2)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "lm_loss" in entry and "train_runtime" not in entry]
     assert len(logs) == 20
@@ -259,7 +259,7 @@ def test_python_launch_converts_a_base_checkpoint_and_saves_complete_checkpoints
                "--latent_tokens_per_span", str(K)]
     run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
-    config = json.loads((out / "gap-init" / "config.json").read_text())
+    config = json.loads((out / "_gap-init" / "config.json").read_text())
     assert config["model_type"] == "gap_qwen2_5_vl" and config["latent_tokens_per_span"] == K
     for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
         assert not _code_processor_and_weights(folder), folder
@@ -275,24 +275,24 @@ def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
     script_args, training_args, model_args = parser.parse_args_and_config(
         ["--config", str(REPO / "configs" / "gap_7b.yaml"), *required, "--bf16", "false", "--use_cpu", "true"]
     )
-    assert (training_args.learning_rate, script_args.latent_head_learning_rate) == (1e-5, 1e-5)
+    assert (training_args.learning_rate, training_args.latent_head_learning_rate) == (1e-5, 1e-5)
     assert (training_args.weight_decay, training_args.lr_scheduler_type, training_args.warmup_steps) == (
         0.01, "cosine", 0.03)
     assert (training_args.num_train_epochs, training_args.seed, training_args.dataloader_num_workers) == (2, 12345, 16)
     assert training_args.activation_checkpointing and model_args.dtype == "bfloat16"
     assert (script_args.latent_tokens_per_span, script_args.latent_loss_weight, script_args.difficulty_threshold) == (
         36, 1.0, 0.0)
-    assert script_args.freeze_vision_tower and script_args.global_batch_size == 128
+    assert training_args.freeze_vision_tower and script_args.global_batch_size == 128
     # one process here: 128 rows per step at 1 per device = 128 accumulation steps
-    derived = train_sft.apply_global_batch_size(training_args, script_args.global_batch_size)
+    derived = apply_global_batch_size(training_args, script_args.global_batch_size)
     assert derived.gradient_accumulation_steps == 128 and derived.per_device_train_batch_size == 1
     with pytest.raises(ValueError, match="not a positive multiple"):
-        train_sft.apply_global_batch_size(_args(tmp_path, per_device_train_batch_size=3), 128)
+        apply_global_batch_size(_args(tmp_path, per_device_train_batch_size=3), 128)
     script_args, training_args, model_args = parser.parse_args_and_config(
         ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), *required, "--no_freeze_vision_tower"]
     )
     assert not training_args.bf16 and not training_args.activation_checkpointing and training_args.use_cpu
-    assert model_args.dtype == "float32" and not script_args.freeze_vision_tower
+    assert model_args.dtype == "float32" and not training_args.freeze_vision_tower
 
 
 # -- DeepSpeed, 2 CPU processes ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter trained with ``train_sft.py --use_peft`` into its GAP base (``gap merge-lora``).
+"""LoRA on a GAP model: `configure_lora` sets a PEFT config up for training (``train_sft.py --use_peft``), and
+`merge_lora` merges the trained adapter into its GAP base (``gap merge-lora``).
 
 The adapter folder (the run's ``output_dir`` or one of its ``checkpoint-N`` folders) holds the LoRA weights of the
 language model, the whole latent head (``modules_to_save``) and the trained rows of the three latent tokens
@@ -15,18 +16,70 @@ In Python: ``PeftModel.from_pretrained(GapForConditionalGeneration.from_pretrain
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MergeError", "merge_lora"]
+__all__ = ["LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora"]
 
 HELP = "Merge a LoRA adapter (train_sft.py --use_peft) into its GAP base: a full GAP checkpoint folder."
 
 
+# The projections LoRA adapts by default (`--use_peft` without `--lora_target_modules`), in the language model only.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class MergeError(ValueError):
     """Bad arguments or inputs of a merge; the message names the argument and the fix."""
+
+
+def configure_lora(peft_config: Any, config: Any) -> Any:
+    """A copy of the PEFT LoRA config `peft_config` adapted to the GAP model whose config is `config`.
+
+    * LoRA goes on the language model only: `target_modules` None or "all-linear" becomes the decoder layers'
+      projections (`LORA_TARGET_MODULES`), a list of names is restricted to the decoder layers (the vision tower
+      and the latent head have layers of the same names); a string is a regular expression and is kept as given.
+    * `latent_head` joins `modules_to_save`: the whole head trains and is saved with the adapter.
+    * The rows of ``<|latent_start|>``, ``<|latent_pad|>`` and ``<|latent_end|>`` train
+      (`trainable_token_indices`): in the input embedding, and in the LM head when it is not tied to it (a tied
+      head follows the embedding), unless a layer is already in `modules_to_save` (trained whole). Without them
+      the model could never learn to open a span.
+    """
+    peft_config = copy.deepcopy(peft_config)
+    start, pad, end = config.latent_token_ids
+    modules_to_save = list(peft_config.modules_to_save or [])
+    if "latent_head" not in modules_to_save:
+        modules_to_save.append("latent_head")
+    peft_config.modules_to_save = modules_to_save
+
+    targets = peft_config.target_modules
+    if targets is None or targets == "all-linear":
+        names = LORA_TARGET_MODULES
+    elif isinstance(targets, str):
+        names = None
+    else:
+        names = sorted(targets)
+    if names is not None:
+        alternatives = "|".join(sorted(dict.fromkeys(names)))
+        peft_config.target_modules = rf"(?:.*\.)?language_model\.layers\.\d+\..*\.(?:{alternatives})"
+
+    indices = peft_config.trainable_token_indices
+    if indices is None:
+        indices = {}
+    elif not isinstance(indices, dict):
+        indices = {"embed_tokens": list(indices)}
+    else:
+        indices = {layer: list(ids) for layer, ids in indices.items()}
+    layers = ["embed_tokens"] if config.tie_word_embeddings else ["embed_tokens", "lm_head"]
+    for layer in layers:
+        if layer in modules_to_save:
+            continue
+        indices[layer] = sorted(set(indices.get(layer, [])) | {start, pad, end})
+    peft_config.trainable_token_indices = indices or None
+    return peft_config
 
 
 def _adapter_config(adapter: Path) -> dict:
@@ -54,7 +107,7 @@ def _base_folder(adapter: Path, config: dict, base) -> Path:
     if model_type != GAP_MODEL_TYPE:
         raise MergeError(
             f"{base} holds a '{model_type}' model; the adapter's base is the GAP folder the run trained on (a plain "
-            f"Qwen2.5-VL base was converted by train_sft.py into <output_dir>/gap-init or --converted_model_dir)"
+            f"Qwen2.5-VL base was converted by train_sft.py into <output_dir>/_gap-init or --converted_model_dir)"
         )
     return base
 

@@ -1,0 +1,634 @@
+"""`GapSFTTrainer`: TRL's `SFTTrainer` for `GapForConditionalGeneration` (paper §4, App. F), and its `GapSFTConfig`.
+
+The loss is L = L_LM + lambda * L_latent (Eq. 2-3): the latent targets of each row (the dataset's `latent_targets`
+column, written by `gap targets`) are fed at the ``<|latent_pad|>`` positions (teacher forcing) and the latent head
+is trained to predict them; rows whose `accuracy` exceeds tau train on text only (Eq. 4, `GapDataCollator`).
+
+```python
+from gap_pipeline.collator import GapDataCollator
+from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer
+
+trainer = GapSFTTrainer(
+    model,  # a GapForConditionalGeneration
+    args=GapSFTConfig("runs/gap", latent_head_learning_rate=1e-4),
+    data_collator=GapDataCollator(processor),
+    train_dataset=dataset,
+    processing_class=processor,
+)
+trainer.train()
+```
+
+`train_sft.py` wires it from the command line (loading or converting the model first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel
+from trl import SFTConfig, SFTTrainer
+
+from .lora import configure_lora
+from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
+
+__all__ = [
+    "GapSFTConfig",
+    "GapSFTTrainer",
+    "apply_global_batch_size",
+    "load_model_and_processor",
+    "zero3_init_disabled",
+]
+
+# Dataset columns `GapDataCollator` reads: TRL's conversational vision format, the GAP columns, and the image
+# processor outputs a dataset may hold precomputed.
+COLLATOR_COLUMNS = (
+    "messages",
+    "images",
+    "aux_images",
+    "latent_targets",
+    "accuracy",
+    "pixel_values",
+    "image_grid_thw",
+    "id",
+)
+# The model's latent head attribute: a parameter belongs to the head when this is one of its name's parts
+# (`latent_head.proj.weight`, `base_model.model.latent_head.modules_to_save.default.proj.weight`).
+LATENT_HEAD = "latent_head"
+
+
+def is_latent_head_parameter(name: str) -> bool:
+    """Whether the parameter called `name` (in `named_parameters()`, with or without a PEFT wrapper) is the head's."""
+    return LATENT_HEAD in name.split(".")
+
+
+@dataclass
+class GapSFTConfig(SFTConfig):
+    r"""`SFTConfig` with the GAP trainer's own fields.
+
+    Parameters:
+        latent_head_learning_rate (`float` or `None`, defaults to `None`): peak learning rate of the latent head's
+            parameter groups; `None` uses `learning_rate`.
+        freeze_vision_tower (`bool`, defaults to `True`): keep the vision tower frozen (a trainable tower collapsed
+            under the latent loss). Must stay `True` with a PEFT config.
+        scheduled_sampling_prob (`float`, defaults to `0.0`): scheduled sampling (App. F ablation; 0 = off). With
+            p > 0 every training micro-batch runs a teacher-forced pass without gradients, then one where each latent
+            span's inputs are, with probability p (seeded), the first pass's detached predictions; the loss is the
+            second pass's against the true targets. Evaluation stays teacher-forced.
+
+    The GAP collator builds every tensor from the raw rows, so `dataset_kwargs["skip_prepare_dataset"]` is always
+    set.
+    """
+
+    latent_head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the latent head. Default: --learning_rate."}
+    )
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={"help": "Keep the vision tower frozen (default; a trainable tower collapsed under the latent loss)."},
+    )
+    scheduled_sampling_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Scheduled sampling (paper App. F ablation; 0 = off, teacher forcing). With p > 0 every training "
+            "step runs two forward passes: a teacher-forced one without gradients, then one where each latent span's "
+            "inputs are, with probability p (seeded), the first pass's detached PCA-decoded predictions. The loss "
+            "optimised (and logged) is the second pass's, against the true targets; `scheduled_sampling_fraction` "
+            "logs the share of replaced spans. Evaluation stays teacher-forced."
+        },
+    )
+
+    def __post_init__(self):
+        if self.latent_head_learning_rate is not None and self.latent_head_learning_rate < 0:
+            raise ValueError(f"`latent_head_learning_rate` must be >= 0, got {self.latent_head_learning_rate}.")
+        if not 0.0 <= self.scheduled_sampling_prob <= 1.0:
+            raise ValueError(f"`scheduled_sampling_prob` must be in [0, 1], got {self.scheduled_sampling_prob}.")
+        # The GAP collator builds every tensor from the raw rows; TRL must not tokenize a dataset without images.
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        super().__post_init__()
+        if self.latent_head_learning_rate is None:
+            self.latent_head_learning_rate = self.learning_rate
+
+
+class GapSFTTrainer(SFTTrainer):
+    r"""`SFTTrainer` for `GapForConditionalGeneration`: L = L_LM + lambda * L_latent.
+
+    Differences from `SFTTrainer`:
+
+    * the loss is the model's own (`compute_loss` calls the GAP forward; TRL's fused LM head, which would skip the
+      latent injection and loss, is removed from the model);
+    * both terms are normalised over the global batch (all ranks and accumulation steps): the LM term by the
+      Trainer's `num_items_in_batch`, the latent term by the number of latent positions counted the same way;
+    * `lm_loss`, `latent_loss` and `latent_norm_ratio` (mean ||v_hat|| / ||v|| over latent positions) are logged
+      next to `loss`;
+    * the GAP dataset columns (`aux_images`, `latent_targets`, `accuracy`) reach the data collator;
+    * the latent head has its own learning rate (`args.latent_head_learning_rate`);
+    * the vision tower is frozen unless `args.freeze_vision_tower=False`;
+    * the vision tower and the latent head run on every micro-batch, so ZeRO-3 ranks gather the same parameters in
+      the same order (a micro-batch without images encodes a one-token dummy image whose features are weighted 0).
+
+    `model` must be an instance (a `GapForConditionalGeneration`, or a PEFT model around one). With `peft_config`
+    (a LoRA config) the adapter goes on the language model only (`gap_pipeline.lora.configure_lora`, on a copy),
+    the latent head is fully trainable and so are the three latent tokens' rows of the input embedding and, when
+    untied, of the LM head.
+
+    `args.scheduled_sampling_prob` p > 0 turns on scheduled sampling (App. F): each latent span's inputs are
+    replaced, with probability p per span (seeded by `args.seed`, the step, the micro-batch and the rank), by a
+    teacher-forced first pass's detached predictions. `scheduled_sampling_fraction` (replaced spans / spans) is logged.
+
+    Saving writes a model card (`gap_pipeline.model_card`) into every saved folder; `training_run` (a
+    `TrainingRun`) supplies what the trainer cannot know (command, base model, datasets). Pushing is the Trainer's
+    own (`push_to_hub`, and the checkpoint pushes of `hub_strategy`): it uploads `output_dir` less `_*` and
+    `checkpoint-*`, with GAP's card and remote code in it.
+    """
+
+    _tag_names = ["trl", "sft", "gap"]
+    _name = "GAP SFT"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        args: GapSFTConfig | SFTConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        peft_config: Any = None,
+        training_run: TrainingRun | None = None,
+        **kwargs: Any,
+    ):
+        if isinstance(model, str):
+            raise TypeError(
+                "GapSFTTrainer needs a model instance: load it with `gap_pipeline.trainer.load_model_and_processor` "
+                "or `GapForConditionalGeneration.from_pretrained` after the training arguments exist."
+            )
+        if args is None:
+            args = GapSFTConfig(f"{Path(model.config._name_or_path).name or 'gap'}-GAP")
+        elif not isinstance(args, GapSFTConfig):
+            args = GapSFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
+        if peft_config is not None:
+            if not args.freeze_vision_tower:
+                raise ValueError(
+                    "With a PEFT config only the adapter, the latent head and the latent-token rows train; the vision "
+                    "tower stays frozen. Drop --no_freeze_vision_tower or train without --use_peft."
+                )
+            peft_config = configure_lora(peft_config, (model.get_base_model() if is_peft_model(model) else model).config)
+        callbacks = [*(kwargs.pop("callbacks", None) or []), RemoteCodeOnPush()]
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        gap = self.gap_model
+        if gap.config.latent_token_ids is None:
+            raise ValueError("The model has no latent token ids; convert it with `from_qwen2_5_vl` first.")
+        # `SFTTrainer.__init__` replaced `forward` on this instance by a fused-LM-head wrapper; with
+        # `fused_lm_head=True` it runs backbone + LM head only, skipping GAP's latent injection and latent loss.
+        # `compute_loss` below never asks for it, and removing the instance attribute restores the class's forward.
+        if "forward" in vars(gap):
+            del gap.forward
+        if self.args.freeze_vision_tower:
+            gap.model.visual.requires_grad_(False)
+        self._latent_pad_id = gap.config.latent_pad_token_id
+        self._num_latent_items_in_batch = None
+        self._latent_norm_ratio = {mode: torch.zeros(2, dtype=torch.float64) for mode in ("train", "eval")}
+        self._replaced_spans = torch.zeros(2, dtype=torch.float64)  # (replaced spans, spans) since the last log
+        self._sampling_micro_step = (None, 0)  # (global step, micro-batches seen in it): the coin flips' seed
+        self._fp32_head_state: dict[str, torch.Tensor] = {}  # filled by `save_model` for `_save`
+        self.training_run = training_run if training_run is not None else TrainingRun()
+
+    @property
+    def gap_model(self) -> PreTrainedModel:
+        """The `GapForConditionalGeneration` inside `self.model` (through a PEFT wrapper if any)."""
+        return self.model.get_base_model() if is_peft_model(self.model) else self.model
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        """The columns `remove_unused_columns` keeps: those the GAP collator reads.
+
+        TRL's vision path would keep only `messages`, `prompt`, `completion`, `image(s)`, dropping `aux_images`,
+        `latent_targets` and `accuracy`; its text path only tokenized columns.
+        """
+        if self._signature_columns is None:
+            self._signature_columns = list(COLLATOR_COLUMNS)
+
+    def _prepare_inputs(self, inputs):
+        """Move the batch to the device; `latent_embeds` stays fp32 (DeepSpeed would cast it to bf16/fp16)."""
+        inputs = dict(inputs)
+        latent_embeds = inputs.pop("latent_embeds", None)
+        inputs = super()._prepare_inputs(inputs)
+        if latent_embeds is not None:
+            inputs["latent_embeds"] = latent_embeds.to(device=self.args.device, dtype=torch.float32)
+        return inputs
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count the latent positions of the global batch (all ranks, all accumulation steps)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._num_latent_items_in_batch = self._count_latent_items(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def _count_latent_items(self, batch_samples, device):
+        """Number of ``<|latent_pad|>`` positions, summed like `Trainer._get_num_items_in_batch` sums labels."""
+        if not batch_samples:
+            return None
+        count = sum((batch["input_ids"] == self._latent_pad_id).sum() for batch in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        inputs["use_cache"] = False
+        vision_anchor = self._encode_images(inputs)
+        global_counts = mode == "train" and num_items_in_batch is not None
+        if global_counts:
+            inputs["num_items_in_batch"] = num_items_in_batch
+            inputs["num_latent_items_in_batch"] = self._num_latent_items_in_batch
+        if mode == "train" and self.args.scheduled_sampling_prob > 0:
+            outputs = self._scheduled_sampling_forward(model, inputs)
+        else:
+            outputs = model(**inputs)
+        loss = outputs.loss
+        if vision_anchor is not None:
+            loss = loss + vision_anchor
+        # Like `Trainer.compute_loss`: the counts cover every rank and the gradients are averaged across ranks.
+        scale = 1
+        if global_counts and self.args.average_tokens_across_devices:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * scale
+        self._record_metrics(mode, inputs, outputs, scale, self.current_gradient_accumulation_steps if global_counts else 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def _scheduled_sampling_forward(self, model, inputs):
+        """The two passes of scheduled sampling (App. F); returns the second pass's outputs, its loss against the
+        true targets.
+
+        The first pass is the teacher-forced forward, without gradients (with the labels, so that the latent head
+        runs as many times as in the second pass on every rank, latents or not). Each latent span is then picked with
+        probability p (`_span_coin_flips`), and the inputs of the picked spans' pads become the first pass's
+        detached predictions (v_hat, PCA-decoded). Both passes run on every micro-batch, latents or not, so ZeRO-3
+        ranks gather the same parameters in the same order; the images are encoded once, for both.
+        """
+        with torch.no_grad():
+            first = model(**inputs)
+        targets = inputs.get("latent_embeds")
+        span_of_pad, n_spans = self._span_ids(inputs["input_ids"])
+        replaced = self._span_coin_flips(n_spans)
+        second_inputs = dict(inputs)
+        if targets is not None:
+            predictions = first.latent_predictions.detach().to(targets.device, targets.dtype)
+            picked = replaced.to(targets.device)[span_of_pad.to(targets.device)]
+            second_inputs["latent_embeds"] = torch.where(picked[:, None], predictions, targets)
+        outputs = model(**second_inputs)
+        if targets is not None:
+            # The forward compared its predictions with the inputs it was given; the loss compares them with v.
+            gap = self.gap_model
+            latent_loss = gap._latent_loss(outputs.latent_predictions, targets, inputs.get("num_latent_items_in_batch"))
+            outputs["latent_loss"] = latent_loss
+            outputs["loss"] = outputs.lm_loss + gap.config.latent_loss_weight * latent_loss.to(outputs.lm_loss.device)
+        counts = torch.tensor([[float(replaced.sum()), float(n_spans)]], device=self.args.device)
+        self._replaced_spans += self.accelerator.gather(counts).sum(0).double().cpu()
+        return outputs
+
+    def _span_ids(self, input_ids):
+        """(span index of every ``<|latent_pad|>``, in pad order; number of spans): spans are numbered in
+        row-major order of their ``<|latent_start|>``, like the rows of `latent_embeds`."""
+        starts = (input_ids == self.gap_model.config.latent_start_token_id).long()
+        pads = input_ids == self._latent_pad_id
+        opened = starts.cumsum(1)
+        if (opened[pads] == 0).any():
+            raise ValueError(
+                "A <|latent_pad|> has no <|latent_start|> before it in its row: scheduled sampling replaces whole "
+                "spans, so every pad must belong to one (expand `<latent>` placeholders with the GAP processor)."
+            )
+        per_row = starts.sum(1)
+        earlier = per_row.cumsum(0) - per_row
+        return (opened + earlier[:, None] - 1)[pads], int(per_row.sum())
+
+    def _span_coin_flips(self, n_spans):
+        """Which of `n_spans` spans get their inputs replaced: True with probability p each.
+
+        The generator is seeded from (`args.seed`, global step, micro-batch within the step, process index), so a
+        run repeats exactly and a resumed run flips the same coins as an uninterrupted one, with no state saved.
+        """
+        step = self.state.global_step
+        last_step, seen = self._sampling_micro_step
+        seen = seen if last_step == step else 0
+        self._sampling_micro_step = (step, seen + 1)
+        entropy = [self.args.seed, step, seen, self.args.process_index]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(n_spans, generator=generator) < self.args.scheduled_sampling_prob
+
+    def _encode_images(self, inputs):
+        """Run the vision tower before the forward, on every rank and every micro-batch.
+
+        The features go to the model as `mm_encoder_outputs` (the precomputed-encoder path of Qwen2.5-VL's forward).
+        A micro-batch without images encodes a one-token dummy image instead and returns its features' sum times 0,
+        to be added to the loss, so that under ZeRO-3 every rank gathers the tower at the same point of the step.
+        Returns that zero term, or None.
+        """
+        gap = self.gap_model
+        visual = gap.model.visual
+        pixel_values = inputs.pop("pixel_values", None)
+        trainable = any(parameter.requires_grad for parameter in visual.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            if pixel_values is not None:
+                image_outputs = gap.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)
+                inputs["mm_encoder_outputs"] = {"image": image_outputs}
+                return None
+            pixel_values, grid_thw = self._dummy_image(gap, inputs["input_ids"].device)
+            features = gap.model.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output
+            return torch.cat(features).float().sum() * 0.0
+
+    @staticmethod
+    def _dummy_image(gap, device):
+        """Zero pixels for the smallest grid the tower accepts: 1 x m x m patches (m = merge size) = 1 token."""
+        vision = gap.config.vision_config
+        merge = vision.spatial_merge_size
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.zeros(merge * merge, patch_dim, device=device)
+        grid_thw = torch.tensor([[1, merge, merge]], device=device)
+        return pixel_values, grid_thw
+
+    def _record_metrics(self, mode, inputs, outputs, scale, steps):
+        """Append this micro-batch's `lm_loss`, `latent_loss`, `latent_norm_ratio` and `mean_token_accuracy`.
+
+        `lm_loss` and `latent_loss` are recorded as the global batch's loss terms: gathered, scaled like the loss and
+        multiplied by the number of accumulation steps, so that their average over a logging window is comparable to
+        the logged `loss` (= `lm_loss` + lambda * `latent_loss`). `latent_norm_ratio` is summed over the latent
+        positions of all ranks and divided at logging time, so every latent position of the window counts once.
+        """
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        for name in ("lm_loss", "latent_loss"):
+            value = getattr(outputs, name).detach().float() * scale
+            metrics[name].append(gather(value).mean().item() * steps)
+
+        ratios = torch.zeros(2, device=self.args.device)  # (sum of ||v_hat|| / ||v||, number of latent positions)
+        if outputs.latent_predictions is not None:
+            predictions = outputs.latent_predictions.detach()
+            targets = inputs["latent_embeds"].to(predictions.device, torch.float32)
+            ratio = predictions.norm(dim=-1) / targets.norm(dim=-1).clamp_min(1e-12)
+            ratios = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)]).to(ratios.device)
+        self._latent_norm_ratio[mode] += gather(ratios[None]).sum(0).double().cpu()
+
+        # With labels the model returns logits only at supervised positions (row-major), as labelled here.
+        labels = inputs["labels"].masked_fill(inputs["input_ids"] == self._latent_pad_id, -100)[:, 1:]
+        supervised = labels != -100
+        correct = (outputs.logits.argmax(-1) == labels[supervised].to(outputs.logits.device)).sum().float()
+        num_correct = gather(correct.to(self.args.device)).sum()
+        num_valid = gather(supervised.sum().float().to(self.args.device)).sum()
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train" and self.args.include_num_input_tokens_seen == "no":
+            # TRL's `num_tokens`, kept in the Trainer's state (saved with each checkpoint, restored on resume); with
+            # `include_num_input_tokens_seen` the Trainer counts it itself.
+            self.state.num_input_tokens_seen += int(gather(inputs["attention_mask"].sum()).sum().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        ratio_sum, count = self._latent_norm_ratio[mode].tolist()
+        if count > 0:
+            self._metrics[mode]["latent_norm_ratio"] = [ratio_sum / count]
+        self._latent_norm_ratio[mode].zero_()
+        if mode == "train" and self.args.scheduled_sampling_prob > 0:
+            replaced, spans = self._replaced_spans.tolist()
+            if spans > 0:
+                self._metrics[mode]["scheduled_sampling_fraction"] = [replaced / spans]
+            self._replaced_spans.zero_()
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        super().log(logs, start_time)
+
+    # -- saving and the model card --------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, with the latent head written from DeepSpeed's fp32 master weights.
+
+        Under ZeRO-3 with bf16/fp16 the head's working copy is 16-bit (every partitioned parameter is); the saved
+        head must be the fp32 one. Runs on every rank (gathering is collective), like `Trainer.save_model`.
+        """
+        self._fp32_head_state = self._gather_fp32_latent_head()
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._fp32_head_state = {}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`, then the model card into the same folder (on the processes that write)."""
+        if state_dict is not None and self._fp32_head_state:
+            state_dict = {**state_dict, **self._fp32_head_state}
+        super()._save(output_dir, state_dict=state_dict)
+        self.create_model_card(output_dir=output_dir if output_dir is not None else self.args.output_dir)
+
+    def _gather_fp32_latent_head(self) -> dict[str, torch.Tensor]:
+        """{state-dict key: fp32 CPU tensor} of the head's low-precision DeepSpeed parameters (empty otherwise)."""
+        if not self.is_deepspeed_enabled or self.deepspeed is None or is_peft_model(self.model):
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, parameter in self.model.named_parameters():
+            if not is_latent_head_parameter(name) or parameter.dtype == torch.float32:
+                continue
+            full = safe_get_full_fp32_param(parameter)
+            if full is not None:
+                shape = parameter.ds_shape if hasattr(parameter, "ds_shape") else parameter.shape
+                state[name] = full.detach().reshape(shape).to("cpu", torch.float32)
+        return state
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Write GAP's model card (`gap_pipeline.model_card`) as README.md into `output_dir` (default
+        `args.output_dir`), replacing TRL's; on the processes that save.
+
+        `dataset_name` is added to the card's datasets, `tags` to its metadata tags.
+        """
+        if not self.args.should_save:
+            return
+        if model_name is None:
+            model_name = (self.args.hub_model_id or os.path.abspath(self.args.output_dir)).rstrip("/").split("/")[-1]
+        run = self._training_run_for_card()
+        if dataset_name is not None and dataset_name not in run.datasets:
+            run.datasets = [*run.datasets, dataset_name]
+        write_model_card(
+            output_dir if output_dir is not None else self.args.output_dir,
+            self.gap_model.config,
+            model_name=model_name,
+            model_id=self.hub_model_id or self.args.hub_model_id,
+            training=run,
+            adapter=is_peft_model(self.model),
+            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else list(tags or []))],
+        )
+
+    def _training_run_for_card(self) -> TrainingRun:
+        """`training_run` completed with what the trainer knows: tau, p, world size, LoRA, hyperparameters."""
+        run = self.training_run
+        tau = run.difficulty_threshold
+        if tau is None:
+            tau = getattr(self.data_collator, "difficulty_threshold", None)
+        args = self.args
+        hyperparameters = {
+            "learning_rate": args.learning_rate,
+            "latent_head_learning_rate": args.latent_head_learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "weight_decay": args.weight_decay,
+            "optim": str(getattr(args.optim, "value", args.optim)),
+            "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "max_grad_norm": args.max_grad_norm,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "activation_checkpointing": args.activation_checkpointing,
+            "freeze_vision_tower": args.freeze_vision_tower,
+            "seed": args.seed,
+            "steps_trained": self.state.global_step,
+        }
+        if args.deepspeed:
+            hyperparameters["deepspeed"] = args.deepspeed if isinstance(args.deepspeed, str) else "dict"
+        return dataclasses.replace(
+            run,
+            datasets=list(run.datasets),
+            difficulty_threshold=tau,
+            scheduled_sampling_prob=args.scheduled_sampling_prob,
+            world_size=run.world_size or args.world_size,
+            hyperparameters={**hyperparameters, **run.hyperparameters},
+            lora=run.lora if run.lora is not None else lora_settings(self.model),
+        )
+
+    # -- optimizer ------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the latent head in its own parameter groups at `latent_head_learning_rate`.
+
+        Weight decay is applied as the Trainer does (`get_decay_parameter_names`): four groups, {rest, head} x
+        {decay, no decay}, empty ones left out.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, parameter in opt_model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            key = (is_latent_head_parameter(name), name in decay_names)
+            groups.setdefault(key, []).append(parameter)
+        param_groups = []
+        for (is_head, decays), parameters in sorted(groups.items()):
+            group = {"params": parameters, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_head:
+                group["lr"] = self.args.latent_head_learning_rate
+            param_groups.append(group)
+        if not any(is_head for is_head, _ in groups):
+            raise ValueError("No trainable latent-head parameter: the GAP latent head must be trained.")
+
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        replaced = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
+        if replaced or not isinstance(optimizer_cls, type):
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups, which would drop the latent head's "
+                f"learning rate; use a standard optimizer such as `adamw_torch`."
+            )
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def apply_global_batch_size(training_args: GapSFTConfig, global_batch_size: int | None) -> GapSFTConfig:
+    """Training arguments with gradient_accumulation_steps derived from `global_batch_size` (None: unchanged),
+    rebuilt rather than edited, because constructing them fills the DeepSpeed config's "auto" batch sizes."""
+    if global_batch_size is None:
+        return training_args
+    per_step = training_args.per_device_train_batch_size * training_args.world_size
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise ValueError(
+            f"--global_batch_size {global_batch_size} is not a positive multiple of per_device_train_batch_size x "
+            f"world_size = {training_args.per_device_train_batch_size} x {training_args.world_size} = {per_step}."
+        )
+    steps = global_batch_size // per_step
+    if steps == training_args.gradient_accumulation_steps:
+        return training_args
+    return dataclasses.replace(training_args, gradient_accumulation_steps=steps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building what the trainer trains, after the training arguments exist (so ZeRO-3 partitions the model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def zero3_init_disabled(args: GapSFTConfig) -> Iterator[None]:
+    """Build models normally (not partitioned by `zero.Init`) inside the block, e.g. for a one-off conversion."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
+def load_model_and_processor(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str | None = None,
+    **config_overrides: Any,
+) -> tuple[PreTrainedModel, Any]:
+    """The GAP checkpoint at `path` and its processor, to train (`config_overrides`: K, lambda, the loss
+    reduction; None values are left out). `attn_implementation` None picks flash_attention_2 when installed."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from modeling_gap import GapForConditionalGeneration
+    from processing_gap import GapProcessor
+
+    if attn_implementation is None:
+        attn_implementation = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    overrides = {key: value for key, value in config_overrides.items() if value is not None}
+    revision_kwargs = {} if revision is None else {"revision": revision}
+    model = GapForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, **revision_kwargs, **overrides
+    )
+    model.config.validate_gap()
+    processor = GapProcessor.from_pretrained(
+        path,
+        **revision_kwargs,
+        trust_remote_code=False,  # GapProcessor is this repository's class: no code from the folder is needed
+        latent_tokens_per_span=model.config.latent_tokens_per_span,
+    )
+    return model, processor
