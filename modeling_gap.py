@@ -35,8 +35,9 @@ IGNORE_INDEX = -100
 
 #: What a latent span feeds back at each pad step (paper Tables 1 and 6):
 #: pca (GAP), suppress (no span opens), noise (PCA-Gaussian, norm-matched), hidden (h_bar itself, the
-#: output-as-input baseline), hidden_ema (h_bar rescaled to an EMA of the query image's vision-token norms).
-LATENT_INTERVENTIONS = ("pca", "suppress", "noise", "hidden", "hidden_ema")
+#: output-as-input baseline), hidden_ema (h_bar rescaled to an EMA of the query image's vision-token norms),
+#: oracle (the row's true latent targets: the upper bound of reading latents).
+LATENT_INTERVENTIONS = ("pca", "suppress", "noise", "hidden", "hidden_ema", "oracle")
 
 
 @dataclass
@@ -238,9 +239,13 @@ class GapGenerateOutput(GenerateDecoderOnlyOutput):
     latent_norms: one tensor per row, (n_spans, K): their L2 norms.
     num_latent_spans: (batch,) how many spans each row opened.
     span_truncated: (batch,) True where generation stopped inside a span (`max_new_tokens` ran out).
+    head_latents: with the ``oracle`` intervention, one tensor per row laid out like `latents`: what the latent
+        head predicted at each pad step from the true latents before it (its teacher-forced output); None
+        otherwise (with ``pca`` the head's latents are `latents` themselves).
     """
 
     latents: list | None = None
+    head_latents: list | None = None
     latent_norms: list | None = None
     num_latent_spans: torch.LongTensor | None = None
     span_truncated: torch.BoolTensor | None = None
@@ -293,9 +298,14 @@ class GapLatentState:
     latent is fed again in order).
     """
 
-    def __init__(self, model, intervention, generator=None, ema_beta=0.9):
+    def __init__(self, model, intervention, generator=None, ema_beta=0.9, oracle=None, latent_tokens_per_span=None):
         self.model = model
         self.intervention = intervention
+        self.oracle = oracle  # per row (n_spans, K, d) true latents, for the `oracle` intervention
+        self.K = latent_tokens_per_span
+        self.pads_fed = None  # per row: pads fed so far (span = n // K, slot = n % K)
+        self.head_history = []  # `oracle` only: per generated column, what the head predicted (like `history`)
+        self.last_head_latents = None
         self.generator = generator
         self.ema_beta = ema_beta
         self.prompt_length = None
@@ -322,12 +332,24 @@ class GapLatentState:
             h = h_bar.float()
             return h * (self.ema_norm[rows, None] / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         clean = head(h_bar)
+        if self.intervention == "oracle":
+            self.last_head_latents = clean
+            return self._oracle_latents(rows, clean)
         if self.intervention != "noise":
             return clean
         std = head.pca_eigenvalues.clamp_min(0).sqrt()
         noise = torch.randn(clean.shape[0], std.shape[0], generator=self.generator, device=std.device, dtype=torch.float32)
         noisy = head.decode(noise * std)
         return noisy * (clean.norm(dim=-1, keepdim=True) / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def _oracle_latents(self, rows, clean):
+        """The true latent of each row's current (span, slot); the head's own where a row has no more targets."""
+        fed = clean.clone()
+        for i, row in enumerate(rows.tolist()):
+            span, slot = divmod(int(self.pads_fed[row]), self.K)
+            if span < self.oracle[row].shape[0]:
+                fed[i] = self.oracle[row][span, slot].to(device=fed.device, dtype=fed.dtype)
+        return fed
 
     def _vision_norm_ema(self, outputs):
         """n_bar per row: EMA (beta) of the prompt's vision-token L2 norms in sequence order (paper §3.1, App. F)."""
@@ -357,13 +379,21 @@ class GapLatentState:
         generated = full_input_ids.shape[1] - self.prompt_length
         if generated > len(self.history):  # a new column: decode the latents of the rows that just emitted a pad
             is_pad = full_input_ids[:, -1] == pad_id
-            fed = None
+            fed = head_fed = None
+            if self.pads_fed is None:
+                self.pads_fed = torch.zeros(is_pad.shape[0], dtype=torch.long)
             if bool(is_pad.any()):
                 rows = is_pad.nonzero().flatten()
                 h_bar = self.next_hidden[rows.to(self.next_hidden.device)]
                 fed = torch.zeros(is_pad.shape[0], h_bar.shape[-1], dtype=torch.float32, device=h_bar.device)
                 fed[rows.to(fed.device)] = self.feed(h_bar, rows.to(fed.device)).float()
+                if self.intervention == "oracle":
+                    head_fed = torch.zeros_like(fed)
+                    head_fed[rows.to(fed.device)] = self.last_head_latents.float()
+                self.pads_fed[is_pad.cpu()] += 1
             self.history.append(fed)
+            if self.intervention == "oracle":
+                self.head_history.append(head_fed)
         pad_mask = model_input_ids == pad_id
         n_generated = min(model_input_ids.shape[1], generated)
         prompt_part = pad_mask[:, : pad_mask.shape[1] - n_generated]
@@ -375,9 +405,9 @@ class GapLatentState:
         feeds = self._stacked(len(self.history) - n_generated, len(self.history))
         return feeds[gen_mask.to(feeds.device)]
 
-    def _stacked(self, begin, end):
+    def _stacked(self, begin, end, history=None):
         """History columns [begin, end) as (batch, n, d), zeros where no row fed a latent."""
-        columns = self.history[begin:end]
+        columns = (self.history if history is None else history)[begin:end]
         template = next((c for c in columns if c is not None), None)
         if template is None:
             d = self.model.config.text_config.hidden_size
@@ -385,26 +415,31 @@ class GapLatentState:
         return torch.stack([torch.zeros_like(template) if c is None else c for c in columns], dim=1)
 
     def collect(self, sequences, pad_id, processor):
-        """Per-row latents (n_spans, K, d), their norms, span counts and whether a row stopped inside a span."""
+        """Per-row latents (n_spans, K, d), their norms, span counts, whether a row stopped inside a span, and
+        (``oracle`` only) the head's own latents laid out the same way."""
         generated = sequences[:, self.prompt_length :]
-        batch = sequences.shape[0]
-        K = processor.latent_tokens_per_span
-        d = self.model.config.text_config.hidden_size
-        n_steps = min(generated.shape[1], len(self.history))
-        feeds = self._stacked(0, n_steps) if n_steps else torch.zeros(batch, 0, d)
-        is_pad = (generated[:, :n_steps] == pad_id).to(feeds.device)
         num_spans = (generated == processor.start_id).sum(dim=1)
         in_span, _ = processor.span_progress(sequences)
         ends_with_end = sequences[:, -1] == processor.end_id
         truncated = in_span & ~ends_with_end
-        latents, norms = [], []
+        latents = self._spans_per_row(generated, pad_id, processor.latent_tokens_per_span, self.history)
+        head_latents = None
+        if self.intervention == "oracle":
+            head_latents = self._spans_per_row(generated, pad_id, processor.latent_tokens_per_span, self.head_history)
+        return latents, [spans.norm(dim=-1) for spans in latents], num_spans, truncated, head_latents
+
+    def _spans_per_row(self, generated, pad_id, K, history):
+        """`history`'s vectors at each row's pads, as (n_full_spans, K, d) per row (a span cut short is left out)."""
+        batch, d = generated.shape[0], self.model.config.text_config.hidden_size
+        n_steps = min(generated.shape[1], len(history))
+        feeds = self._stacked(0, n_steps, history) if n_steps else torch.zeros(batch, 0, d)
+        is_pad = (generated[:, :n_steps] == pad_id).to(feeds.device)
+        spans = []
         for row in range(batch):  # once per call, after decoding: packing per-row outputs
             row_latents = feeds[row][is_pad[row]].float()
             n_full = row_latents.shape[0] // K
-            spans = row_latents[: n_full * K].reshape(n_full, K, d)  # a span cut short is left out (flagged)
-            latents.append(spans)
-            norms.append(spans.norm(dim=-1))
-        return latents, norms, num_spans, truncated
+            spans.append(row_latents[: n_full * K].reshape(n_full, K, d))
+        return spans
 
 
 class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -609,6 +644,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         latent_tokens_per_span=None,
         latent_generator=None,
         hidden_ema_beta=0.9,
+        latent_oracle=None,
         **kwargs,
     ):
         r"""`GenerationMixin.generate` with visual latent spans.
@@ -624,9 +660,13 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 v_hat = P_k^T F(h_bar) + mu), ``"suppress"`` (``<|latent_start|>`` banned: no span opens),
                 ``"noise"`` (c ~ N(0, diag(eigenvalues)), reconstructed, rescaled to the clean latent's norm),
                 ``"hidden"`` (h_bar itself, the output-as-input baseline), ``"hidden_ema"`` (h_bar rescaled to an
-                EMA, `hidden_ema_beta`, of the query image's vision-token norms).
+                EMA, `hidden_ema_beta`, of the query image's vision-token norms), ``"oracle"`` (the row's true
+                latents from `latent_oracle`: the upper bound of reading latents; against ``"pca"`` it tells
+                whether writing or reading latents limits a model).
             latent_tokens_per_span: override K for this call (a perfect square; the budget sweep of Table 10).
             latent_generator: a `torch.Generator` for the `noise` intervention (seed it to repeat a run).
+            latent_oracle: for ``"oracle"``: per batch row, a tensor (n_spans, K, d) (or (K, d) for one span) of the
+                row's latent targets, fed in order; past its last span a row feeds the head's own latents.
 
         With `return_dict_in_generate=True` the result is a `GapGenerateOutput` holding, per row, the fed
         latents, their norms, the number of spans and whether `max_new_tokens` ran out inside a span.
@@ -641,6 +681,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"`hidden_ema_beta` must be in [0, 1), got {hidden_ema_beta}.")
         K = self.config.latent_tokens_per_span if latent_tokens_per_span is None else latent_tokens_per_span
         check_latent_budget(K, "latent_tokens_per_span")
+        oracle = self._check_oracle(latent_intervention, latent_oracle, K, inputs, kwargs)
         num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", None) or self.generation_config.num_beams)
         if (num_beams or 1) > 1:
             raise ValueError("Latent decoding supports greedy and sampling decoding; set num_beams=1.")
@@ -648,20 +689,41 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         start_id, pad_id, end_id = self.config.latent_token_ids
         span_processor = GapLatentLogitsProcessor(start_id, pad_id, end_id, K, ban_start=latent_intervention == "suppress")
         processors = LogitsProcessorList(list(logits_processor or []) + [span_processor])
-        state = GapLatentState(self, latent_intervention, generator=latent_generator, ema_beta=hidden_ema_beta)
+        state = GapLatentState(self, latent_intervention, generator=latent_generator, ema_beta=hidden_ema_beta,
+                               oracle=oracle, latent_tokens_per_span=K)
         output = super().generate(
             inputs, generation_config=generation_config, logits_processor=processors, gap_latent_state=state, **kwargs
         )
         if not isinstance(output, GenerateDecoderOnlyOutput):
             return output
-        latents, norms, num_spans, truncated = state.collect(output.sequences, pad_id, span_processor)
+        latents, norms, num_spans, truncated, head_latents = state.collect(output.sequences, pad_id, span_processor)
         return GapGenerateOutput(
             **{key: value for key, value in output.items()},
             latents=latents,
+            head_latents=head_latents,
             latent_norms=norms,
             num_latent_spans=num_spans,
             span_truncated=truncated,
         )
+
+    def _check_oracle(self, intervention, latent_oracle, K, inputs, kwargs):
+        """`latent_oracle` as a list of (n_spans, K, d) fp32 tensors, one per batch row (``oracle`` only)."""
+        if intervention != "oracle":
+            if latent_oracle is not None:
+                raise ValueError(f"`latent_oracle` is only read by latent_intervention='oracle', not {intervention!r}.")
+            return None
+        if latent_oracle is None:
+            raise ValueError("latent_intervention='oracle' feeds the rows' true latents: pass `latent_oracle`.")
+        input_ids = kwargs.get("input_ids", inputs)
+        batch = input_ids.shape[0] if input_ids is not None else len(latent_oracle)
+        d = self.config.text_config.hidden_size
+        rows = [torch.as_tensor(r, dtype=torch.float32) for r in latent_oracle]
+        rows = [r[None] if r.dim() == 2 else r for r in rows]
+        if len(rows) != batch or any(r.dim() != 3 or tuple(r.shape[1:]) != (K, d) for r in rows):
+            shapes = [tuple(r.shape) for r in rows]
+            raise ValueError(f"`latent_oracle` needs one (n_spans, {K}, {d}) tensor per batch row ({batch} rows); "
+                             f"got shapes {shapes}.")
+        return rows
 
     def prepare_inputs_for_generation(self, input_ids, gap_latent_state=None, **kwargs):
         """Adds `latent_embeds` for the pads among this step's input ids (latents come from `gap_latent_state`)."""

@@ -40,6 +40,7 @@ HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, late
 
 TSV_OPTION_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 BASE_SETTING = "base"  # the intervention name recorded for a plain Qwen2.5-VL checkpoint
+TARGETS_COLUMN = "latent_targets"  # written by `gap targets`
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
@@ -57,6 +58,7 @@ class EvalItem:
     gold: str
     options: dict | None = None
     extra: dict = field(default_factory=dict)
+    latent_targets: Any = None  # (n_spans * K, d) true latents, when the rows come from `gap targets`
 
     def checker_row(self) -> dict:
         row = {"id": self.id, "answer": self.gold, **self.extra}
@@ -151,7 +153,8 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
         except (RowError, DifficultyError) as error:
             problems.append(str(error))
             continue
-        items.append(EvalItem(row_id, messages, images, gold, options or None))
+        items.append(EvalItem(row_id, messages, images, gold, options or None,
+                              latent_targets=row.get(TARGETS_COLUMN)))
     return items, problems
 
 
@@ -191,11 +194,28 @@ def summarize(records: list[dict]) -> list[dict]:
             "span_rate": sum(r["latent_spans"] > 0 for r in group) / len(group),
             "mean_latent_norm": sum(norms) / len(norms) if norms else None,
             "mean_vision_norm": _mean([r["vision_norm"] for r in group if r.get("vision_norm") is not None]),
+            **_fidelity_summary(group),
             "mean_seconds": sum(seconds) / len(seconds),
             "p50_seconds": _percentile(seconds, 0.5),
             "p90_seconds": _percentile(seconds, 0.9),
         })
     return rows
+
+
+def _fidelity_summary(group: list[dict]) -> dict:
+    """Mean cosine and relative squared error of the written latents against the targets, overall and per slot,
+    over the spans of the rows that carry targets (None where no row does)."""
+    spans = [(cos, rel) for r in group if r.get("latent_fidelity")
+             for cos, rel in zip(r["latent_fidelity"]["cosine"], r["latent_fidelity"]["relse"])]
+    if not spans:
+        return {"latent_cosine": None, "latent_relse": None, "latent_cosine_per_slot": None,
+                "latent_relse_per_slot": None, "fidelity_spans": 0}
+    K = min(len(cos) for cos, _ in spans)
+    per_slot_cos = [_mean([cos[k] for cos, _ in spans]) for k in range(K)]
+    per_slot_rel = [_mean([rel[k] for _, rel in spans]) for k in range(K)]
+    return {"latent_cosine": _mean(per_slot_cos), "latent_relse": _mean(per_slot_rel),
+            "latent_cosine_per_slot": per_slot_cos, "latent_relse_per_slot": per_slot_rel,
+            "fidelity_spans": len(spans)}
 
 
 def _mean(values):
@@ -207,13 +227,15 @@ def summary_markdown(rows: list[dict]) -> str:
         return "–" if value is None else format(value, spec)
 
     lines = [
-        "| intervention | K | n | accuracy | opened a span | mean latent norm | vision norm | mean s | P50 s | P90 s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| intervention | K | n | accuracy | opened a span | mean latent norm | vision norm | latent cos | latent RelSE "
+        "| mean s | P50 s | P90 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['intervention']} | {r['budget']} | {r['n']} | {r['accuracy']:.3f} | {r['span_rate']:.2f} | "
-            f"{fmt(r['mean_latent_norm'], '.3f')} | {fmt(r['mean_vision_norm'], '.3f')} | {r['mean_seconds']:.3f} | "
+            f"{fmt(r['mean_latent_norm'], '.3f')} | {fmt(r['mean_vision_norm'], '.3f')} | "
+            f"{fmt(r.get('latent_cosine'), '.3f')} | {fmt(r.get('latent_relse'), '.3f')} | {r['mean_seconds']:.3f} | "
             f"{r['p50_seconds']:.3f} | {r['p90_seconds']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -242,8 +264,38 @@ def _vision_norms(model, inputs, n_rows):
     return norms
 
 
+def _targets_as_spans(item: EvalItem, K: int):
+    """The item's latent targets as (n_spans, K, d) fp32, or None when it has none or they are not K per span."""
+    import torch
+
+    if item.latent_targets is None:
+        return None
+    targets = torch.as_tensor(item.latent_targets, dtype=torch.float32)
+    targets = targets.reshape(-1, targets.shape[-1])
+    if targets.shape[0] == 0 or targets.shape[0] % K:
+        return None
+    return targets.reshape(-1, K, targets.shape[-1])
+
+
+def latent_fidelity(generated, targets) -> dict | None:
+    """Cosine and relative squared error ||v_hat - v||^2 / ||v||^2 of generated latents against the targets, per
+    span and slot, for the spans both have ((n, K) lists); None when nothing can be compared."""
+    import torch
+
+    if targets is None or generated is None:
+        return None
+    n = min(generated.shape[0], targets.shape[0])
+    if n == 0 or generated.shape[1] != targets.shape[1]:
+        return None
+    v_hat, v = generated[:n].float(), targets[:n].to(generated.device).float()
+    cosine = torch.nn.functional.cosine_similarity(v_hat, v, dim=-1)
+    relse = (v_hat - v).pow(2).sum(-1) / v.pow(2).sum(-1).clamp_min(1e-12)
+    return {"cosine": cosine.tolist(), "relse": relse.tolist()}
+
+
 def generate_batch(model, processor, items, *, is_gap, intervention, budget, max_new_tokens, generator, do_sample):
-    """Generate for a batch of items; returns (texts, span counts, per-span mean norms, vision norms, seconds)."""
+    """Generate for a batch of items; returns (texts, span counts, per-span mean norms, vision norms, seconds,
+    per-row latent fidelity against the items' targets or None)."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -253,9 +305,17 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
     inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
     vision_norms = _vision_norms(model, inputs, len(items))
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    targets = [_targets_as_spans(item, budget) for item in items] if is_gap else [None] * len(items)
     if is_gap:
         kwargs.update(latent_intervention=intervention, latent_tokens_per_span=budget, latent_generator=generator,
                       return_dict_in_generate=True)
+        if intervention == "oracle":
+            missing = [item.id for item, t in zip(items, targets) if t is None]
+            if missing:
+                raise BadRowError(
+                    f"rows {missing[:5]} have no latent targets of K={budget} per span, which the 'oracle' "
+                    "intervention feeds; evaluate a dataset folder written by `gap targets` with that K")
+            kwargs["latent_oracle"] = targets
     started = time.perf_counter()
     with torch.no_grad():
         output = model.generate(**inputs, **kwargs)
@@ -266,9 +326,11 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
     if is_gap:
         spans = output.num_latent_spans.tolist()
         norms = [norm.mean(dim=-1).tolist() for norm in output.latent_norms]
+        written = output.head_latents if intervention == "oracle" else output.latents  # what the model wrote
+        fidelity = [latent_fidelity(w, t) for w, t in zip(written, targets)]
     else:
-        spans, norms = [0] * len(items), [[] for _ in items]
-    return texts, spans, norms, vision_norms, seconds
+        spans, norms, fidelity = [0] * len(items), [[] for _ in items], [None] * len(items)
+    return texts, spans, norms, vision_norms, seconds, fidelity
 
 
 def _record_key(record):
@@ -341,11 +403,13 @@ def evaluate(
             pending = [item for s, item in todo if s == setting]
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
-                texts, spans, norms, vision_norms, seconds = generate_batch(
+                texts, spans, norms, vision_norms, seconds, fidelity = generate_batch(
                     model, processor, batch, is_gap=is_gap, intervention=setting[0], budget=setting[1],
                     max_new_tokens=max_new_tokens, generator=generator, do_sample=do_sample,
                 )
-                for item, text, n_spans, span_norms, vision_norm in zip(batch, texts, spans, norms, vision_norms):
+                for item, text, n_spans, span_norms, vision_norm, span_fidelity in zip(
+                    batch, texts, spans, norms, vision_norms, fidelity
+                ):
                     record = {
                         "id": item.id,
                         "intervention": setting[0],
@@ -359,6 +423,8 @@ def evaluate(
                         "vision_norm": vision_norm,
                         "seconds": seconds,
                     }
+                    if span_fidelity is not None:
+                        record["latent_fidelity"] = span_fidelity
                     out.write(json.dumps(record) + "\n")
                     written.append(record)
                 out.flush()
@@ -448,6 +514,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"gap evaluate: unknown interventions {unknown}; choose from {list(LATENT_INTERVENTIONS)}", file=sys.stderr)
         return 2
     budgets = _parse_list(args.budgets, int) or [None]
+    if is_gap and "oracle" in interventions:
+        missing = [item.id for item in items if item.latent_targets is None]
+        if missing:
+            print(f"gap evaluate: the 'oracle' intervention feeds each row's true latents, but rows {missing[:5]} "
+                  f"({len(missing)} in all) of {args.data} have none; run `gap targets` on the evaluation rows and "
+                  "pass its output folder as --data", file=sys.stderr)
+            return 2
     if is_gap:
         from configuration_gap import check_latent_budget
 

@@ -219,3 +219,51 @@ def test_dataset_in_the_project_schema_is_evaluated_with_its_gold_answers(tmp_pa
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert [(r["id"], r["gold"]) for r in records] == [(row["id"], row["answer"]) for row in rows]
     assert all(r["prediction"] == "C" and not r["correct"] for r in records)  # digits 0-4 are never "C"
+
+
+def test_latent_fidelity_against_the_rows_targets_and_the_oracle_upper_bound(tmp_path, tiny_image):
+    """Rows that carry targets get cosine and relative squared error of the written latents per span and slot;
+    `oracle` feeds the targets and scores what the head wrote from them."""
+    from gap_pipeline.evaluate import EvalItem
+
+    model, processor = _engineered_gap()  # h_bar is the same vector everywhere: the head writes one latent
+    K = model.config.latent_tokens_per_span
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
+    items = [EvalItem(str(i), messages, [tiny_image(seed=i)], "C") for i in range(3)]
+    common = dict(is_gap=True, batch_size=2, max_new_tokens=K + 3, progress=False)
+    evaluate(model, processor, items, tmp_path / "plain", interventions=("pca",), **common)
+    records = [json.loads(line) for line in (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines()]
+    assert all("latent_fidelity" not in r for r in records)  # no targets: nothing to compare
+
+    with torch.no_grad():
+        captured = []
+        handle = model.model.language_model.norm.register_forward_hook(lambda m, i, o: captured.append(o[0, -1]))
+        model(**processor.tokenizer(["x"], return_tensors="pt"))
+        handle.remove()
+        written = model.latent_head(captured[0]).float()  # what every pad step feeds under pca
+    for i, item in enumerate(items):  # targets 2x the written latent: cosine 1, RelSE |v - 2v|^2 / |2v|^2 = 1/4
+        item.latent_targets = (2 * written).expand(K, -1).numpy() if i < 2 else None  # the third row has none
+    evaluate(model, processor, items, tmp_path / "targets", interventions=("pca",), **common)
+    evaluate(model, processor, items[:2], tmp_path / "targets", interventions=("oracle",), **common)
+    rows = {r["intervention"]: r for r in finalize(tmp_path / "targets", [item.id for item in items])}
+    for intervention in ("pca", "oracle"):
+        row = rows[intervention]
+        assert row["fidelity_spans"] == 2
+        assert row["latent_cosine"] == pytest.approx(1.0, abs=1e-3)
+        assert row["latent_relse"] == pytest.approx(0.25, abs=1e-3)
+        assert row["latent_relse_per_slot"] == pytest.approx([0.25] * K, abs=1e-3)
+    records = [json.loads(line) for line in (tmp_path / "targets" / "predictions.jsonl").read_text().splitlines()]
+    oracle = {r["id"]: r for r in records if r["intervention"] == "oracle"}
+    assert oracle["0"]["latent_span_norms"][0] == pytest.approx(2 * written.norm().item(), rel=1e-5)  # fed targets
+    assert "latent_fidelity" not in next(r for r in records if r["id"] == "2")
+    assert "| latent cos | latent RelSE |" in (tmp_path / "targets" / "summary.md").read_text()
+
+
+def test_oracle_needs_rows_with_targets(tmp_path, engineered_dir):
+    from gap_pipeline.demo_task import generate_split
+
+    data = generate_split(tmp_path / "data", "test", 3, seed=1)
+    run = _run_cli("--model", engineered_dir, "--data", data, "--output-dir", tmp_path / "eval", "--interventions",
+                   "pca,oracle", "--max-new-tokens", 1, "--no-progress")
+    assert run.returncode == 2
+    assert "run `gap targets` on the evaluation rows" in run.stderr and "['test-0', 'test-1', 'test-2']" in run.stderr

@@ -195,6 +195,39 @@ def test_hidden_intervention_feeds_the_final_norm_state(engineered):
     assert n_checked >= K
 
 
+def test_oracle_feeds_each_rows_targets_in_order_and_reports_what_the_head_would_have_fed(engineered):
+    model, tokenizer = engineered
+    inputs = _encode(tokenizer, PROMPTS)
+    d = model.config.text_config.hidden_size
+    targets = [torch.randn(1, K, d, generator=torch.Generator().manual_seed(row)) for row in range(len(PROMPTS))]
+    output, rec = _record(model, inputs, latent_intervention="oracle", latent_oracle=targets)
+    prompt_length = inputs.input_ids.shape[1]
+    for row, steps in enumerate(_pad_steps(model, output, prompt_length)):
+        assert output.num_latent_spans[row] >= 1
+        for i, s in enumerate(steps.tolist()):
+            span, slot = divmod(i, K)
+            head = model.latent_head(rec.h_bar[s - 1][row]).to(torch.float64)
+            if span == 0:  # the row's one target span, in order
+                torch.testing.assert_close(rec.input_embeds[s][row], targets[row][0, slot].double(), rtol=0, atol=1e-6)
+                torch.testing.assert_close(output.head_latents[row][0, slot].double(), head, rtol=0, atol=1e-6)
+            else:  # past its targets a row feeds the head's own latent
+                torch.testing.assert_close(rec.input_embeds[s][row], head, rtol=0, atol=1e-6)
+        torch.testing.assert_close(output.latents[row][0], targets[row][0])
+    assert _generate(model, inputs).head_latents is None  # pca: the head's latents are `latents`
+
+
+def test_oracle_without_or_with_misshapen_targets_is_refused(engineered):
+    model, tokenizer = engineered
+    inputs = _encode(tokenizer, PROMPTS[:2])
+    d = model.config.text_config.hidden_size
+    with pytest.raises(ValueError, match="pass `latent_oracle`"):
+        model.generate(**inputs, latent_intervention="oracle")
+    with pytest.raises(ValueError, match=r"one \(n_spans, 4, 64\) tensor per batch row \(2 rows\)"):
+        model.generate(**inputs, latent_intervention="oracle", latent_oracle=[torch.zeros(1, K, d)])
+    with pytest.raises(ValueError, match="only read by latent_intervention='oracle'"):
+        model.generate(**inputs, latent_oracle=[torch.zeros(K, d)] * 2)
+
+
 def test_hidden_ema_feeds_h_bar_rescaled_to_the_ema_of_the_image_token_norms(tiny_gap_and_processor, tiny_image):
     model, processor = tiny_gap_and_processor
     start, _, _ = model.config.latent_token_ids
@@ -393,8 +426,8 @@ def test_every_documented_intervention_is_accepted(engineered):
     model, tokenizer = engineered
     inputs = _encode(tokenizer, PROMPTS[:1])
     for intervention in LATENT_INTERVENTIONS:
-        if intervention == "hidden_ema":
-            continue  # needs an image: covered above
+        if intervention in ("hidden_ema", "oracle"):
+            continue  # need an image / targets: covered above
         out = model.generate(**inputs, max_new_tokens=12, latent_intervention=intervention,
                              latent_generator=torch.Generator().manual_seed(0))
         assert out.shape[1] > inputs.input_ids.shape[1]
