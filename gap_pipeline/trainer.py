@@ -127,8 +127,10 @@ class GapSFTTrainer(SFTTrainer):
       latent injection and loss, is removed from the model);
     * both terms are normalised over the global batch (all ranks and accumulation steps): the LM term by the
       Trainer's `num_items_in_batch`, the latent term by the number of latent positions counted the same way;
-    * `lm_loss`, `latent_loss` and `latent_norm_ratio` (mean ||v_hat|| / ||v|| over latent positions) are logged
-      next to `loss`;
+    * `lm_loss`, `latent_loss`, `latent_norm_ratio` (mean ||v_hat|| / ||v|| over latent positions) and
+      `latent_relse` (sum ||v_hat - v||^2 / sum ||v||^2: the teacher-forced relative error, comparable across
+      models, lambdas and reductions) are logged next to `loss`; with an `eval_dataset` the same as `eval_*`, so
+      the held-out latent error sits next to the held-out LM loss;
     * the GAP dataset columns (`aux_images`, `latent_targets`, `accuracy`) reach the data collator;
     * the latent head has its own learning rate (`args.latent_head_learning_rate`);
     * the vision tower is frozen unless `args.freeze_vision_tower=False`;
@@ -206,7 +208,9 @@ class GapSFTTrainer(SFTTrainer):
             gap.model.visual.requires_grad_(False)
         self._latent_pad_id = gap.config.latent_pad_token_id
         self._num_latent_items_in_batch = None
-        self._latent_norm_ratio = {mode: torch.zeros(2, dtype=torch.float64) for mode in ("train", "eval")}
+        # per mode, over the latent positions since the last log: (sum ||v_hat||/||v||, positions, sum ||v_hat - v||^2,
+        # sum ||v||^2)
+        self._latent_stats = {mode: torch.zeros(4, dtype=torch.float64) for mode in ("train", "eval")}
         self._replaced_spans = torch.zeros(2, dtype=torch.float64)  # (replaced spans, spans) since the last log
         self._sampling_micro_step = (None, 0)  # (global step, micro-batches seen in it): the coin flips' seed
         self._fp32_head_state: dict[str, torch.Tensor] = {}  # filled by `save_model` for `_save`
@@ -383,13 +387,14 @@ class GapSFTTrainer(SFTTrainer):
             value = getattr(outputs, name).detach().float() * scale
             metrics[name].append(gather(value).mean().item() * steps)
 
-        ratios = torch.zeros(2, device=self.args.device)  # (sum of ||v_hat|| / ||v||, number of latent positions)
+        stats = torch.zeros(4, device=self.args.device)  # see `_latent_stats`
         if outputs.latent_predictions is not None:
             predictions = outputs.latent_predictions.detach()
             targets = inputs["latent_embeds"].to(predictions.device, torch.float32)
             ratio = predictions.norm(dim=-1) / targets.norm(dim=-1).clamp_min(1e-12)
-            ratios = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)]).to(ratios.device)
-        self._latent_norm_ratio[mode] += gather(ratios[None]).sum(0).double().cpu()
+            stats = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device),
+                                 (predictions - targets).pow(2).sum(), targets.pow(2).sum()]).to(stats.device)
+        self._latent_stats[mode] += gather(stats[None]).sum(0).double().cpu()
 
         # With labels the model returns logits only at supervised positions (row-major), as labelled here.
         labels = inputs["labels"].masked_fill(inputs["input_ids"] == self._latent_pad_id, -100)[:, 1:]
@@ -405,10 +410,11 @@ class GapSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        ratio_sum, count = self._latent_norm_ratio[mode].tolist()
+        ratio_sum, count, squared_error, squared_norm = self._latent_stats[mode].tolist()
         if count > 0:
             self._metrics[mode]["latent_norm_ratio"] = [ratio_sum / count]
-        self._latent_norm_ratio[mode].zero_()
+            self._metrics[mode]["latent_relse"] = [squared_error / max(squared_norm, 1e-12)]
+        self._latent_stats[mode].zero_()
         if mode == "train" and self.args.scheduled_sampling_prob > 0:
             replaced, spans = self._replaced_spans.tolist()
             if spans > 0:

@@ -204,7 +204,7 @@ def test_logged_losses_of_two_accumulation_steps_equal_one_step_on_the_same_rows
     one.train()
     two.train()
     first, second = one.state.log_history[0], two.state.log_history[0]
-    for key in ("loss", "lm_loss", "latent_loss", "latent_norm_ratio", "grad_norm"):
+    for key in ("loss", "lm_loss", "latent_loss", "latent_norm_ratio", "latent_relse", "grad_norm"):
         assert second[key] == pytest.approx(first[key], rel=1e-5), key
     reference = GapForConditionalGeneration.from_pretrained(work.gap)  # the weights before the step
     with torch.no_grad():
@@ -226,12 +226,19 @@ def test_tiny_model_overfits_eight_rows(work, tmp_path):
         assert entry["loss"] == pytest.approx(entry["lm_loss"] + entry["latent_loss"], rel=1e-4)
 
 
-def test_evaluation_logs_both_loss_terms(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=2)
+def test_evaluation_logs_both_loss_terms_and_the_held_out_latent_error(work, tmp_path):
+    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=4)
     dataset = datasets.load_from_disk(str(work.data)).select([4, 5, 6, 7])
     metrics = trainer.evaluate(eval_dataset=dataset)
-    assert {"eval_loss", "eval_lm_loss", "eval_latent_loss", "eval_latent_norm_ratio"} <= set(metrics)
+    assert {"eval_loss", "eval_lm_loss", "eval_latent_loss", "eval_latent_norm_ratio", "eval_latent_relse"} <= set(metrics)
     assert metrics["eval_latent_loss"] > 0 and math.isfinite(metrics["eval_lm_loss"])
+    # the relative squared error of the teacher-forced predictions over every held-out latent position
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(dataset))))
+    with torch.no_grad():
+        out = trainer.model.eval()(**batch)
+    v_hat, v = out.latent_predictions.float(), batch["latent_embeds"].float()
+    expected = ((v_hat - v).pow(2).sum() / v.pow(2).sum()).item()
+    assert metrics["eval_latent_relse"] == pytest.approx(expected, rel=1e-4)
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
