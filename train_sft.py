@@ -9,7 +9,7 @@ the Trainer's Hub pushes skip `_*`), then loaded from there, so ZeRO-3 partition
 ```bash
 gap tiny-model --output-dir runs/tiny-base
 gap demo-data --output-dir runs/demo/data
-gap targets --data runs/demo/data/train.jsonl --model runs/tiny-base --latent-tokens-per-span 16 \
+gap targets --data runs/demo/data/train.jsonl --model runs/tiny-base --latent-tokens-per-span 4 \
     --output-dir runs/demo/train_targets
 gap fit-pca --targets runs/demo/train_targets --output-dir runs/demo/pca
 python train_sft.py --config configs/tiny_cpu.yaml --model_name_or_path runs/tiny-base \

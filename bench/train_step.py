@@ -6,7 +6,7 @@ latent spans fed their targets and the latent loss, the plain side as stock Qwen
 peak resident memory above its resident size between steps (activations, gradients, temporaries), measured in a
 fresh process per side. Goal: <= 1.05x time.
 
-    python bench/train_step.py                   # hidden 512, 8 layers, 16 rows of ~130 tokens
+    python bench/train_step.py                   # hidden 512, 8 layers, 16 demo rows (K = 4)
     python bench/train_step.py --size 7b --device cuda
 """
 
@@ -29,7 +29,7 @@ def build(size: str, rows: int, seed: int = 0):
     """(gap_model, stock_model, gap_processor, batch rows) on the tiny tokenizer, model dims from SIZES[size]."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gap_pipeline.demo_task import generate_split
+    from gap_pipeline.demo_task import LATENT_TOKENS, generate_split
     from gap_pipeline.tiny import build_tiny_processor, build_tiny_tokenizer, synthetic_pca, tiny_qwen2_5_vl_config
     from modeling_gap import GapForConditionalGeneration
     from processing_gap import GapProcessor
@@ -52,18 +52,18 @@ def build(size: str, rows: int, seed: int = 0):
     torch.manual_seed(seed)
     base = Qwen2_5_VLForConditionalGeneration(config)
     gap, tokenizer = GapForConditionalGeneration.from_qwen2_5_vl(
-        base, tokenizer, synthetic_pca(s["hidden_size"], min(s["k"], s["hidden_size"])), latent_tokens_per_span=16,
+        base, tokenizer, synthetic_pca(s["hidden_size"], min(s["k"], s["hidden_size"])), latent_tokens_per_span=LATENT_TOKENS,
         latent_adapter_size=256)
     stock = Qwen2_5_VLForConditionalGeneration(gap.config.__class__.__bases__[0](**{
         k: v for k, v in gap.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}))
     missing, unexpected = stock.load_state_dict(gap.state_dict(), strict=False)
     assert not missing and all(key.startswith("latent_head.") for key in unexpected)
-    processor = GapProcessor.from_qwen2_5_vl_processor(base_processor, tokenizer, 16)
+    processor = GapProcessor.from_qwen2_5_vl_processor(base_processor, tokenizer, LATENT_TOKENS)
     from gap_pipeline.data import load_jsonl
     from gap_pipeline.targets import compute_latent_targets
 
     path = generate_split(Path(tempfile.mkdtemp(prefix="gap-bench-")), "train", rows, seed)  # images stay on disk
-    dataset, _ = compute_latent_targets(load_jsonl(path), gap, processor.image_processor, latent_tokens_per_span=16,
+    dataset, _ = compute_latent_targets(load_jsonl(path), gap, processor.image_processor, latent_tokens_per_span=LATENT_TOKENS,
                                         progress=False)
     return gap, stock, processor, [dict(dataset[i]) for i in range(len(dataset))]
 

@@ -1,26 +1,34 @@
-"""The demo task: counting coloured cells in a 4 x 4 grid, where a latent span can carry the evidence.
+"""The demo task: questions about a 4 x 4 grid of coloured cells, some of which a latent span makes easy.
 
-Query image: a 4 x 4 grid of coloured cells, 28 px each (112 x 112 px), so with Qwen2.5-VL's 14 px patches
-and 2 x 2 merge every cell is exactly one merged vision token. Two question types, answers 0-4 balanced
-(chance 20 %):
+Query image: a 4 x 4 grid of coloured cells, 28 px each (112 x 112 px), so with Qwen2.5-VL's 14 px patches and
+2 x 2 merge every cell is exactly one merged vision token. One cell carries a black frame. Two question types,
+each answered with a colour (balanced, chance 20 %):
 
-* ``row``: "How many COLOUR cells are in row r?"
-* ``marked``: "How many COLOUR cells are in the row of the marked cell?" — one cell carries a black frame;
-  the model must find its row first (two hops).
+* ``framed`` (one third of the rows; one hop, by content): "What colour is the cell with the black frame?";
+* ``column`` (two thirds; two hops): "What colour is the cell in column c of the row of the framed cell?" --
+  find the frame's row, then the cell in column c of that row.
 
-Every cell carries two small white coordinate marks: a 4 x 4 px square on its left half whose height encodes the
-row and one on its right half whose height encodes the column. Qwen2.5-VL locates image tokens through its
-trained vision tower and M-RoPE; the demo's random frozen tower gives every cell of one colour the same features
-(no position at all), and the tiny model's M-RoPE (head_dim 16, theta 1e6) turns by at most 0.03 rad per row
-and 2e-4 rad per column, so without the marks no model, latent or not, can tell which cell is which.
+Every cell is two merged-token halves: a dark address strip (top 14 px) holding two white 6 x 6 px marks, the
+row's in its left patch and the column's in its right patch, each at one of four spots, over a block of the
+cell's colour (bottom 14 px). Qwen2.5-VL locates image tokens through its trained vision tower and M-RoPE; the
+demo's random frozen tower gives every cell of one colour the same features (no position at all), and the tiny
+model's M-RoPE (head_dim 16, theta 1e6) turns by at most 0.03 rad per row and 2e-4 rad per column, so without
+marks no model, latent or not, can tell which cell is which. Marks on a colour-independent strip make the
+address a quarter of a token's feature variance (small marks drawn on the colour made it 3 %).
 
-Auxiliary image: the same grid with every cell outside the relevant row blanked to grey (marks kept) — the
-evidence made explicit. Its 16 merged tokens are the latent targets (K = 16, one latent per cell, no pooling).
+Auxiliary image: the path to the evidence, cut out of the query image cell by cell (pixels, marks and frame
+unchanged) and laid out 2 x 2 (56 x 56 px): first the framed cell, then three copies of the cell the question
+asks about -- a zoom onto the answer, as the paper's auxiliary crops are. Its four merged tokens are the latent
+targets (K = 4, one latent per cell, no pooling). Each latent is one hop to write (the framed cell by content;
+then the cell in the first latent's row and the question's column) and the answer is read from the latents by
+content alone, where the question asks for two hops in the image.
 
-Teacher response, in the paper's format: ``<think>`` a short plan, ``<latent>``, ``<parser>`` a one-line
-description of the auxiliary image ``</parser>``, ``</think><answer>n</answer>``.
+Teacher response, in the paper's format: ``<think>`` a short plan, ``<latent>``, ``<parser>`` what the
+auxiliary image shows ``</parser>``, ``</think><answer>colour</answer>``. The parser names the cells and nothing
+else, so the text (which the no-latent control trains on too) carries no evidence the question does not
+already give: the cells' colours reach the answer through the latents or through the query image.
 
-    gap demo-data --output-dir runs/demo/data --train 2000 --test 200 --seed 0
+    gap demo-data --output-dir runs/demo/data --train 3000 --test 300 --seed 0
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ import json
 import random
 from pathlib import Path
 
-HELP = "Generate the demo task (grid counting with auxiliary images) as JSONL + PNG files."
+HELP = "Generate the demo task (colour questions about a grid, with auxiliary evidence crops) as JSONL + PNG files."
 
 GRID = 4
 CELL = 28
 SIZE = GRID * CELL
+AUX_GRID = 2  # the auxiliary crop lays the relevant row's 4 cells out 2 x 2
+LATENT_TOKENS = AUX_GRID * AUX_GRID
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -42,78 +52,100 @@ COLOURS = {
     "yellow": (235, 210, 40),
     "purple": (140, 60, 170),
 }
-GREY = (128, 128, 128)
-FRAME = 5  # px of the black frame on the marked cell
-MARK = 4  # px side of the white coordinate marks, drawn inside the frame
+COLOUR_TOP = CELL // 2  # a cell: its address strip above, its colour block from here down
+STRIP_COLOUR = (64, 64, 64)
+FRAME = 2  # px of the black frame around the marked cell's colour block
+MARK = 6  # px side of the white coordinate marks
+MARK_SPOTS = [(1, 1), (1, 7), (7, 1), (7, 7)]  # (dy, dx) of code 0-3 inside a 14 px patch
 MARK_COLOUR = (255, 255, 255)
-ROW_NAMES = ["one", "two", "three", "four"]
-QUESTION_TYPES = ("row", "marked")
+COLUMN_NAMES = ["one", "two", "three", "four"]
+QUESTION_TYPES = ("framed", "column", "column")  # the order rows cycle through: one third framed
 
 
 def mark_boxes(r: int, c: int):
-    """The two coordinate marks of cell (r, c), as boxes inside the cell: at x 6-9 px, its top at 6 + 4 r px (the
-    row), and at x 18-21 px, its top at 6 + 4 c px (the column); the cell's centre pixel stays its colour."""
+    """The two coordinate marks of cell (r, c): white MARK x MARK px squares in the cell's dark address strip (its
+    top half), the row's in the left 14 px patch and the column's in the right one, each at one of four spots of
+    its patch (MARK_SPOTS[r], MARK_SPOTS[c])."""
     x0, y0 = c * CELL, r * CELL
-    row_mark = (x0 + 6, y0 + 6 + MARK * r, x0 + 6 + MARK - 1, y0 + 6 + MARK * r + MARK - 1)
-    column_mark = (x0 + 18, y0 + 6 + MARK * c, x0 + 18 + MARK - 1, y0 + 6 + MARK * c + MARK - 1)
-    return row_mark, column_mark
+    boxes = []
+    for patch_x, code in ((0, r), (CELL // 2, c)):
+        dy, dx = MARK_SPOTS[code]
+        boxes.append((x0 + patch_x + dx, y0 + dy, x0 + patch_x + dx + MARK - 1, y0 + dy + MARK - 1))
+    return tuple(boxes)
 
 
-def draw_grid(cells, marked=None, keep_row=None):
-    """A PIL image of `cells` (GRID x GRID colour names) with every cell's coordinate marks; `marked` (r, c) gets
-    a black frame; with `keep_row` every cell outside that row is grey (its marks stay)."""
+def draw_grid(cells, marked):
+    """A PIL image of `cells` (GRID x GRID colour names): every cell is a dark address strip with its coordinate
+    marks over a block of its colour; the `marked` (r, c) cell's colour block has a black frame."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (SIZE, SIZE), GREY)
+    image = Image.new("RGB", (SIZE, SIZE))
     draw = ImageDraw.Draw(image)
     for r in range(GRID):
         for c in range(GRID):
-            colour = COLOURS[cells[r][c]] if keep_row is None or r == keep_row else GREY
-            box = (c * CELL, r * CELL, (c + 1) * CELL - 1, (r + 1) * CELL - 1)
-            draw.rectangle(box, fill=colour)
-            if marked == (r, c) and (keep_row is None or r == keep_row):
-                draw.rectangle(box, outline=(0, 0, 0), width=FRAME)
+            x0, y0 = c * CELL, r * CELL
+            draw.rectangle((x0, y0, x0 + CELL - 1, y0 + COLOUR_TOP - 1), fill=STRIP_COLOUR)
+            colour_block = (x0, y0 + COLOUR_TOP, x0 + CELL - 1, y0 + CELL - 1)
+            draw.rectangle(colour_block, fill=COLOURS[cells[r][c]])
+            if marked == (r, c):
+                draw.rectangle(colour_block, outline=(0, 0, 0), width=FRAME)
             for mark in mark_boxes(r, c):
                 draw.rectangle(mark, fill=MARK_COLOUR)
     return image
 
 
-def make_example(rng: random.Random, question_type: str, answer: int):
-    """One example whose answer is `answer`: (cells, marked cell, row, colour, question, response)."""
-    colour = rng.choice(sorted(COLOURS))
-    others = [name for name in sorted(COLOURS) if name != colour]
-    row = rng.randrange(GRID)
-    cells = [[rng.choice(sorted(COLOURS)) for _ in range(GRID)] for _ in range(GRID)]
-    positions = rng.sample(range(GRID), answer)
-    cells[row] = [colour if c in positions else rng.choice(others) for c in range(GRID)]
-    marked = None
-    if question_type == "marked":
-        marked = (row, rng.randrange(GRID))
-        question = f"How many {colour} cells are in the row of the cell with the black frame?"
-        plan = f"framed row, count {colour}."
+def evidence_image(query, first: tuple[int, int], target: tuple[int, int]):
+    """The auxiliary image: cell `first` of `query`, then three copies of cell `target`, cut out unchanged and laid
+    out 2 x 2 row-major, so latent 0 is the query's cell `first` and latents 1-3 its cell `target`."""
+    from PIL import Image
+
+    aux = Image.new("RGB", (AUX_GRID * CELL, AUX_GRID * CELL))
+    for k, (r, c) in enumerate([first] + [target] * (LATENT_TOKENS - 1)):
+        cell = query.crop((c * CELL, r * CELL, (c + 1) * CELL, (r + 1) * CELL))
+        aux.paste(cell, ((k % AUX_GRID) * CELL, (k // AUX_GRID) * CELL))
+    return aux
+
+
+def make_example(rng: random.Random, question_type: str, answer_index: int):
+    """One example of `question_type` whose answer is colour number `answer_index`.
+
+    Returns (cells, marked cell, the cell holding the answer, question, response, answer)."""
+    names = sorted(COLOURS)
+    cells = [[rng.choice(names) for _ in range(GRID)] for _ in range(GRID)]
+    marked = (rng.randrange(GRID), rng.randrange(GRID))
+    answer = names[answer_index]
+    if question_type == "framed":
+        target = marked
+        cells[marked[0]][marked[1]] = answer
+        question = "What colour is the cell with the black frame?"
+        plan = "the framed cell."
     else:
-        question = f"How many {colour} cells are in row {ROW_NAMES[row]}?"
-        plan = f"row {ROW_NAMES[row]}, count {colour}."
-    description = " ".join(cells[row])
-    response = f"<think>{plan} <latent><parser>{description}</parser></think><answer>{answer}</answer>"
-    return cells, marked, row, colour, question, response
+        column = rng.randrange(GRID)
+        target = (marked[0], column)
+        cells[marked[0]][column] = answer
+        question = f"What colour is the cell in column {COLUMN_NAMES[column]} of the row of the framed cell?"
+        plan = f"the framed row, column {COLUMN_NAMES[column]}."
+    parser = "the framed cell, then the asked cell"
+    response = f"<think>{plan} <latent><parser>{parser}</parser></think><answer>{answer}</answer>"
+    return cells, marked, target, question, response, answer
 
 
 def generate_split(output_dir: Path, split: str, n: int, seed: int) -> Path:
-    """Write `n` balanced examples (answers 0-4, both question types) and return the JSONL path."""
+    """Write `n` examples (the question types in turn, each with balanced answers) and return the JSONL path."""
     rng = random.Random(f"{seed}-{split}")
     image_dir = output_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"{split}.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            answer = i % (GRID + 1)
-            question_type = QUESTION_TYPES[(i // (GRID + 1)) % len(QUESTION_TYPES)]
-            cells, marked, row, colour, question, response = make_example(rng, question_type, answer)
+            question_type = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+            cells, marked, cell, question, response, answer = make_example(
+                rng, question_type, (i // len(QUESTION_TYPES)) % len(COLOURS))
             query_name = f"{split}_{i:05d}.png"
             aux_name = f"{split}_{i:05d}_aux.png"
-            draw_grid(cells, marked).save(image_dir / query_name)
-            draw_grid(cells, marked, keep_row=row).save(image_dir / aux_name)
+            query = draw_grid(cells, marked)
+            query.save(image_dir / query_name)
+            evidence_image(query, marked, cell).save(image_dir / aux_name)
             record = {
                 "id": f"{split}-{i}",
                 "messages": [
@@ -122,7 +154,7 @@ def generate_split(output_dir: Path, split: str, n: int, seed: int) -> Path:
                 ],
                 "images": [f"images/{query_name}"],
                 "aux_images": [f"images/{aux_name}"],
-                "answer": str(answer),
+                "answer": answer,
                 "question_type": question_type,
             }
             f.write(json.dumps(record) + "\n")
@@ -131,8 +163,8 @@ def generate_split(output_dir: Path, split: str, n: int, seed: int) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
-    parser.add_argument("--test", type=int, default=200, help="held-out rows (default 200)")
+    parser.add_argument("--train", type=int, default=3000, help="training rows (default 3000)")
+    parser.add_argument("--test", type=int, default=300, help="held-out rows (default 300)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -142,6 +174,6 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     for split, n in tqdm([("train", args.train), ("test", args.test)], desc="demo-data"):
         generate_split(output_dir, split, n, args.seed)
-    print(f"demo task: {args.train} train + {args.test} held-out rows (answers 0-4 balanced, question types "
-          f"{', '.join(QUESTION_TYPES)}) in {output_dir}")
+    print(f"demo task: {args.train} train + {args.test} held-out rows (question types framed and column, "
+          f"balanced answers) in {output_dir}")
     return 0
