@@ -42,11 +42,12 @@ INTERVENTIONS = ("pca", "oracle", "suppress", "noise", "hidden", "hidden_ema")
 CONTENT_CHECKS = ("suppress", "noise", "hidden", "hidden_ema")  # clean must beat each by MARGIN
 MARGIN = 0.10
 CHANCE = 0.2
-#: the paper's variants: output folder -> (row label, trained on every row's span?, extra train_sft.py arguments)
+#: the paper's variants: output folder -> (row label, extra train_sft.py arguments). GAP trains on the
+#: difficulty-aware data; the ablations on every row's span.
 VARIANTS = {
-    "gap": ("GAP (LH+PCA+DA)", False, ()),
-    "gap_all": ("LH+PCA (all-latent)", True, ()),
-    "gap_full": ("LH (full head)", True, ("--latent_head_type", "full")),
+    "gap": ("GAP (LH+PCA+DA)", ()),
+    "gap_all": ("LH+PCA (all-latent)", ()),
+    "gap_full": ("LH (full head)", ("--latent_head_type", "full")),
 }
 
 
@@ -154,14 +155,23 @@ def per_type_accuracy(eval_dir: Path, question_types: dict) -> dict:
 
 def run_seed(demo: Demo, seed: int, full: bool, say) -> dict:
     """All stages for one seed; returns the measured numbers."""
-    args = demo.args
-    out = demo.out
-    base, data, pca = out / "base", out / "data", out / "pca"
     results: dict = {"seed": seed}
+    prepare_data(demo, seed, results, say)
+    control = demo.train("train-control", demo.out / "base", demo.out / "control_data", demo.out / "control")
+    say("3 control", f"trained without latents: lm_loss {control.get('lm_loss', '?')}")
+    estimate_difficulty(demo, seed, results, say)
+    train_gap(demo, results, say)
+    evaluate_models(demo, seed, full, results, say)
+    del results["question_types"]  # the per-row bookkeeping of the stages
+    return results
 
+
+def prepare_data(demo: Demo, seed: int, results: dict, say) -> None:
+    """Stages 1-2: base model, task rows, latent targets of both splits, PCA, and the control's data."""
+    args, out = demo.args, demo.out
+    base, data, pca = out / "base", out / "data", out / "pca"
     demo.gap("tiny-model", "tiny-model", "--output-dir", base, "--seed", seed)
     say("1 base", f"tiny Qwen2.5-VL (d=64, 2 layers, random frozen vision tower) -> {base}")
-
     demo.gap("demo-data", "demo-data", "--output-dir", data, "--train", args.train_rows, "--test", args.test_rows,
              "--seed", seed)
     for split in ("train", "test"):
@@ -174,11 +184,18 @@ def run_seed(demo: Demo, seed: int, full: bool, say) -> dict:
     results["pca_k"] = pca_report["k"]
     say("2 data", f"{args.train_rows} train / {args.test_rows} held-out rows, K={LATENT_TOKENS} targets, PCA "
                   f"k={pca_report['k']} (RelMSE {pca_report['relmse']:.4f})")
-
     with_accuracy(out / "train_targets", out / "control_data")
-    control = demo.train("train-control", base, out / "control_data", out / "control")
-    say("3 control", f"trained without latents: lm_loss {control.get('lm_loss', '?')}")
+    results["question_types"] = {}
+    for split in ("train", "test"):
+        with open(data / f"{split}.jsonl", encoding="utf-8") as f:
+            results["question_types"].update((row["id"], row["question_type"]) for row in map(json.loads, f))
 
+
+def estimate_difficulty(demo: Demo, seed: int, results: dict, say) -> None:
+    """Stage 4: the control's pass rate per training row, and the difficulty-aware data set (Eq. 4 with tau)."""
+    import datasets
+
+    args, out, data = demo.args, demo.out, demo.out / "data"
     difficulty_rows = data / "train.jsonl"
     if args.difficulty_rows is not None and args.difficulty_rows < args.train_rows:  # tests: a sample of the rows
         difficulty_rows = data / "difficulty_sample.jsonl"
@@ -189,18 +206,12 @@ def run_seed(demo: Demo, seed: int, full: bool, say) -> dict:
              "--max-new-tokens", 60, "--seed", seed, "--tau", args.tau, "--no-progress")
     difficulty = json.loads((out / "difficulty" / "summary.json").read_text())
     results["difficulty"] = difficulty
-    import datasets
-
     estimated = datasets.load_from_disk(str(out / "difficulty" / "dataset"))
     accuracy = dict(zip(estimated["id"], estimated["accuracy"]))
     with_accuracy(out / "train_targets", out / "da_data", accuracy)
-    question_types = {}
-    for split in ("train", "test"):
-        with open(data / f"{split}.jsonl", encoding="utf-8") as f:
-            question_types.update((row["id"], row["question_type"]) for row in map(json.loads, f))
     latent_by_type: dict = {}
     for row_id, value in accuracy.items():
-        counts = latent_by_type.setdefault(question_types[row_id], [0, 0])
+        counts = latent_by_type.setdefault(results["question_types"][row_id], [0, 0])
         counts[0] += value is None or value <= args.tau
         counts[1] += 1
     results["latent_rows_by_type"] = latent_by_type
@@ -209,38 +220,47 @@ def run_seed(demo: Demo, seed: int, full: bool, say) -> dict:
                         + ", ".join(f"{n} of {total} {t} rows" for t, (n, total) in sorted(latent_by_type.items()))
                         + " latent")
 
+
+def train_gap(demo: Demo, results: dict, say) -> None:
+    """Stages 5-6: GAP (LH+PCA+DA) on the difficulty-aware data, then a fresh-process trust_remote_code reload."""
+    args, out = demo.args, demo.out
     launcher = "deepspeed (2 processes, ZeRO-2)" if args.launcher == "deepspeed" else "python (1 process)"
-    gap_log = demo.train("train-gap", base, out / "da_data", out / "gap", deepspeed=args.launcher == "deepspeed")
+    gap_log = demo.train("train-gap", out / "base", out / "da_data", out / "gap",
+                         deepspeed=args.launcher == "deepspeed")
     say("5 GAP", f"LH+PCA+DA trained via {launcher}: lm_loss {gap_log.get('lm_loss', '?')}, latent_loss "
                  f"{gap_log.get('latent_loss', '?')}, latent norm ratio {gap_log.get('latent_norm_ratio', '?')}")
-
-    reloaded = json.loads(demo.command("reload", [sys.executable, "-c", _reload_script(out / "gap", data)],
+    reloaded = json.loads(demo.command("reload", [sys.executable, "-c", _reload_script(out / "gap", out / "data")],
                                        cwd=out).strip().splitlines()[-1])
     results["reload"] = reloaded
     say("6 reload", f"fresh process, trust_remote_code ({reloaded['module'].split('.')[0]}): "
                     f"{reloaded['spans']} span(s) opened: {reloaded['text'][:70]!r}")
 
+
+def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> None:
+    """Stage 7 (with --full, the ablations first): `gap evaluate` on the held-out rows and their targets, accuracy
+    per question type, and the norm profile."""
+    args, out = demo.args, demo.out
     common = ["--data", out / "test_targets", "--batch-size", 50, "--max-new-tokens", 100, "--seed", seed,
               "--no-progress"]
     evaluated = {"gap": INTERVENTIONS, "control": ("suppress",)}
     if full:
-        for name, (_, all_latent, extra) in VARIANTS.items():
-            if name != "gap":
-                demo.train(f"train-{name}", base, out / "train_targets", out / name, *extra)  # no accuracy: all latent
-                evaluated[name] = ("pca", "oracle") if "full" not in name else ("pca",)
+        for name, (_, extra) in VARIANTS.items():
+            if name != "gap":  # trained on every row's span: the targets folder has no accuracy column
+                demo.train(f"train-{name}", out / "base", out / "train_targets", out / name, *extra)
+                evaluated[name] = ("pca",) if "full" in name else ("pca", "oracle")
     for name, interventions in evaluated.items():
         demo.gap(f"evaluate-{name}", "evaluate", "--model", out / name, "--output-dir", out / f"eval_{name}",
                  "--interventions", ",".join(interventions), *common)
         results[name] = {key[0]: row for key, row in _summary(out / f"eval_{name}").items()}
-        for intervention, by_type in per_type_accuracy(out / f"eval_{name}", question_types).items():
+        for intervention, by_type in per_type_accuracy(out / f"eval_{name}", results["question_types"]).items():
             results[name][intervention]["by_type"] = by_type
-    demo.gap("norm-profile", "norm-profile", "--model", out / "gap", "--dataset", data / "test.jsonl",
+    demo.gap("norm-profile", "norm-profile", "--model", out / "gap", "--dataset", out / "data" / "test.jsonl",
              "--output-dir", out / "norms", "--max-samples", 16, "--batch-size", 8, "--no-progress")
     results["norms"] = json.loads((out / "norms" / "norm_profile.json").read_text())
+    ablations = "".join(f"; {VARIANTS[n][0]} {results[n]['pca']['accuracy']:.3f}" for n in VARIANTS
+                        if n != "gap" and n in results)
     say("7 evaluate", f"GAP pca {results['gap']['pca']['accuracy']:.3f} vs control "
-                      f"{results['control']['suppress']['accuracy']:.3f} on {args.test_rows} held-out rows"
-        + ("".join(f"; {VARIANTS[n][0]} {results[n]['pca']['accuracy']:.3f}" for n in VARIANTS if n != "gap" and n in results)))
-    return results
+                      f"{results['control']['suppress']['accuracy']:.3f} on {args.test_rows} held-out rows{ablations}")
 
 
 def _reload_script(model: Path, data: Path) -> str:
@@ -293,7 +313,7 @@ def format_table(runs: list[dict], args) -> tuple[str, dict]:
     table = {"seeds": [r["seed"] for r in runs], "test_rows": args.test_rows, "chance": CHANCE, "rows": []}
     rows = [(f"GAP (LH+PCA+DA), {iv}", "gap", iv) for iv in INTERVENTIONS]
     rows.append(("control (no latents)", "control", "suppress"))
-    rows += [(f"{label}, {iv}", name, iv) for name, (label, _, _) in VARIANTS.items() if name != "gap"
+    rows += [(f"{label}, {iv}", name, iv) for name, (label, _) in VARIANTS.items() if name != "gap"
              for iv in ("pca", "oracle") if name in runs[0] and iv in runs[0][name]]
     header = (f"{'model, latents fed':<30} {'accuracy':>15} " + " ".join(f"{t:>13}" for t in types)
               + f" {'opened a span':>14} {'latent cos':>11} {'latent RelSE':>13} {'latent norm':>12}")
