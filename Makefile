@@ -1,6 +1,7 @@
 # make demo     the whole GAP pipeline on CPU on the demo task (under 10 minutes after the install)
 # make demo-full  3 seeds plus the LH+PCA+DA and full-head ablations, mean +- std
-# make test     create .venv if needed, install the project into it, run the tests
+# make test     create .venv if needed, install the project into it, run the core tests
+# make test-harness  install the lmms-eval plugin's packages (install-harness), run the harness tests
 # make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
 #
@@ -16,12 +17,24 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gap-vl-installed
 
-.PHONY: install test demo demo-full bench
+HARNESS_STAMP := $(VENV)/.gap-vl-harness-installed
+LMMS_EVAL_VERSION ?= 0.7.3
+# What lmms-eval imports to run a generate_until task. lmms-eval itself goes in with --no-deps: its dependency
+# list (torchvision, timm) would bring a CUDA torchvision that cannot import beside the CPU torch, and lmms-eval
+# runs without torchvision. With a CUDA torch, `pip install -e ".[lmms-eval]"` installs everything instead.
+LMMS_EVAL_DEPS := loguru evaluate sacrebleu pytz tenacity jsonlines pytablewriter "filelock<4"
+
+.PHONY: install install-harness test test-harness demo demo-full bench
 
 install: $(STAMP)
 
+install-harness: $(HARNESS_STAMP)
+
 test: $(STAMP)
-	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q --ignore=tests/harness $(PYTEST_ARGS)
+
+test-harness: $(HARNESS_STAMP)
+	$(PY) -m pytest -x -q tests/harness $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m gap_pipeline demo --output-dir runs/demo
@@ -43,4 +56,10 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(PY) -m pip install -e ".[train,test]"
+	touch $@
+
+# "torch==$(TORCH_VERSION)" is already satisfied: naming it keeps pip from replacing the CPU build.
+$(HARNESS_STAMP): $(STAMP)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(LMMS_EVAL_DEPS)
+	$(PY) -m pip install --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
 	touch $@

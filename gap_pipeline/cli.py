@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "merge-lora": "gap_pipeline.lora",
     "norm-profile": "gap_pipeline.norms",
     "evaluate": "gap_pipeline.evaluate",
+    "lmms-task": "gap_pipeline.lmms_task",
+    "vlmeval": "gap_pipeline.vlmeval_launch",
     "demo-data": "gap_pipeline.demo_task",
     "demo": "gap_pipeline.demo",
 }

@@ -293,9 +293,11 @@ def latent_fidelity(generated, targets) -> dict | None:
     return {"cosine": cosine.tolist(), "relse": relse.tolist()}
 
 
-def generate_batch(model, processor, items, *, is_gap, intervention, budget, max_new_tokens, generator, do_sample):
+def generate_batch(model, processor, items, *, is_gap, intervention, budget, max_new_tokens, generator, do_sample,
+                   generation_kwargs: dict | None = None):
     """Generate for a batch of items; returns (texts, span counts, per-span mean norms, vision norms, seconds,
-    per-row latent fidelity against the items' targets or None)."""
+    per-row latent fidelity against the items' targets or None). `generation_kwargs` (temperature, top_p, ...)
+    go to ``generate`` as they are."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -304,7 +306,7 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
     images = [image for item in items for image in item.images]
     inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
     vision_norms = _vision_norms(model, inputs, len(items))
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    kwargs = dict(generation_kwargs or {}, max_new_tokens=max_new_tokens, do_sample=do_sample)
     targets = [_targets_as_spans(item, budget) for item in items] if is_gap else [None] * len(items)
     if is_gap:
         kwargs.update(latent_intervention=intervention, latent_tokens_per_span=budget, latent_generator=generator,
