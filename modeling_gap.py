@@ -19,9 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import MultimodalCausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
 
@@ -48,6 +53,9 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     lm_loss / latent_loss: the two terms, reported separately.
     logits: without labels, the usual (batch, seq, vocab) logits; with labels, only the supervised
         positions' logits, (n_supervised, vocab), in row-major order (the full tensor is the memory peak).
+    supervised_labels: with labels, the target ids of those logits' rows, (n_supervised,).
+    supervised_mask: with labels, where those rows sit: (batch, seq - 1), True where the label of the next
+        position supervises (pads and IGNORE_INDEX excluded); `logits` = the full logits at `supervised_mask`.
     latent_predictions: v_hat at every ``<|latent_pad|>`` of the input, (n_latent, d), fp32, teacher-forced.
     next_latent: v_hat decoded from the last position's state, (batch, d), fp32: what decoding feeds next.
     next_hidden: h_bar at the last position, (batch, d): the output-as-input baseline's latent.
@@ -55,6 +63,8 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
 
     lm_loss: torch.FloatTensor | None = None
     latent_loss: torch.FloatTensor | None = None
+    supervised_labels: torch.LongTensor | None = None
+    supervised_mask: torch.BoolTensor | None = None
     latent_predictions: torch.FloatTensor | None = None
     next_latent: torch.FloatTensor | None = None
     next_hidden: torch.FloatTensor | None = None
@@ -468,115 +478,131 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         else:
             super()._init_weights(module)
 
-    # -- forward ------------------------------------------------------------------------------------------
+    # -- forward (paper §4.2): inject the latents, run the backbone, predict the latents, the LM loss ---------------
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        pixel_values=None,
-        pixel_values_videos=None,
-        image_grid_thw=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
-        second_per_grid_ts=None,
-        logits_to_keep=0,
-        mm_encoder_outputs=None,
-        latent_embeds=None,
-        num_latent_items_in_batch=None,
-        return_next_latent=True,
-        **kwargs,
-    ):
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        latent_embeds: torch.Tensor | None = None,
+        latent_targets: torch.Tensor | None = None,
+        num_latent_items_in_batch: int | torch.Tensor | None = None,
+        return_next_latent: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> GapCausalLMOutputWithPast:
         r"""Everything `Qwen2_5_VLForConditionalGeneration.forward` takes, plus:
 
         latent_embeds (`torch.Tensor` of shape `(n_latent, d)`): the input embeddings of the ``<|latent_pad|>``
             positions of `input_ids`, in row-major order: the targets v in training (teacher forcing), the
             previous step's v_hat in decoding. Required whenever `input_ids` holds latent pads.
+        latent_targets (`torch.Tensor` of shape `(n_latent, d)`): what L_latent compares the predictions with.
+            Defaults to `latent_embeds` (teacher forcing); scheduled sampling feeds other inputs against the same v.
         num_latent_items_in_batch (`int` or `torch.Tensor`): the number of latent positions in the global batch
             (all ranks and accumulation steps); L_latent is the sum over this micro-batch divided by it. Defaults
             to this micro-batch's count.
         num_items_in_batch (in kwargs): the same for the LM loss's supervised tokens.
         return_next_latent (`bool`, defaults to True): decode the latent of the last position into `next_latent`.
             `generate` turns it off and runs the head only for rows that feed a latent at the next step.
+
+        With `labels`, `logits` holds only the supervised positions' logits, `(n_supervised, vocab)` in row-major
+        order, `supervised_labels` their target ids, `(n_supervised,)`, and `supervised_mask` where they sit.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         continues_cache = cache is not None and cache.get_seq_length() > 0
         latent_mask = self._latent_mask(input_ids, latent_embeds, continues_cache)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if latent_mask is not None:
-            inputs_embeds = inputs_embeds.masked_scatter(
-                latent_mask.unsqueeze(-1), latent_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
-            )
+        inputs_embeds = self._inject_latents(input_ids, inputs_embeds, latent_mask, latent_embeds)
 
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            mm_token_type_ids=mm_token_type_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            mm_encoder_outputs=mm_encoder_outputs,
+            input_ids=input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids, position_ids=position_ids, attention_mask=attention_mask,
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         h_bar = outputs.last_hidden_state  # final RMSNorm output: what the LM head reads (Eq. 15)
 
-        # Latent channel: the pad at position p is predicted from h_bar[p - 1] (Eq. 1).
         next_hidden = h_bar[:, -1]
         next_latent = self.latent_head(next_hidden) if return_next_latent or labels is not None else None
-        latent_predictions = None
-        latent_loss = None
-        if latent_mask is not None and not continues_cache:  # decoding steps only need `next_latent`
+        latent_predictions, latent_loss = self._predict_latents(
+            h_bar,
+            None if continues_cache else latent_mask,  # decoding steps only need `next_latent`
+            latent_embeds if latent_targets is None else latent_targets,
+            num_latent_items_in_batch,
+            with_loss=labels is not None,
+        )
+
+        loss = lm_loss = supervised_labels = supervised_mask = None
+        if labels is not None:
+            logits, supervised_labels, supervised_mask, lm_loss = self._lm_loss(
+                h_bar, labels, latent_mask, num_items_in_batch
+            )
+            loss = lm_loss + self.config.latent_loss_weight * latent_loss.to(lm_loss.device)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(h_bar, logits_to_keep))
+
+        return GapCausalLMOutputWithPast(
+            loss=loss, lm_loss=lm_loss, latent_loss=latent_loss, logits=logits, supervised_labels=supervised_labels,
+            supervised_mask=supervised_mask, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_outputs=outputs.image_outputs, video_outputs=outputs.video_outputs,
+            latent_predictions=latent_predictions, next_latent=next_latent, next_hidden=next_hidden,
+        )
+
+    def _inject_latents(self, input_ids, inputs_embeds, latent_mask, latent_embeds):
+        """The input embeddings with `latent_embeds` written at the ``<|latent_pad|>`` positions (Eq. 1's input)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if latent_mask is None:
+            return inputs_embeds
+        return inputs_embeds.masked_scatter(
+            latent_mask.unsqueeze(-1), latent_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        )
+
+    def _predict_latents(self, h_bar, latent_mask, latent_targets, num_latent_items_in_batch, with_loss):
+        """(v_hat at every latent pad, L_latent): the pad at position p is predicted from h_bar[p - 1] (Eq. 1),
+        and L_latent compares v_hat with `latent_targets` (Eq. 2). Without pads, v_hat is None and L_latent is 0
+        (with labels) or None."""
+        if latent_mask is not None:
             source_mask = torch.zeros_like(latent_mask)
             source_mask[:, :-1] = latent_mask[:, 1:]
             latent_predictions = self.latent_head(h_bar[source_mask])
-            latent_loss = self._latent_loss(latent_predictions, latent_embeds, num_latent_items_in_batch)
-        elif labels is not None:
-            # No latent position: L_latent = 0 (not NaN). The head still runs a second time, on zero rows, and only
-            # that call feeds the loss, as in the branch above, so every ZeRO-3 rank gathers the head's parameters
-            # the same number of times in forward and in backward.
-            latent_loss = self.latent_head(h_bar.new_zeros(0, h_bar.shape[-1])).sum() * 0.0
+            if latent_targets.shape != latent_predictions.shape:
+                raise ValueError(
+                    f"`latent_targets` has shape {tuple(latent_targets.shape)}; the input holds "
+                    f"{latent_predictions.shape[0]} latent pads: pass {tuple(latent_predictions.shape)}."
+                )
+            return latent_predictions, self._latent_loss(latent_predictions, latent_targets, num_latent_items_in_batch)
+        if not with_loss:
+            return None, None
+        # No latent position: L_latent = 0 (not NaN). The head still runs a second time, on zero rows, and only that
+        # call feeds the loss, as when there are latents, so every ZeRO-3 rank gathers the head's parameters the
+        # same number of times in forward and in backward.
+        return None, self.latent_head(h_bar.new_zeros(0, h_bar.shape[-1])).sum() * 0.0
 
-        loss = lm_loss = None
-        if labels is not None:
-            if latent_mask is not None:
-                labels = labels.masked_fill(latent_mask, IGNORE_INDEX)  # pads are never LM targets
-            shift_labels = labels[:, 1:]
-            supervised = shift_labels != IGNORE_INDEX
-            logits = self.lm_head(h_bar[:, :-1][supervised])  # only where labels are supervised
-            targets = shift_labels[supervised].to(logits.device)
-            denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp_min(1)
-            lm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
-            loss = lm_loss + self.config.latent_loss_weight * latent_loss.to(lm_loss.device)
-        else:
-            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(h_bar[:, slice_indices, :])
-
-        return GapCausalLMOutputWithPast(
-            loss=loss,
-            lm_loss=lm_loss,
-            latent_loss=latent_loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs,
-            video_outputs=outputs.video_outputs,
-            latent_predictions=latent_predictions,
-            next_latent=next_latent,
-            next_hidden=next_hidden,
-        )
+    def _lm_loss(self, h_bar, labels, latent_mask, num_items_in_batch):
+        """(logits at the supervised positions, their target ids, where they sit, L_LM): the LM head runs only where the shifted
+        labels supervise (the full logits tensor is the memory peak); pads are never LM targets. L_LM is the summed
+        cross-entropy divided by `num_items_in_batch` (default: this micro-batch's supervised tokens)."""
+        if latent_mask is not None:
+            labels = labels.masked_fill(latent_mask, IGNORE_INDEX)
+        shift_labels = labels[:, 1:]
+        supervised = shift_labels != IGNORE_INDEX
+        logits = self.lm_head(slice_logits_to_keep(h_bar[:, :-1], supervised))
+        targets = shift_labels[supervised].to(logits.device)
+        denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp_min(1)
+        return logits, targets, supervised, F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
 
     def _latent_mask(self, input_ids, latent_embeds, continues_cache=False):
         """Boolean mask of ``<|latent_pad|>`` positions, checked against `latent_embeds`; None if there are none."""

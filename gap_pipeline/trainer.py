@@ -37,6 +37,8 @@ from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
+from modeling_gap import IGNORE_INDEX
+
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 
@@ -301,13 +303,8 @@ class GapSFTTrainer(SFTTrainer):
             predictions = first.latent_predictions.detach().to(targets.device, targets.dtype)
             picked = replaced.to(targets.device)[span_of_pad.to(targets.device)]
             second_inputs["latent_embeds"] = torch.where(picked[:, None], predictions, targets)
-        outputs = model(**second_inputs)
-        if targets is not None:
-            # The forward compared its predictions with the inputs it was given; the loss compares them with v.
-            gap = self.gap_model
-            latent_loss = gap._latent_loss(outputs.latent_predictions, targets, inputs.get("num_latent_items_in_batch"))
-            outputs["latent_loss"] = latent_loss
-            outputs["loss"] = outputs.lm_loss + gap.config.latent_loss_weight * latent_loss.to(outputs.lm_loss.device)
+        # The second pass's loss compares its predictions with the true targets, not with the inputs it was fed.
+        outputs = model(**second_inputs, latent_targets=targets)
         counts = torch.tensor([[float(replaced.sum()), float(n_spans)]], device=self.args.device)
         self._replaced_spans += self.accelerator.gather(counts).sum(0).double().cpu()
         return outputs
@@ -396,17 +393,34 @@ class GapSFTTrainer(SFTTrainer):
                                  (predictions - targets).pow(2).sum(), targets.pow(2).sum()]).to(stats.device)
         self._latent_stats[mode] += gather(stats[None]).sum(0).double().cpu()
 
-        # With labels the model returns logits only at supervised positions (row-major), as labelled here.
-        labels = inputs["labels"].masked_fill(inputs["input_ids"] == self._latent_pad_id, -100)[:, 1:]
-        supervised = labels != -100
-        correct = (outputs.logits.argmax(-1) == labels[supervised].to(outputs.logits.device)).sum().float()
+        # With labels the model returns logits only at the supervised positions, and their target ids.
+        correct = (outputs.logits.argmax(-1) == outputs.supervised_labels).sum().float()
         num_correct = gather(correct.to(self.args.device)).sum()
-        num_valid = gather(supervised.sum().float().to(self.args.device)).sum()
+        num_valid = gather(torch.tensor(float(outputs.supervised_labels.numel()), device=self.args.device)).sum()
         metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train" and self.args.include_num_input_tokens_seen == "no":
             # TRL's `num_tokens`, kept in the Trainer's state (saved with each checkpoint, restored on resume); with
             # `include_num_input_tokens_seen` the Trainer counts it itself.
             self.state.num_input_tokens_seen += int(gather(inputs["attention_mask"].sum()).sum().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, logits, labels) of an evaluation batch, teacher-forced; logits and labels in the Trainer's layout.
+
+        The model computes logits only at the supervised positions; for `compute_metrics` they are placed back into
+        a `(batch, seq - 1, vocab)` tensor (zeros elsewhere) next to the labels they predict, `(batch, seq - 1)`
+        (already shifted: position t's logits predict label t; IGNORE_INDEX where nothing is supervised).
+        """
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        mask = outputs.supervised_mask
+        logits = outputs.logits.new_zeros(*mask.shape, outputs.logits.shape[-1])
+        logits[mask] = outputs.logits
+        labels = torch.full(mask.shape, IGNORE_INDEX, dtype=torch.long, device=mask.device)
+        labels[mask] = outputs.supervised_labels.to(mask.device)
+        return loss.detach(), logits, labels
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -248,6 +248,27 @@ def test_loss_equals_hand_computed_lm_plus_lambda_latent(tiny_gap, reduction):
     torch.testing.assert_close(output.loss, lm + 0.7 * latent, rtol=1e-5, atol=1e-6)
     supervised = (shift_labels != -100).sum()
     assert output.logits.shape == (supervised, model.config.text_config.vocab_size)
+    assert torch.equal(output.supervised_mask, shift_labels != -100)
+    assert torch.equal(output.supervised_labels, shift_labels[shift_labels != -100])
+
+
+def test_latent_loss_compares_predictions_with_latent_targets_not_the_inputs_fed(tiny_gap):
+    model = tiny_gap.eval()
+    input_ids, mask = _ids_with_spans(model, [[("text", 4), ("span",), ("text", 3)]])
+    d = model.config.text_config.hidden_size
+    fed, targets = torch.randn(K, d), torch.randn(K, d)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        teacher_forced = model(input_ids=input_ids, attention_mask=mask, labels=labels, latent_embeds=fed)
+        scheduled = model(input_ids=input_ids, attention_mask=mask, labels=labels, latent_embeds=fed,
+                          latent_targets=targets)
+    # the same inputs, so the same predictions; only what the loss compares them with differs
+    torch.testing.assert_close(scheduled.latent_predictions, teacher_forced.latent_predictions)
+    expected = (scheduled.latent_predictions - targets).pow(2).mean(-1).mean()
+    torch.testing.assert_close(scheduled.latent_loss, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(scheduled.latent_loss, teacher_forced.latent_loss)
+    with pytest.raises(ValueError, match="latent_targets"):
+        model(input_ids=input_ids, attention_mask=mask, labels=labels, latent_embeds=fed, latent_targets=targets[:1])
 
 
 def test_batch_without_latents_has_zero_latent_loss_and_finite_head_gradients(tiny_gap):
