@@ -4,14 +4,44 @@
   :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`; each passes its own
   error class and the message for a folder that is not a saved dataset.
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
+* Replacing an output folder only once its new content is complete (:func:`atomic_output_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional, Type, Union
 
-__all__ = ["load_dataset_folder", "select_split", "write_json_file"]
+__all__ = ["atomic_output_dir", "load_dataset_folder", "select_split", "write_json_file"]
+
+
+@contextmanager
+def atomic_output_dir(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block completes it becomes `path`.
+
+    An existing `path` is moved aside and deleted only after the new folder is in place, so a failure at any
+    point (an exception, a full disk) leaves the old output as it was and removes the temporary folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def select_split(ds, split: Optional[str], where: object, error_cls: Type[Exception] = ValueError):

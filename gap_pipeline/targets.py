@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from configuration_gap import check_latent_budget
 
+from .datasets_io import atomic_output_dir
+
 __all__ = [
     "FORMAT_NAME",
     "METADATA_KEY",
@@ -406,6 +408,10 @@ def compute_latent_targets(
             load_from_cache_file=False,
             desc="latent targets",
         )
+    except BaseException:
+        if own_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
     finally:
         (enable_progress_bars if was_enabled else disable_progress_bars)()
     elapsed = time.perf_counter() - started
@@ -527,17 +533,41 @@ def _load_data(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``gap targets``: validate the data, encode the aux images, save the dataset, print a summary."""
+    """Run ``gap targets``: validate the data, encode the aux images, save the dataset, print a summary.
+
+    The dataset is written beside --output-dir and renamed into place when complete; an existing output is
+    replaced only then. Temporary folders are removed on failure, and those of a killed run on the next run.
+    """
+    model_dir = Path(args.model)
+    output_dir = Path(args.output_dir)
+    cache_dir = _fresh_cache_dir(output_dir)
+    try:
+        return _run(args, model_dir, output_dir, cache_dir)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _fresh_cache_dir(output_dir: Path) -> Path:
+    """The Arrow cache folder beside `output_dir`, emptied of what a killed earlier run left there."""
+    for stale in [output_dir.with_name(f".{output_dir.name}.cache"), *output_dir.parent.glob(f".{output_dir.name}.tmp-*")]:
+        if stale.exists():
+            print(f"gap targets: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
+            shutil.rmtree(stale)
+    cache_dir = output_dir.with_name(f".{output_dir.name}.cache")
+    cache_dir.mkdir(parents=True)
+    return cache_dir
+
+
+def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> int:
     from transformers import AutoImageProcessor
 
     from .data import GapDataError
 
     try:
-        model_dir = Path(args.model)
-        output_dir = Path(args.output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
             raise TargetsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
-        K, origin = (args.latent_tokens_per_span, "given") if args.latent_tokens_per_span else _default_k(model_dir)
+        given = args.latent_tokens_per_span is not None
+        K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
         check_latent_budget(K, name="--latent-tokens-per-span")
         device = args.device
         if device == "auto":
@@ -559,17 +589,14 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             storage_dtype=args.dtype,
             progress=not args.no_progress,
-            cache_dir=None,
+            cache_dir=cache_dir,
             source=str(model_dir),
         )
     except (TargetsError, GapDataError, FileNotFoundError, ValueError) as error:
         print(f"gap targets: error: {error}", file=sys.stderr)
         return 2
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    result.save_to_disk(str(output_dir))
+    with atomic_output_dir(output_dir) as staging:
+        result.save_to_disk(str(staging))
     del result
-    if summary["own_cache"]:
-        shutil.rmtree(summary["cache_dir"], ignore_errors=True)
     print(format_summary(summary, str(output_dir)))
     return 0
