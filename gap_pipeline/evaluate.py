@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .provenance import ProvenanceError, check_or_record, data_fingerprint, model_fingerprint
+
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
 
 TSV_OPTION_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
@@ -46,6 +48,20 @@ MCQ_INSTRUCTION = "Answer with the option's letter from the given choices direct
 
 class BadRowError(ValueError):
     """A benchmark or dataset row that cannot be scored; the message names the row."""
+
+
+class EvaluationError(ValueError):
+    """Input that cannot be evaluated as a whole (missing columns, duplicate ids); the message names it."""
+
+
+def _claim_id(seen: dict[str, str], item_id: str, where: str, path) -> None:
+    """Record that `where` uses `item_id`; a second use is an error naming both rows."""
+    if item_id in seen:
+        raise EvaluationError(
+            f"{path}: id {item_id!r} is used by {seen[item_id]} and by {where}; predictions are stored and resumed "
+            "by id, so ids must be unique: give each row its own id."
+        )
+    seen[item_id] = where
 
 
 @dataclass
@@ -105,10 +121,12 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
         required = {"index", "image", "question", "answer"}
         missing = required - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
+            raise EvaluationError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
+        seen: dict[str, str] = {}
         for line, record in enumerate(reader, start=2):
             index = (record.get("index") or "").strip() or f"line {line}"
             where = f"{path} row index={index}"
+            _claim_id(seen, index, f"the row ending on line {reader.line_num}", path)
             try:
                 if not (record.get("image") or "").strip():
                     raise BadRowError(f"{where}: no image")
@@ -144,8 +162,10 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
     dataset = load_rows(path, split)
     base_dir = dataset_base_dir(path)
     items, problems = [], []
+    seen: dict[str, str] = {}
     for index, row in enumerate(dataset):
         row_id = str(row.get("id", index)) if row.get("id") is not None else str(index)
+        _claim_id(seen, row_id, f"row {index}", path)
         try:
             messages, images = prompt_of_row(row, index, base_dir=base_dir)
             gold = gold_answer(row, index)
@@ -436,10 +456,10 @@ def evaluate(
 
 
 def finalize(output_dir: str | Path, item_order: list[str]) -> list[dict]:
-    """Merge all prediction files into ``predictions.jsonl`` and write ``summary.json`` / ``summary.md``."""
+    """Merge the prediction files of the rows `item_order` into ``predictions.jsonl``; write ``summary.json`` / ``.md``."""
     output_dir = Path(output_dir)
-    records = read_records(output_dir)
     order = {item_id: i for i, item_id in enumerate(item_order)}
+    records = [r for r in read_records(output_dir) if str(r["id"]) in order]  # --limit may have shrunk the rows
     settings_order: dict[tuple, int] = {}
     for record in records:
         settings_order.setdefault((record["intervention"], record["budget"]), len(settings_order))
@@ -481,6 +501,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the predictions already in --output-dir (of another model, data or settings)")
+
+
+RUN_RECORD = "run.json"  # what produced the predictions in an output folder (see gap_pipeline.provenance)
+RESULT_FILES = ("predictions*.jsonl", "summary.json", "summary.md", RUN_RECORD)
+
+
+def claim_output_dir(args: argparse.Namespace) -> None:
+    """Resume the predictions in --output-dir only if the same model, data and settings made them.
+
+    A folder whose record differs (or that has predictions and no record) is refused with a `ProvenanceError`
+    naming what differs; `run` removes earlier results first under --overwrite.
+    """
+    output_dir = Path(args.output_dir)
+    settings = {key: getattr(args, key) for key in ("split", "max_new_tokens", "do_sample", "seed", "checker", "dtype")}
+    record = {"model": model_fingerprint(args.model), "data": data_fingerprint(args.data), "settings": settings}
+    check_or_record(output_dir, RUN_RECORD, record, what="predictions",
+                    has_results=any(output_dir.glob("predictions*.jsonl")),
+                    fresh="pass --overwrite to discard them and start fresh, or choose another --output-dir")
 
 
 def _parse_list(value, cast):
@@ -495,7 +535,11 @@ def run(args: argparse.Namespace) -> int:
     from .inference import load_model_and_processor
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    items, problems = load_items(args.data, args.split)
+    try:
+        items, problems = load_items(args.data, args.split)
+    except EvaluationError as error:
+        print(f"gap evaluate: error: {error}", file=sys.stderr)
+        return 2
     if state.is_main_process:
         for problem in problems:
             print(f"gap evaluate: bad row: {problem}", file=sys.stderr)
@@ -529,6 +573,17 @@ def run(args: argparse.Namespace) -> int:
         for budget in budgets:
             if budget is not None:
                 check_latent_budget(budget, "--budgets")
+    if args.overwrite and state.is_main_process:
+        for pattern in RESULT_FILES:
+            for path in Path(args.output_dir).glob(pattern):
+                path.unlink()
+    state.wait_for_everyone()
+    try:
+        claim_output_dir(args)
+    except ProvenanceError as error:
+        print(f"gap evaluate: error: {error}", file=sys.stderr)
+        return 2
+    state.wait_for_everyone()
     started = time.perf_counter()
     evaluate(
         model, processor, items, args.output_dir, is_gap=is_gap, interventions=interventions, budgets=budgets,

@@ -64,3 +64,91 @@ def test_targets_k_zero_is_an_error_not_the_default(tmp_path, rows_jsonl, tiny_b
     out = tmp_path / "targets"
     assert gap_main(_targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", "0")) == 2
     assert "--latent-tokens-per-span" in capsys.readouterr().err and not out.exists()
+
+
+# gap evaluate ---------------------------------------------------------------------------------------------------
+
+
+def _png_base64(image):
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _tsv(path, tiny_image, indices, golds="ABCD"):
+    header = ["index", "image", "question", "A", "B", "C", "D", "answer"]
+    lines = ["\t".join(header)]
+    for n, index in enumerate(indices):
+        lines.append("\t".join([str(index), _png_base64(tiny_image(seed=n)), f"Question {n}?", "1", "2", "3", "4",
+                                golds[n % len(golds)]]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_gap_dirs(tmp_path_factory):
+    from gap_pipeline.tiny import build_tiny_gap_model
+
+    dirs = []
+    for seed in (0, 1):
+        model, processor = build_tiny_gap_model(None, seed=seed, latent_tokens_per_span=4)
+        path = tmp_path_factory.mktemp(f"gap_seed{seed}")
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def _evaluate_args(model, data, out, *extra):
+    return ["evaluate", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--interventions",
+            "suppress", "--max-new-tokens", "2", "--no-progress", *extra]
+
+
+def _predictions(out):
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_never_reports_another_runs_predictions_as_this_runs(tmp_path, tiny_image, two_gap_dirs, capsys):
+    first, second = two_gap_dirs
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 3])
+    other_data = _tsv(tmp_path / "other.tsv", tiny_image, [7, 8])
+    out = tmp_path / "eval"
+    assert gap_main(_evaluate_args(first, data, out)) == 0
+    kept = (out / "predictions.jsonl").read_text()
+    capsys.readouterr()
+    for args, differs in ((_evaluate_args(second, data, out), "model.sha256"),
+                          (_evaluate_args(first, other_data, out), "data.sha256"),
+                          (_evaluate_args(first, data, out, "--max-new-tokens", "5"), "settings.max_new_tokens")):
+        assert gap_main(args) == 2
+        err = capsys.readouterr().err
+        assert differs in err and "--overwrite" in err
+        assert (out / "predictions.jsonl").read_text() == kept  # nothing lost, nothing mixed in
+    assert gap_main(_evaluate_args(first, other_data, out, "--overwrite")) == 0
+    assert [r["id"] for r in _predictions(out)] == ["7", "8"]  # only the new data's rows
+    assert gap_main(_evaluate_args(first, other_data, out)) == 0  # the same run resumes
+
+
+def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, two_gap_dirs, capsys):
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(json.dumps({"id": "1", "intervention": "suppress", "budget": 4}) + "\n")
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 2
+    assert "without a record of what produced them" in capsys.readouterr().err
+
+
+def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_image, capsys):
+    from gap_pipeline.evaluate import EvaluationError, load_items
+
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 1])
+    assert gap_main(_evaluate_args(tmp_path / "never-loaded", data, tmp_path / "eval")) == 2
+    assert "id '1' is used by the row ending on line 2 and by the row ending on line 4" in capsys.readouterr().err
+    rows = [{"id": rid, "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+             "answer": "A"} for rid in ("a", "b", "b")]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvaluationError, match="id 'b' is used by row 1 and by row 2"):
+        load_items(jsonl)

@@ -1,0 +1,107 @@
+"""What produced an output folder: fingerprints of a run's model, data and settings, recorded beside its results.
+
+A resumable output (``gap evaluate``'s predictions, a training run's checkpoints, the converted ``gap-init``
+model) keeps a small JSON record of its inputs. A rerun into the same folder calls :func:`check_or_record`: it
+resumes only when the new record equals the stored one, and otherwise stops with an error that names what
+differs and how to start fresh, so results of one model or data set are never reported as another's.
+
+Fingerprints are content hashes, cheap enough to take on every run: a file is hashed whole; a model folder
+by its config, its weight index and the size, head and tail of each weight file (a retrained checkpoint
+changes the tail even when its config and shapes do not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint"]
+
+_CHUNK = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ProvenanceError(ValueError):
+    """An output folder holds results of other inputs or settings; the message names them and the fix."""
+
+
+def _hash_file(digest, path: Path, head_and_tail: bool = False) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}:".encode())
+    with open(path, "rb") as f:
+        if head_and_tail and size > 2 * _CHUNK:
+            digest.update(f.read(_CHUNK))
+            f.seek(size - _CHUNK)
+            digest.update(f.read(_CHUNK))
+            return
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+
+
+def model_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a local checkpoint folder (config, index, weight files); a Hub id is kept as is."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"path": str(path), "sha256": "hub:" + str(path)}
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json" or file.name.endswith(".index.json"):
+            _hash_file(digest, file)
+        elif file.is_file() and file.name.endswith(_WEIGHT_SUFFIXES):
+            _hash_file(digest, file, head_and_tail=True)
+    return {"path": str(folder.resolve()), "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a data file, or of every file in a dataset folder (by relative path)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        _hash_file(digest, file)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+
+
+def _differences(stored: dict[str, Any], record: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(record)):
+        old, new = stored.get(key), record.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out.extend(_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            out.append(f"{prefix}{key} was {old!r}, now {new!r}")
+    return out
+
+
+def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, Any], *, what: str,
+                    has_results: bool, fresh: str) -> None:
+    """Resume `folder` only if ``folder/filename`` holds `record`; write `record` there otherwise.
+
+    `has_results`: whether `folder` already holds results (a folder with results but no record was written by
+    unknown inputs and is refused too). `what` names the results in the message, `fresh` the way to start over
+    (a flag or another folder). The record is JSON-normalised before comparing.
+    """
+    folder = Path(folder)
+    path = folder / filename
+    record = json.loads(json.dumps(record))
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        differences = _differences(stored, record)
+        if differences:
+            raise ProvenanceError(
+                f"{folder} holds {what} of another run ({'; '.join(differences)}); {fresh}."
+            )
+        return
+    if has_results:
+        raise ProvenanceError(
+            f"{folder} holds {what} without a record of what produced them ({filename}), so they cannot be resumed; "
+            f"{fresh}."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of one launch may write it together
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
