@@ -241,7 +241,7 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
     per question type, and the norm profile."""
     args, out = demo.args, demo.out
     common = ["--data", out / "test_targets", "--batch-size", 50, "--max-new-tokens", 100, "--seed", seed,
-              "--no-progress"]
+              "--no-progress", "--overwrite"]  # a rerun's models were retrained: their predictions start fresh
     evaluated = {"gap": INTERVENTIONS, "control": ("suppress",)}
     if full:
         for name, (_, extra) in VARIANTS.items():
