@@ -46,6 +46,8 @@ python train_sft.py ... --scheduled_sampling_prob 0.25
 ```
 """
 
+import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -58,11 +60,15 @@ from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.convert import ensure_gap_checkpoint
 from gap_pipeline.inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE
 from gap_pipeline.model_card import TrainingRun, command_line
+from gap_pipeline.provenance import data_fingerprint, model_fingerprint
 from gap_pipeline.targets import load_targets_dataset
 from gap_pipeline.trainer import (
     GapSFTConfig,
     GapSFTTrainer,
+    RunRecordCallback,
+    TrainingError,
     apply_global_batch_size,
+    last_checkpoint_of_run,
     load_model_and_processor,
     zero3_init_disabled,
 )
@@ -116,6 +122,32 @@ class GapScriptArguments:
     )
 
 
+# Arguments that may change when a run resumes: its length, where it writes, bookkeeping.
+RESUMABLE_CHANGES = {"num_train_epochs", "max_steps", "output_dir", "resume_from_checkpoint", "logging_steps",
+                     "save_steps", "save_strategy", "save_total_limit", "eval_steps", "report_to", "run_name",
+                     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "logging_dir", "disable_tqdm",
+                     "dataloader_num_workers", "base_model_id", "converted_model_dir", "eval_dataset_path", "local_rank"}
+
+
+def run_record(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> dict:
+    """What a resumed run must share with the run it continues: the model's and data's fingerprints and every setting
+    that changes the result (`RESUMABLE_CHANGES` are left out)."""
+    settings = {}
+    for arguments in (script_args, model_args):
+        settings.update(dataclasses.asdict(arguments))
+    settings.update({key: getattr(training_args, key) for key in (
+        "seed", "learning_rate", "latent_head_learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "max_length", "freeze_vision_tower",
+        "scheduled_sampling_prob", "bf16", "fp16")})
+    settings = {key: value for key, value in settings.items() if key not in RESUMABLE_CHANGES}
+    return {
+        "model": model_fingerprint(model_args.model_name_or_path),
+        "data": data_fingerprint(script_args.dataset_path),
+        "pca": data_fingerprint(script_args.pca_path) if script_args.pca_path else None,
+        "settings": json.loads(json.dumps(settings, default=str)),
+    }
+
+
 def make_parser() -> TrlParser:
     """`TrlParser` over (GapScriptArguments, GapSFTConfig, ModelConfig); `--config file.yaml` sets defaults."""
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
@@ -155,6 +187,11 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
                     **{key: value for key, value in gap_options.items() if value is not None},
                 )
         revision = None
+    elif model_type == GAP_MODEL_TYPE and script_args.pca_path is not None:
+        raise TrainingError(
+            f"--pca_path is used to convert a Qwen2.5-VL checkpoint, but {path} is already a GAP checkpoint with its "
+            "own PCA basis: drop --pca_path, or pass the Qwen2.5-VL base checkpoint to convert it with this basis."
+        )
     elif model_type != GAP_MODEL_TYPE:
         raise ValueError(f"{path} holds a '{model_type}' model; train_sft.py needs a GAP or Qwen2.5-VL checkpoint.")
     model, processor = load_model_and_processor(
@@ -180,8 +217,12 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
     trainer = GapSFTTrainer(model, args=training_args, data_collator=collator, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=processor,
                             peft_config=get_peft_config(model_args), training_run=training_run)
+    record = run_record(script_args, training_args, model_args)
+    trainer.add_callback(RunRecordCallback(record))
     resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    if resume == "last":
+        resume = last_checkpoint_of_run(training_args.output_dir, record)
+    trainer.train(resume_from_checkpoint=resume)
     if training_args.push_to_hub:
         trainer.push_to_hub()  # saves the final model into output_dir and uploads it
     else:

@@ -32,7 +32,10 @@ from typing import Any, Dict, Optional, Union
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
+from .provenance import check_or_record, data_fingerprint, model_fingerprint, write_record
+
 HEAD_TYPES = ("pca", "full")
+CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made from (see ensure_gap_checkpoint)
 REDUCTIONS = ("mean", "sum")
 
 
@@ -195,7 +198,8 @@ def ensure_gap_checkpoint(
 
     The conversion (:func:`convert_checkpoint` with `pca` and `options`) writes into a temporary folder next to
     `target` and renames it into place, so several processes sharing a filesystem may race: the first rename wins
-    and the others reuse its folder. A `target` that exists and holds something else is refused.
+    and the others reuse its folder. The folder records its base, PCA basis and options (`CONVERSION_RECORD`); an
+    existing `target` is reused only when they match, and one that holds something else is refused.
     """
     target = Path(target)
     if not os.path.isdir(base):
@@ -208,13 +212,22 @@ def ensure_gap_checkpoint(
             f"{base} is a plain Qwen2.5-VL checkpoint: pass --pca_path (the pca.safetensors of `gap fit-pca`) to "
             f"convert it, or a GAP checkpoint as --model_name_or_path."
         )
+    record = {"base": model_fingerprint(base), "pca": data_fingerprint(pca) if pca is not None else None,
+              "options": options}
     if is_gap_folder(target):
+        check_or_record(target, CONVERSION_RECORD, record, what="a converted GAP checkpoint", has_results=True,
+                        fresh=f"remove {target} or pass another --converted_model_dir")
         return target
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConversionError(f"--converted_model_dir {target} exists and holds no GAP checkpoint; remove it or pick another.")
     target.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".gap-init-", dir=target.absolute().parent)
-    convert_checkpoint(base, staging, pca, overwrite=True, **options)
+    try:
+        convert_checkpoint(base, staging, pca, overwrite=True, **options)
+        write_record(Path(staging) / CONVERSION_RECORD, record)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         os.rename(staging, target)
     except OSError:  # another node sharing this filesystem renamed its copy first

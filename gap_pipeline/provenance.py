@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint"]
+__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint", "record_differences",
+           "write_record"]
 
 _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -66,15 +67,25 @@ def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
-def _differences(stored: dict[str, Any], record: dict[str, Any], prefix: str = "") -> list[str]:
+def record_differences(stored: dict[str, Any], record: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key was A, now B"`` for every (nested) key whose value differs; `record` is JSON-normalised first."""
+    record = json.loads(json.dumps(record))
     out = []
     for key in sorted(set(stored) | set(record)):
         old, new = stored.get(key), record.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            out.extend(_differences(old, new, f"{prefix}{key}."))
+            out.extend(record_differences(old, new, f"{prefix}{key}."))
         elif old != new:
             out.append(f"{prefix}{key} was {old!r}, now {new!r}")
     return out
+
+
+def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write `record` as JSON to `path` atomically (a reader sees the old file or the whole new one)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of one launch may write it together
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, Any], *, what: str,
@@ -87,10 +98,9 @@ def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, 
     """
     folder = Path(folder)
     path = folder / filename
-    record = json.loads(json.dumps(record))
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        differences = _differences(stored, record)
+        differences = record_differences(stored, record)
         if differences:
             raise ProvenanceError(
                 f"{folder} holds {what} of another run ({'; '.join(differences)}); {fresh}."
@@ -98,10 +108,8 @@ def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, 
         return
     if has_results:
         raise ProvenanceError(
-            f"{folder} holds {what} without a record of what produced them ({filename}), so they cannot be resumed; "
+            f"{folder} holds {what} but no {filename}, the record of what produced them, so it cannot be reused; "
             f"{fresh}."
         )
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of one launch may write it together
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_record(path, record)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,18 +35,24 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from modeling_gap import IGNORE_INDEX
 
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
+from .provenance import record_differences, write_record
 
 __all__ = [
+    "RUN_RECORD",
     "GapSFTConfig",
     "GapSFTTrainer",
+    "RunRecordCallback",
+    "TrainingError",
     "apply_global_batch_size",
+    "last_checkpoint_of_run",
     "load_model_and_processor",
     "zero3_init_disabled",
 ]
@@ -652,3 +659,58 @@ def load_model_and_processor(
         latent_tokens_per_span=model.config.latent_tokens_per_span,
     )
     return model, processor
+
+
+# -- resuming the same run -------------------------------------------------------------------------------------------
+
+RUN_RECORD = "gap_run.json"  # in each checkpoint: what produced the run (see gap_pipeline.provenance)
+
+
+class TrainingError(ValueError):
+    """A training run that cannot start as asked (arguments, resuming); the message names the fix."""
+
+
+class RunRecordCallback(TrainerCallback):
+    """Writes the run's record (model, data and settings fingerprints) into each checkpoint once it is complete.
+
+    The Trainer calls `on_save` after the checkpoint's last file is written, so a checkpoint without the record
+    was cut short (or written by another program); `last_checkpoint_of_run` resumes only recorded checkpoints.
+    """
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            write_record(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / RUN_RECORD, self.record)
+
+
+def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]) -> str:
+    """The highest complete checkpoint in `output_dir` written by the run `record` describes (`--resume_from_checkpoint
+    last`). Newer checkpoints of another run, or cut short, are skipped with a warning; none left is an error."""
+    from transformers.utils import logging
+
+    folder = Path(output_dir)
+    checkpoints = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else []:
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if path.is_dir() and step.isdigit():
+            checkpoints.append((int(step), path))
+    skipped = []
+    for _, path in sorted(checkpoints, reverse=True):
+        if not (path / RUN_RECORD).is_file():
+            skipped.append(f"{path.name} is incomplete (no {RUN_RECORD}: the run stopped while writing it, or an "
+                           "older version wrote it)")
+            continue
+        differences = record_differences(json.loads((path / RUN_RECORD).read_text(encoding="utf-8")), record)
+        if differences:
+            skipped.append(f"{path.name} belongs to another run ({'; '.join(differences)})")
+            continue
+        for note in skipped:
+            logging.get_logger(__name__).warning(f"--resume_from_checkpoint last: skipping {note}")
+        return str(path)
+    raise TrainingError(
+        f"--resume_from_checkpoint last: {folder} holds no complete checkpoint of this run"
+        + (f" ({'; '.join(skipped)})" if skipped else "")
+        + ". Start afresh into another --output_dir, or pass a checkpoint folder to --resume_from_checkpoint."
+    )

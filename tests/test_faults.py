@@ -137,7 +137,7 @@ def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, tw
     out.mkdir()
     (out / "predictions.jsonl").write_text(json.dumps({"id": "1", "intervention": "suppress", "budget": 4}) + "\n")
     assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 2
-    assert "without a record of what produced them" in capsys.readouterr().err
+    assert "but no run.json, the record of what produced them" in capsys.readouterr().err
 
 
 def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_image, capsys):
@@ -152,3 +152,58 @@ def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_ima
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(EvaluationError, match="id 'b' is used by row 1 and by row 2"):
         load_items(jsonl)
+
+
+# training -------------------------------------------------------------------------------------------------------
+
+from test_train_extras import _cli_argv, _parse  # noqa: E402
+from test_train_sft import work  # noqa: E402,F401 (a fixture)
+
+
+def test_resume_last_continues_only_a_complete_checkpoint_of_the_same_run(work, tmp_path, caplog):  # noqa: F811
+    import shutil
+
+    import train_sft
+    from gap_pipeline.trainer import RUN_RECORD, TrainingError
+
+    out = tmp_path / "out"
+    first = _cli_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    train_sft.main(*_parse(first), argv=first)
+    half = out / "checkpoint-3"  # killed while writing a newer checkpoint: some files, no trainer state
+    shutil.copytree(out / "checkpoint-2", half)
+    for name in (RUN_RECORD, "trainer_state.json"):
+        (half / name).unlink()
+    other = _cli_argv(work, out, "--max_steps", "3", "--learning_rate", "1e-3", "--resume_from_checkpoint", "last")
+    with pytest.raises(TrainingError, match=r"checkpoint-2 belongs to another run \(settings.learning_rate was 0.002, "
+                                            r"now 0.001\)"):
+        train_sft.main(*_parse(other), argv=other)
+    again = _cli_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                      "--resume_from_checkpoint", "last")
+    assert train_sft.main(*_parse(again), argv=again).state.global_step == 3  # resumed checkpoint-2
+    assert "skipping checkpoint-3 is incomplete" in caplog.text
+    assert (out / "checkpoint-3" / RUN_RECORD).is_file()  # rewritten whole by the resumed run
+
+
+def test_a_reused_gap_init_must_come_from_the_same_base_pca_and_options(work, tmp_path):  # noqa: F811
+    from gap_pipeline.convert import ensure_gap_checkpoint
+    from gap_pipeline.provenance import ProvenanceError
+
+    target = tmp_path / "_gap-init"
+    options = {"latent_tokens_per_span": 4, "latent_adapter_size": 32, "dtype": "float32"}
+    assert ensure_gap_checkpoint(work.base, target, work.pca, **options) == target
+    assert ensure_gap_checkpoint(work.base, target, work.pca, **options) == target  # the same: reused
+    with pytest.raises(ProvenanceError, match="options.latent_adapter_size was 32, now 16"):
+        ensure_gap_checkpoint(work.base, target, work.pca, **{**options, "latent_adapter_size": 16})
+    other_pca = tmp_path / "other.safetensors"
+    other_pca.write_bytes(work.pca.read_bytes() + b" ")
+    with pytest.raises(ProvenanceError, match="pca.sha256 was"):
+        ensure_gap_checkpoint(work.base, target, other_pca, **options)
+
+
+def test_pca_path_with_a_gap_checkpoint_is_an_error_not_ignored(work, tmp_path):  # noqa: F811
+    import train_sft
+    from gap_pipeline.trainer import TrainingError
+
+    argv = _cli_argv(work, tmp_path / "out", "--pca_path", str(work.pca), "--max_steps", "1")
+    with pytest.raises(TrainingError, match="already a GAP checkpoint"):
+        train_sft.main(*_parse(argv), argv=argv)
