@@ -148,6 +148,19 @@ def run_record(script_args: GapScriptArguments, training_args: GapSFTConfig, mod
     }
 
 
+def _model_type(path: str, revision: str | None) -> str | None:
+    """The `model_type` of the checkpoint `path` (a folder or a Hub id); one clear error when there is none."""
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise TrainingError(f"--model_name_or_path {path}: no such folder; pass the folder of a GAP or Qwen2.5-VL "
+                            "checkpoint (or a Hub id).")
+    try:
+        return PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
+    except OSError as error:
+        raise TrainingError(f"--model_name_or_path {path}: not a local checkpoint folder, and no Hub model could be "
+                            f"read ({str(error).splitlines()[0]})") from None
+
+
 def make_parser() -> TrlParser:
     """`TrlParser` over (GapScriptArguments, GapSFTConfig, ModelConfig); `--config file.yaml` sets defaults."""
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
@@ -172,7 +185,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         raise ValueError("Pass --model_name_or_path: a GAP checkpoint or a plain Qwen2.5-VL checkpoint folder.")
     set_seed(training_args.seed)  # before the model exists: converting draws the latent head's adapter weights
     path, revision = model_args.model_name_or_path, model_args.model_revision
-    model_type = PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
+    model_type = _model_type(path, revision)
     gap_options = {"latent_tokens_per_span": script_args.latent_tokens_per_span,
                    "latent_loss_weight": script_args.latent_loss_weight,
                    "latent_loss_reduction": script_args.latent_loss_reduction}

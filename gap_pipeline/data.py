@@ -40,6 +40,8 @@ from typing import Any, Iterable
 
 from processing_gap import LATENT_PLACEHOLDER
 
+from .datasets_io import utf8_lines
+
 __all__ = [
     "GapDataError",
     "LATENT_PLACEHOLDER",
@@ -187,6 +189,19 @@ def _resolve(path: str, image_dir: str | os.PathLike | None) -> Path:
     return p
 
 
+def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
+    """The path of `image` when it is a path that leaves `image_dir` (``..`` or an absolute path elsewhere), else None.
+
+    Lexical: a symlink inside the folder counts as inside (the user placed it)."""
+    if isinstance(image, dict) and image.get("bytes") is None:
+        image = image.get("path")
+    if not isinstance(image, (str, os.PathLike)):
+        return None
+    root = os.path.abspath(image_dir)
+    resolved = os.path.abspath(_resolve(str(image), image_dir))
+    return None if os.path.commonpath([root, resolved]) == root else str(image)
+
+
 def load_image(image: Any, image_dir: str | os.PathLike | None = None):
     """A PIL image from a PIL image, a path (relative to `image_dir`) or a ``{"bytes", "path"}`` dict."""
     from PIL import Image
@@ -219,6 +234,8 @@ def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | Non
     try:
         with load_image(image, image_dir) as opened:
             opened.verify()
+    except Image.DecompressionBombError as error:
+        return f"is too large to decode safely ({error}); shrink the image"
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         return f"cannot be read as an image ({error})"
     except TypeError as error:
@@ -236,13 +253,15 @@ def validate_row(
     image_dir: str | os.PathLike | None = None,
     check_images: bool = True,
     latent_tokens_per_span: int | None = None,
+    allow_outside_image_dir: bool = False,
 ) -> RowError | None:
     """The first problem of one row (checked in the order below), or None.
 
     messages (a list of {"role", "content"} dicts with known roles and item types), an assistant turn,
     ``<latent>`` only in assistant turns, ``{"type": "image"}`` entries == len(images), placeholders ==
-    len(aux_images), accuracy in [0, 1], readable images and aux images (when `check_images`), and, when
-    the row has ``latent_targets`` and `latent_tokens_per_span` is given, placeholders x K target rows.
+    len(aux_images), accuracy in [0, 1], image paths inside `image_dir` (when given, unless
+    `allow_outside_image_dir`), readable images and aux images (when `check_images`), and, when the row has
+    ``latent_targets`` and `latent_tokens_per_span` is given, placeholders x K target rows.
     """
     row_id = row.get("id")
 
@@ -269,6 +288,12 @@ def validate_row(
                     )
     if not any(message.get("role") == "assistant" for message in messages):
         return error("messages", "has no assistant turn; add the target response as a {'role': 'assistant'} message")
+    for m, message in enumerate(messages):
+        if message.get("role") == "assistant" and not "".join(
+            item.get("text") or "" for item in _items(message) if _item_type(item) == "text"
+        ).strip():
+            return error("messages", f"message {m} (assistant) is empty: the row would train on the end-of-turn token "
+                         "alone; write the response or drop the row")
     misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
     if misplaced:
         return error(
@@ -302,6 +327,13 @@ def validate_row(
                 f"is {accuracy!r}; it must be a number in [0, 1] (the base model's pass rate) or absent",
             )
 
+    if image_dir is not None and not allow_outside_image_dir:
+        for column, values in (("images", images), ("aux_images", aux_images)):
+            for i, image in enumerate(values):
+                outside = _outside_image_dir(image, image_dir)
+                if outside is not None:
+                    return error(column, f"entry {i} path {outside!r} leaves the image folder {str(image_dir)!r}; move "
+                                 "the file into it, or pass --allow-outside-image-dir if every path is trusted")
     if check_images:
         for column, values in (("images", images), ("aux_images", aux_images)):
             for i, image in enumerate(values):
@@ -349,6 +381,7 @@ def validate_rows(
     image_dir: str | os.PathLike | None = None,
     check_images: bool = True,
     latent_tokens_per_span: int | None = None,
+    allow_outside_image_dir: bool = False,
 ) -> list[RowError]:
     """One `RowError` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
     if hasattr(rows, "cast_column"):
@@ -356,7 +389,8 @@ def validate_rows(
     errors = []
     for index, row in enumerate(rows):
         problem = validate_row(
-            row, index, image_dir=image_dir, check_images=check_images, latent_tokens_per_span=latent_tokens_per_span
+            row, index, image_dir=image_dir, check_images=check_images, latent_tokens_per_span=latent_tokens_per_span,
+            allow_outside_image_dir=allow_outside_image_dir,
         )
         if problem is not None:
             errors.append(problem)
@@ -392,10 +426,12 @@ def load_jsonl(
     *,
     validate: bool = True,
     check_images: bool = True,
+    allow_outside_image_dir: bool = False,
 ):
     """Load a JSONL file of rows into a `datasets.Dataset`, images as lazily decoded `datasets.Image` lists.
 
-    Image entries are paths relative to `image_dir` (default: the JSONL file's folder). With `validate`
+    Image entries are paths relative to `image_dir` (default: the JSONL file's folder) and must stay inside it
+    (no ``..`` or absolute path elsewhere) unless `allow_outside_image_dir`. With `validate`
     (the default) every row is checked first and a `GapDataError` lists the bad ones. String message contents
     become one-item content lists (Arrow needs one type per column); rows without ``accuracy`` get None.
     """
@@ -406,21 +442,21 @@ def load_jsonl(
         raise FileNotFoundError(f"JSONL file not found: {path}")
     folder = _json_default_image_dir(path, image_dir)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise GapDataError(f"{path}, line {line_number}: not valid JSON ({error.msg}); one object per line") from None
-            if not isinstance(row, dict):
-                raise GapDataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for line_number, line in enumerate(utf8_lines(path, GapDataError), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise GapDataError(f"{path}, line {line_number}: not valid JSON ({error.msg}); one object per line") from None
+        if not isinstance(row, dict):
+            raise GapDataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise GapDataError(f"{path} holds no rows")
     if validate:
-        check_rows(rows, source=str(path), image_dir=folder, check_images=check_images)
+        check_rows(rows, source=str(path), image_dir=folder, check_images=check_images,
+                   allow_outside_image_dir=allow_outside_image_dir)
     for row in rows:
         # Arrow needs one type per column: string contents become [{"type": "text", "text": ...}].
         row["messages"] = [
@@ -445,16 +481,18 @@ def from_dataset(
     validate: bool = True,
     check_images: bool = True,
     source: str = "the dataset",
+    allow_outside_image_dir: bool = False,
 ):
     """Check any `datasets.Dataset` of this schema and return it with image columns as `datasets.Image` lists.
 
-    String image entries are resolved against `image_dir` (default: the working directory). A `GapDataError`
-    lists the bad rows.
+    String image entries are resolved against `image_dir` (default: the working directory) and, when it is
+    given, must stay inside it unless `allow_outside_image_dir`. A `GapDataError` lists the bad rows.
     """
     from datasets import Image, List, Value
 
     if validate:
-        check_rows(dataset, source=source, image_dir=image_dir, check_images=check_images)
+        check_rows(dataset, source=source, image_dir=image_dir, check_images=check_images,
+                   allow_outside_image_dir=allow_outside_image_dir)
     for column in IMAGE_COLUMNS:
         if column not in dataset.column_names:
             continue

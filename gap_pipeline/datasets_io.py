@@ -4,7 +4,9 @@
   :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`; each passes its own
   error class and the message for a folder that is not a saved dataset.
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
-* Replacing an output folder only once its new content is complete (:func:`atomic_output_dir`).
+* Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
+  :func:`atomic_files_into`).
+* Reading a text file line by line, a non-UTF-8 byte named by file and line (:func:`utf8_lines`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,37 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Type, Union
 
-__all__ = ["atomic_output_dir", "load_dataset_folder", "select_split", "write_json_file"]
+__all__ = ["atomic_files_into", "atomic_output_dir", "load_dataset_folder", "select_split", "utf8_lines", "write_json_file"]
+
+
+@contextmanager
+def atomic_files_into(folder: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; when the block completes, each file written there replaces
+    its namesake in `folder` at once (``os.replace``), and the other files of `folder` stay. On failure nothing in
+    `folder` changes and the temporary folder is removed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield staging
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def utf8_lines(path: Union[str, os.PathLike], error_cls: Type[Exception] = ValueError) -> Iterator[str]:
+    """The lines of the text file `path` (line endings kept); a byte that is not UTF-8 raises `error_cls` naming the
+    file, the line and the byte's column."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise error_cls(
+                    f"{path}, line {number}, column {error.start + 1}: byte {raw[error.start:error.start + 1]!r} is "
+                    "not UTF-8; re-save the file as UTF-8"
+                ) from None
 
 
 @contextmanager

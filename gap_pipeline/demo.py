@@ -179,7 +179,7 @@ def prepare_data(demo: Demo, seed: int, results: dict, say) -> None:
                  "--latent-tokens-per-span", LATENT_TOKENS, "--output-dir", out / f"{split}_targets", "--overwrite",
                  "--no-progress")
     demo.gap("fit-pca", "fit-pca", "--targets", out / "train_targets", "--output-dir", pca,
-             "--variance", args.pca_variance, "--no-progress")
+             "--variance", args.pca_variance, "--no-progress", "--overwrite")
     pca_report = json.loads((pca / "pca_report.json").read_text())
     results["pca_k"] = pca_report["k"]
     say("2 data", f"{args.train_rows} train / {args.test_rows} held-out rows, K={LATENT_TOKENS} targets, PCA "

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .datasets_io import utf8_lines
 from .provenance import ProvenanceError, check_or_record, data_fingerprint, model_fingerprint
 
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
@@ -112,44 +113,70 @@ def mcq_prompt(question: str, options: dict, hint: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _tsv_shape_problem(record: dict, n_columns: int) -> str | None:
+    """Why a `csv.DictReader` record does not line up with the header, or None."""
+    if any("\t" in value and "\n" in value for value in record.values() if isinstance(value, str)):
+        return ("a field spans tabs and line breaks: a stray '\"' opened a quoted field that swallowed the next "
+                "line(s); remove the quote (or double it inside a quoted field)")
+    if record.get(None):  # the reader's restkey: fields past the header's
+        return (f"{n_columns + len(record[None])} fields but the header has {n_columns}: a tab inside a field shifts "
+                "the columns after it; remove the tab")
+    present = sum(value is not None for key, value in record.items() if key is not None)
+    if present < n_columns:
+        return f"{present} fields but the header has {n_columns}; fill in the missing fields"
+    return None
+
+
 def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
-    """Items of a VLMEvalKit-style TSV and one problem line per row that cannot be scored."""
+    """Items of a VLMEvalKit-style TSV and one problem line per row that cannot be scored.
+
+    Strict: a row whose fields do not line up with the header (an extra tab, a missing field, a stray quote that
+    swallows the next lines) is a problem naming its index and lines; a byte that is not UTF-8 is an error naming
+    the line; an index used twice is an error naming both rows."""
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
     items, problems = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        required = {"index", "image", "question", "answer"}
-        missing = required - set(reader.fieldnames or [])
-        if missing:
-            raise EvaluationError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
-        seen: dict[str, str] = {}
-        for line, record in enumerate(reader, start=2):
-            index = (record.get("index") or "").strip() or f"line {line}"
-            where = f"{path} row index={index}"
-            _claim_id(seen, index, f"the row ending on line {reader.line_num}", path)
-            try:
-                if not (record.get("image") or "").strip():
-                    raise BadRowError(f"{where}: no image")
-                image = _decode_base64_image(record["image"].strip(), where)
-                gold = (record.get("answer") or "").strip()
-                if not gold:
-                    raise BadRowError(f"{where}: no answer")
-                question = (record.get("question") or "").strip()
-                if not question:
-                    raise BadRowError(f"{where}: no question")
-                options = {
-                    letter: record[letter].strip()
-                    for letter in TSV_OPTION_LETTERS
-                    if (record.get(letter) or "").strip() and record[letter].strip().lower() != "nan"
-                }
-                hint = (record.get("hint") or "").strip()
-                text = mcq_prompt(question, options, hint if hint and hint.lower() != "nan" else None)
-            except BadRowError as error:
-                problems.append(str(error))
-                continue
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            extra = {key: record[key] for key in ("category",) if record.get(key)}
-            items.append(EvalItem(index, messages, [image], gold, options or None, extra))
+    if not Path(path).is_file():
+        raise EvaluationError(f"{path}: no such TSV file")
+    reader = csv.DictReader(utf8_lines(path, EvaluationError), delimiter="\t")
+    required = {"index", "image", "question", "answer"}
+    missing = required - set(reader.fieldnames or [])
+    if missing:
+        raise EvaluationError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
+    seen: dict[str, str] = {}
+    last_line = reader.line_num
+    for line, record in enumerate(reader, start=2):
+        lines = f"line {reader.line_num}" if reader.line_num == last_line + 1 else f"lines {last_line + 1}-{reader.line_num}"
+        last_line = reader.line_num
+        index = (record.get("index") or "").strip() or f"line {line}"
+        where = f"{path} row index={index} ({lines})"
+        _claim_id(seen, index, f"the row on {lines}", path)
+        shape_problem = _tsv_shape_problem(record, len(reader.fieldnames))
+        if shape_problem:
+            problems.append(f"{where}: {shape_problem}")
+            continue
+        try:
+            if not (record.get("image") or "").strip():
+                raise BadRowError(f"{where}: no image")
+            image = _decode_base64_image(record["image"].strip(), where)
+            gold = (record.get("answer") or "").strip()
+            if not gold:
+                raise BadRowError(f"{where}: no answer")
+            question = (record.get("question") or "").strip()
+            if not question:
+                raise BadRowError(f"{where}: no question")
+            options = {
+                letter: record[letter].strip()
+                for letter in TSV_OPTION_LETTERS
+                if (record.get(letter) or "").strip() and record[letter].strip().lower() != "nan"
+            }
+            hint = (record.get("hint") or "").strip()
+            text = mcq_prompt(question, options, hint if hint and hint.lower() != "nan" else None)
+        except BadRowError as error:
+            problems.append(str(error))
+            continue
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        extra = {key: record[key] for key in ("category",) if record.get(key)}
+        items.append(EvalItem(index, messages, [image], gold, options or None, extra))
     return items, problems
 
 

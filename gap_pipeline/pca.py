@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
-from .datasets_io import load_dataset_folder
+from .datasets_io import atomic_files_into, load_dataset_folder
 
 PCA_FILENAME = "pca.safetensors"
 REPORT_FILENAME = "pca_report.json"
@@ -783,10 +783,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to accumulate in float64: auto (CUDA if available), cpu, cuda, cuda:N (default auto)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace a PCA basis already in --output-dir")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        earlier = [name for name in (PCA_FILENAME, REPORT_FILENAME) if (Path(args.output_dir) / name).exists()]
+        if earlier and not args.overwrite:
+            raise PcaError(f"--output-dir {args.output_dir} already holds {' and '.join(earlier)} of an earlier fit; "
+                           "pass --overwrite to replace them, or choose another --output-dir")
         if args.variance is not None:
             _check_variance(args.variance)
         if args.chunk_size < 1:
@@ -808,8 +813,9 @@ def run(args: argparse.Namespace) -> int:
     report = fit.report(k, target=target, extra=source)
     basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
     out_dir = Path(args.output_dir)
-    pca_path = save_basis(out_dir, basis)
-    report_path = write_report(out_dir / REPORT_FILENAME, report)
+    with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
+        save_basis(staging, basis)
+        write_report(staging / REPORT_FILENAME, report)
     print(format_summary(report))
-    print(f"  wrote {pca_path} and {report_path}")
+    print(f"  wrote {out_dir / PCA_FILENAME} and {out_dir / REPORT_FILENAME}")
     return 0

@@ -250,11 +250,31 @@ def _load(dataset_or_dir):
 
 def load_targets_dataset(path: str | os.PathLike, config: Any = None):
     """The dataset folder `path` written by `gap targets` (memory-mapped), checked against the K and d of a GAP
-    model's `config` when one is given (`check_targets_compatible`)."""
+    model's `config` when one is given (`check_targets_compatible`, then `check_targets_finite`)."""
     dataset, _ = _load(path)
     if config is not None:
         check_targets_compatible(path, config)
+        check_targets_finite(dataset, path)
     return dataset
+
+
+def check_targets_finite(dataset, where: Any = "the dataset", batch_size: int = 256) -> None:
+    """Refuse a targets column holding NaN or inf, naming the rows, in one streaming pass (before training starts
+    rather than at the step that draws the row)."""
+    from .data import row_name
+
+    bad = []
+    columns = [TARGETS_COLUMN] + (["id"] if "id" in dataset.column_names else [])
+    for start, batch in zip(range(0, len(dataset), batch_size),
+                            dataset.with_format("numpy", columns=columns).iter(batch_size=batch_size)):
+        ids = batch.get("id", [None] * len(batch[TARGETS_COLUMN]))
+        for offset, (values, row_id) in enumerate(zip(batch[TARGETS_COLUMN], ids)):
+            if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                bad.append(row_name(start + offset, row_id.item() if isinstance(row_id, np.generic) else row_id))
+    if bad:
+        listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise TargetsError(f"{where}: {listed} hold non-finite (NaN or inf) latent targets; recompute them with "
+                           "`gap targets` (--dtype float32 if float16 overflowed) or drop the rows.")
 
 
 def targets_metadata(dataset_or_dir) -> dict[str, Any]:
@@ -330,6 +350,7 @@ def compute_latent_targets(
     written to an Arrow file in `cache_dir` (default: a fresh temporary folder), so memory stays flat.
     """
     from datasets import Array2D, Features, are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from PIL.Image import DecompressionBombError
 
     from .data import _undecoded, count_latent_placeholders, load_image, row_name
 
@@ -362,7 +383,7 @@ def compute_latent_targets(
             for k, image in enumerate(aux):
                 try:
                     images.append(load_image(image))
-                except (OSError, TypeError, ValueError) as error:
+                except (OSError, TypeError, ValueError, DecompressionBombError) as error:
                     raise TargetsError(f"{name}: aux image {k} cannot be loaded ({error}).") from None
                 names.append(f"{name}, aux image {k}")
                 owners.append(row_index)
@@ -505,6 +526,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows whose aux images are encoded together (default 8)")
     parser.add_argument("--no-check-images", action="store_true", help="skip opening every image during validation")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths outside the image folder ('..', absolute paths); off by default")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -523,12 +546,14 @@ def _load_data(args):
 
     path = Path(args.data)
     if path.is_file():
-        return load_jsonl(path, args.image_dir, check_images=not args.no_check_images)
+        return load_jsonl(path, args.image_dir, check_images=not args.no_check_images,
+                          allow_outside_image_dir=args.allow_outside_image_dir)
     if path.is_dir():
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             raise TargetsError(f"{path} is a DatasetDict; pass one split's folder.")
-        return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path))
+        return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path),
+                            allow_outside_image_dir=args.allow_outside_image_dir)
     raise TargetsError(f"--data {path}: no such file or folder.")
 
 

@@ -145,7 +145,7 @@ def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_ima
 
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 1])
     assert gap_main(_evaluate_args(tmp_path / "never-loaded", data, tmp_path / "eval")) == 2
-    assert "id '1' is used by the row ending on line 2 and by the row ending on line 4" in capsys.readouterr().err
+    assert "id '1' is used by the row on line 2 and by the row on line 4" in capsys.readouterr().err
     rows = [{"id": rid, "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
              "answer": "A"} for rid in ("a", "b", "b")]
     jsonl = tmp_path / "rows.jsonl"
@@ -206,4 +206,122 @@ def test_pca_path_with_a_gap_checkpoint_is_an_error_not_ignored(work, tmp_path):
 
     argv = _cli_argv(work, tmp_path / "out", "--pca_path", str(work.pca), "--max_steps", "1")
     with pytest.raises(TrainingError, match="already a GAP checkpoint"):
+        train_sft.main(*_parse(argv), argv=argv)
+
+
+# data ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("escape", ["../secret.png", "ABSOLUTE"])
+def test_image_paths_stay_inside_the_data_folder_unless_allowed(tmp_path, rows_jsonl, tiny_base_dir, tiny_image,
+                                                                 capsys, escape):
+    tiny_image(seed=9).save(tmp_path / "secret.png")  # a file outside the data folder
+    path = str(tmp_path / "secret.png") if escape == "ABSOLUTE" else escape
+    rows = [json.loads(line) for line in rows_jsonl.read_text().splitlines()]
+    rows[1]["aux_images"] = [path]
+    rows_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "targets"
+    base = _targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", str(K), "--no-check-images")
+    assert gap_main(base) == 2
+    err = capsys.readouterr().err
+    assert f"row 1 (id='r1'), field 'aux_images': entry 0 path {path!r} leaves the image folder" in err
+    assert not out.exists()
+    assert gap_main(base + ["--allow-outside-image-dir"]) == 0  # the user vouches for the paths
+
+
+def test_tsv_rows_that_do_not_line_up_with_the_header_are_named_not_shifted(tmp_path, tiny_image):
+    from gap_pipeline.evaluate import load_tsv_items
+
+    path = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 3, 4])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2].replace("Question 1?", "Question\t1?")  # an extra field: the gold would shift to 'D'
+    lines[3] = lines[3].replace("Question 2?", '"Question 2?')  # a stray quote swallows the next line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items, problems = load_tsv_items(path)
+    assert [item.id for item in items] == ["1"]
+    assert problems[0].startswith(f"{path} row index=2 (line 3): 9 fields but the header has 8")
+    assert problems[1].startswith(f"{path} row index=3 (lines 4-5): a field spans tabs and line breaks: a stray")
+
+
+def test_non_utf8_input_is_an_error_naming_the_file_and_line(tmp_path, tiny_image, rows_jsonl):
+    from gap_pipeline.data import GapDataError, load_jsonl
+    from gap_pipeline.evaluate import EvaluationError, load_tsv_items
+
+    tsv = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
+    tsv.write_bytes(tsv.read_bytes().replace(b"Question 1?", b"Question \xff?"))
+    with pytest.raises(EvaluationError, match=r"bench.tsv, line 3, column \d+: byte b'\\xff' is not UTF-8"):
+        load_tsv_items(tsv)
+    rows_jsonl.write_bytes(rows_jsonl.read_bytes().replace(b'"text": "Q"', b'"text": "Q\xe9"', 1))
+    with pytest.raises(GapDataError, match=r"train.jsonl, line 1, column \d+: byte b'\\xe9' is not UTF-8"):
+        load_jsonl(rows_jsonl)
+
+
+def test_fit_pca_into_a_folder_holding_a_basis_needs_overwrite(tmp_path, capsys):
+    import numpy as np
+
+    from gap_pipeline.pca import load_pca
+
+    vectors = tmp_path / "t.npy"
+    np.save(vectors, np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32))
+    out = tmp_path / "pca"
+    args = ["fit-pca", "--targets", str(vectors), "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    assert gap_main(args + ["--num-components", "4"]) == 0
+    before = (out / "pca.safetensors").read_bytes()
+    assert gap_main(args + ["--num-components", "2"]) == 2
+    assert "already holds pca.safetensors and pca_report.json" in capsys.readouterr().err
+    assert (out / "pca.safetensors").read_bytes() == before
+    assert gap_main(args + ["--num-components", "2", "--overwrite"]) == 0
+    assert load_pca(out).k == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["pca", "t.npy"]
+
+
+@pytest.mark.parametrize("content", ["", "   ", [{"type": "text", "text": ""}], [{"type": "image"}]])
+def test_an_empty_assistant_message_is_refused(content):
+    from gap_pipeline.data import validate_rows
+
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": content}]}
+    (error,) = validate_rows([row], check_images=False)
+    assert "message 1 (assistant) is empty" in str(error)
+
+
+def test_a_decompression_bomb_image_is_named_by_row(tmp_path, tiny_image, monkeypatch):
+    from PIL import Image
+
+    from gap_pipeline.data import GapDataError, load_jsonl
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("1", (200, 200)).save(folder / "bomb.png")  # 40000 pixels: a bomb under a 15000-pixel limit
+    tiny_image(seed=0).save(folder / "q.png")
+    rows = [{"id": i, "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                                   {"role": "assistant", "content": "A"}], "images": [image]}
+            for i, image in enumerate(["q.png", "bomb.png"])]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15000)
+    with pytest.raises(GapDataError, match=r"row 1 \(id=1\), field 'images': entry 0 is too large to decode safely "
+                                           r"\(Image size \(40000 pixels\) exceeds limit"):
+        load_jsonl(folder / "rows.jsonl")
+
+
+def test_nan_targets_are_found_before_training_starts(work, tmp_path):  # noqa: F811
+    import math
+
+    import train_sft
+    from gap_pipeline.targets import TargetsError
+
+    data = datasets.load_from_disk(str(work.data))
+    poisoned = data.map(lambda row, i: {"latent_targets": [[math.nan] * len(v) for v in row["latent_targets"]]
+                                        if i == 3 else row["latent_targets"]}, with_indices=True, features=data.features)
+    poisoned.save_to_disk(str(tmp_path / "data"))
+    argv = _cli_argv(work, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--dataset_path") + 1] = str(tmp_path / "data")
+    with pytest.raises(TargetsError, match=r"row 3 \(id='row3'\) hold non-finite \(NaN or inf\) latent targets"):
+        train_sft.main(*_parse(argv), argv=argv)
+
+
+def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):  # noqa: F811
+    import train_sft
+    from gap_pipeline.trainer import TrainingError
+
+    argv = _cli_argv(work, tmp_path / "out", model=tmp_path / "no-such-model")
+    with pytest.raises(TrainingError, match="no-such-model: no such folder"):
         train_sft.main(*_parse(argv), argv=argv)
