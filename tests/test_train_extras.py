@@ -33,7 +33,8 @@ from gap_pipeline.model_card import read_training_run
 from modeling_gap import GapForConditionalGeneration
 from test_train_sft import K, REPO, _clean_env, _first_batch, _trainer, work  # noqa: F401 (work: a fixture)
 
-TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+# what a checkpoint holds to resume, and never pushes (gap_run.json: the run's record, with local paths)
+TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "gap_run.json"}
 
 
 def _files(folder):
