@@ -363,9 +363,9 @@ def prepare_dataset(dataset, processor, *, batch_size: int = 16, num_proc: int |
     )  # channels x temporal patch x patch x patch
     if "images" not in dataset.column_names:
         raise ValueError("The dataset has no 'images' column: there is nothing to precompute.")
-    from .data import _undecoded
+    from .data import undecoded_images
 
-    dataset = _undecoded(dataset)
+    dataset = undecoded_images(dataset)
 
     def process(images_batch):
         pixel_values, grids = [], []

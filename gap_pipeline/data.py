@@ -55,6 +55,8 @@ __all__ = [
     "row_name",
     "strip_latent_placeholders",
     "strip_latent_spans",
+    "turn_texts",
+    "undecoded_images",
     "validate_row",
     "validate_rows",
 ]
@@ -116,6 +118,11 @@ def _item_type(item: dict) -> str | None:
 
 def _texts(message: dict) -> list[str]:
     return [item.get("text") or "" for item in _items(message) if _item_type(item) == "text"]
+
+
+def turn_texts(messages: list[dict], role: str | None = "assistant") -> list[str]:
+    """The text of each message of `role` (every message when `role` is None): its text items joined, in order."""
+    return ["".join(_texts(message)) for message in messages if role is None or message.get("role") == role]
 
 
 def count_latent_placeholders(messages: list[dict], role: str | None = "assistant") -> int:
@@ -362,8 +369,8 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(np.asarray(value, dtype=np.float32).shape) if len(value) else (0,)
 
 
-def _undecoded(dataset):
-    """`dataset` with its image columns typed so rows hold paths/bytes instead of decoded PIL images."""
+def undecoded_images(dataset):
+    """`dataset` with its image columns typed so rows hold ``{"bytes", "path"}`` dicts instead of decoded PIL images."""
     from datasets import Image, List
 
     for column in IMAGE_COLUMNS:
@@ -385,7 +392,7 @@ def validate_rows(
 ) -> list[RowError]:
     """One `RowError` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
     if hasattr(rows, "cast_column"):
-        rows = _undecoded(rows)
+        rows = undecoded_images(rows)
     errors = []
     for index, row in enumerate(rows):
         problem = validate_row(

@@ -7,6 +7,7 @@
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
   :func:`atomic_files_into`).
 * Reading a text file line by line, a non-UTF-8 byte named by file and line (:func:`utf8_lines`).
+* Turning the ``datasets`` progress bars on or off for a block (:func:`datasets_progress_bars`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Type, Union
 
-__all__ = ["atomic_files_into", "atomic_output_dir", "load_dataset_folder", "select_split", "utf8_lines", "write_json_file"]
+__all__ = [
+    "atomic_files_into",
+    "atomic_output_dir",
+    "datasets_progress_bars",
+    "load_dataset_folder",
+    "select_split",
+    "utf8_lines",
+    "write_json_file",
+]
 
 
 @contextmanager
@@ -114,6 +123,19 @@ def load_dataset_folder(
     except FileNotFoundError as exc:
         raise error_cls(not_a_dataset.format(path=path, exc=exc)) from None
     return select_split(ds, split, path, error_cls)
+
+
+@contextmanager
+def datasets_progress_bars(enabled: bool) -> Iterator[None]:
+    """Inside the block the ``datasets`` progress bars (casts, maps) are on or off; afterwards as they were."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
 def write_json_file(path, payload, default_name):

@@ -32,6 +32,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .provenance import ProvenanceError, check_or_record, data_fingerprint, mode
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
 
 TSV_OPTION_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
+TSV_COLUMNS = ("index", "image", "question", "answer")  # the columns a scored VLMEvalKit TSV must have
 BASE_SETTING = "base"  # the intervention name recorded for a plain Qwen2.5-VL checkpoint
 TARGETS_COLUMN = "latent_targets"  # written by `gap targets`
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -87,7 +89,8 @@ class EvalItem:
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def _decode_base64_image(value: str, where: str):
+def decode_base64_image(value: str, where: str):
+    """The RGB PIL image of a base64 field; a field that is not base64 or not an image raises `BadRowError` naming `where`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -127,19 +130,18 @@ def _tsv_shape_problem(record: dict, n_columns: int) -> str | None:
     return None
 
 
-def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
-    """Items of a VLMEvalKit-style TSV and one problem line per row that cannot be scored.
+def iter_tsv_records(path: str | Path, required: Iterable[str] = TSV_COLUMNS) -> Iterator[tuple[str, str, dict, str | None]]:
+    """``(index, where, record, problem)`` for each row of a VLMEvalKit-style TSV, read one row at a time.
 
-    Strict: a row whose fields do not line up with the header (an extra tab, a missing field, a stray quote that
-    swallows the next lines) is a problem naming its index and lines; a byte that is not UTF-8 is an error naming
-    the line; an index used twice is an error naming both rows."""
+    `where` names the file, the row's index and its lines; `record` maps the columns to their raw strings (the base64
+    image undecoded); `problem` says why the row does not line up with the header (an extra tab, a missing field, a
+    stray quote that swallows the next lines), None when it does. A missing file or `required` column, a byte that is
+    not UTF-8 (named by line) and an index used twice (naming both rows) raise `EvaluationError`."""
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    items, problems = [], []
     if not Path(path).is_file():
         raise EvaluationError(f"{path}: no such TSV file")
     reader = csv.DictReader(utf8_lines(path, EvaluationError), delimiter="\t")
-    required = {"index", "image", "question", "answer"}
-    missing = required - set(reader.fieldnames or [])
+    missing = set(required) - set(reader.fieldnames or [])
     if missing:
         raise EvaluationError(f"{path}: the TSV lacks columns {sorted(missing)}; VLMEvalKit's layout has {sorted(required)}")
     seen: dict[str, str] = {}
@@ -148,16 +150,24 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
         lines = f"line {reader.line_num}" if reader.line_num == last_line + 1 else f"lines {last_line + 1}-{reader.line_num}"
         last_line = reader.line_num
         index = (record.get("index") or "").strip() or f"line {line}"
-        where = f"{path} row index={index} ({lines})"
         _claim_id(seen, index, f"the row on {lines}", path)
-        shape_problem = _tsv_shape_problem(record, len(reader.fieldnames))
+        yield index, f"{path} row index={index} ({lines})", record, _tsv_shape_problem(record, len(reader.fieldnames))
+
+
+def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
+    """Items of a VLMEvalKit-style TSV and one problem line per row that cannot be scored.
+
+    Strict (see `iter_tsv_records`): a row whose fields do not line up with the header is a problem naming its index
+    and lines; a byte that is not UTF-8 and an index used twice are errors."""
+    items, problems = [], []
+    for index, where, record, shape_problem in iter_tsv_records(path):
         if shape_problem:
             problems.append(f"{where}: {shape_problem}")
             continue
         try:
             if not (record.get("image") or "").strip():
                 raise BadRowError(f"{where}: no image")
-            image = _decode_base64_image(record["image"].strip(), where)
+            image = decode_base64_image(record["image"].strip(), where)
             gold = (record.get("answer") or "").strip()
             if not gold:
                 raise BadRowError(f"{where}: no answer")

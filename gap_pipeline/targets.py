@@ -349,10 +349,11 @@ def compute_latent_targets(
     `encode_images`). The aux images of `batch_size` rows go through the tower together. Results are
     written to an Arrow file in `cache_dir` (default: a fresh temporary folder), so memory stays flat.
     """
-    from datasets import Array2D, Features, are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets import Array2D, Features
     from PIL.Image import DecompressionBombError
 
-    from .data import _undecoded, count_latent_placeholders, load_image, row_name
+    from .data import count_latent_placeholders, load_image, row_name, undecoded_images
+    from .datasets_io import datasets_progress_bars
 
     check_latent_budget(latent_tokens_per_span)
     if storage_dtype not in STORAGE_DTYPES:
@@ -361,7 +362,7 @@ def compute_latent_targets(
         raise TargetsError(f"batch size must be >= 1, got {batch_size}.")
     d = _hidden_size(encoder)
     np_dtype = "float32" if storage_dtype == "bfloat16" else storage_dtype
-    dataset = _undecoded(dataset)
+    dataset = undecoded_images(dataset)
     if "aux_images" not in dataset.column_names:
         raise TargetsError("The dataset has no 'aux_images' column: there is nothing to encode.")
     stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0, "grids": set()}
@@ -413,28 +414,25 @@ def compute_latent_targets(
         dataset = dataset.remove_columns(TARGETS_COLUMN)
     own_cache = cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="gap-targets-") if own_cache else cache_dir)
-    was_enabled = not are_progress_bars_disabled()
-    (enable_progress_bars if progress else disable_progress_bars)()
     started = time.perf_counter()
     try:
-        result = dataset.map(
-            compute,
-            input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
-            with_indices=True,
-            batched=True,
-            batch_size=batch_size,
-            features=features,
-            cache_file_name=str(cache_dir / f"latent-targets-{uuid.uuid4().hex}.arrow"),
-            new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a stale cache
-            load_from_cache_file=False,
-            desc="latent targets",
-        )
+        with datasets_progress_bars(progress):
+            result = dataset.map(
+                compute,
+                input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
+                with_indices=True,
+                batched=True,
+                batch_size=batch_size,
+                features=features,
+                cache_file_name=str(cache_dir / f"latent-targets-{uuid.uuid4().hex}.arrow"),
+                new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a stale cache
+                load_from_cache_file=False,
+                desc="latent targets",
+            )
     except BaseException:
         if own_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
-    finally:
-        (enable_progress_bars if was_enabled else disable_progress_bars)()
     elapsed = time.perf_counter() - started
     metadata = {
         "format": FORMAT_NAME,
