@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "fit-pca": "gap_pipeline.pca",
     "targets": "gap_pipeline.targets",
     "difficulty": "gap_pipeline.difficulty",
+    "filter": "gap_pipeline.filters",
     "convert": "gap_pipeline.convert",
     "merge-lora": "gap_pipeline.lora",
     "norm-profile": "gap_pipeline.norms",
