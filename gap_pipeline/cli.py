@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "targets": "gap_pipeline.targets",
     "difficulty": "gap_pipeline.difficulty",
     "filter": "gap_pipeline.filters",
+    "audit": "gap_pipeline.audit",
     "convert": "gap_pipeline.convert",
     "merge-lora": "gap_pipeline.lora",
     "norm-profile": "gap_pipeline.norms",
