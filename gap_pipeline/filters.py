@@ -401,7 +401,8 @@ def filter_rows(
         "parser_incoherent": True,
     }
     if targets is not None:
-        aux, aux_measured = aux_problems(targets, rows, thresholds, query_encoder, base_dir, batch_size)
+        prompts = rows.select_columns([c for c in ("messages", "images") if c in rows.column_names])
+        aux, aux_measured = aux_problems(targets, prompts, thresholds, query_encoder, base_dir, batch_size)
         measured.update(aux_measured)
         problems = {**problems, **aux}  # degenerate_aux comes first
     removed = [Removal(i, ids[i], *problems[i]) for i in sorted(problems)]
