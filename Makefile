@@ -43,7 +43,7 @@ demo-full: $(STAMP)
 	$(PY) -m gap_pipeline demo --full --output-dir runs/demo-full
 
 bench: $(STAMP)
-	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) pca_fit.py
+	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) pca_fit.py && ../$(PY) audit.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
