@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from .data import GapDataError, turn_texts, undecoded_images
-from .datasets_io import datasets_progress_bars, write_json_file, write_text_atomic
+from .datasets_io import atomic_files_into, datasets_progress_bars, write_json_file
 from .evaluate import BadRowError, decode_base64_image, iter_tsv_records
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
 
@@ -177,10 +177,9 @@ def iter_rows(source: Source, positions: Iterable[int] | None = None) -> Iterato
     """``(position, row id, job)`` for every row of `source` (or the given positions); `job` goes to `read_row`."""
     wanted = None if positions is None else set(positions)
     if source.is_tsv:
-        for position, (index, record) in enumerate(iter_tsv_records(source.path, TSV_AUDIT_COLUMNS)):
+        for position, (index, where, record, problem) in enumerate(iter_tsv_records(source.path, TSV_AUDIT_COLUMNS)):
             if wanted is None or position in wanted:
-                where = f"{source.path} row index={index}"
-                yield position, index, ("tsv", where, (record.get("image") or "").strip(), record.get("question") or "")
+                yield position, index, ("tsv", where, problem, (record.get("image") or "").strip(), record.get("question") or "")
         return
     dataset = _dataset_of(source)
     base_dir = str(dataset_base_dir(source.path))
@@ -194,7 +193,9 @@ def iter_rows(source: Source, positions: Iterable[int] | None = None) -> Iterato
 def read_row(job: tuple) -> tuple[str, list]:
     """The question text and the RGB query images of one job from `iter_rows`."""
     if job[0] == "tsv":
-        _, where, image, question = job
+        _, where, problem, image, question = job
+        if problem:
+            raise BadRowError(f"{where}: {problem}")
         if not image:
             raise BadRowError(f"{where}: no image")
         return question.strip(), [decode_base64_image(image, where)]
@@ -633,8 +634,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"gap audit: error: {error}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
-    write_json_file(output_dir / "audit.json", audit_json(result), "audit.json")
-    write_text_atomic(output_dir / "report.html", render_html(result, args.html_max_pairs))
+    with atomic_files_into(output_dir) as staging:  # both files appear together, or neither changes
+        write_json_file(staging / "audit.json", audit_json(result), "audit.json")
+        (staging / "report.html").write_text(render_html(result, args.html_max_pairs), encoding="utf-8")
     print(format_summary(result, output_dir))
     exact = result.counts["exact_image"] + result.counts["exact_question"]
     if args.fail_on_exact and exact:

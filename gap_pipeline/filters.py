@@ -25,9 +25,10 @@ trips, in this order, and reported with that reason and the measured value:
     when the text has at least 4 n-grams); or with little alphabetic content: fewer than ``--min-alpha`` (default
     0.5) of its non-space characters are letters (any script).
 
-Outputs in ``--output-dir``: the kept rows in the input's format (a JSONL file keeps its name, its image paths
-rewritten relative to the output folder; a dataset folder stays a dataset folder of the same name; the
-``--targets`` folder too) and ``filter_report.json``: the thresholds, the counts per reason, which checks ran,
+Outputs in ``--output-dir``: the kept rows in the input's format (a JSONL file keeps its name and its lines as
+they were, so its relative image paths still refer to the input's image folder: load it with that ``--image-dir``,
+recorded in the report; a dataset folder stays a dataset folder of the same name; the ``--targets`` folder too)
+and ``filter_report.json``: the thresholds, the counts per reason, which checks ran,
 percentiles of the measured values (to calibrate thresholds on your data) and the removed rows (index, id,
 reason, detail). The summary line prints kept / removed per reason.
 
@@ -41,10 +42,8 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -413,41 +412,20 @@ def filter_rows(
 # -------------------------------------------------------------------------------------------- outputs
 
 
-def write_jsonl_rows(source: Path, destination: Path, kept: list[int], image_dir: Path) -> None:
-    """Copy the `kept` rows (in order, by their position among the non-blank lines) of a JSONL file, with
-    relative image paths rewritten relative to `destination`'s folder; written through a partial file."""
-    from .data import IMAGE_COLUMNS
+def write_jsonl_rows(source: Path, destination: Path, kept: list[int]) -> None:
+    """Copy the `kept` rows of a JSONL file (by their position among its non-blank lines) to `destination`, as they
+    are: relative image paths stay relative to the input's image folder."""
+    from .datasets_io import utf8_lines
 
     keep = set(kept)
-    partial = destination.with_name(f".{destination.name}.partial")
-    folder = destination.parent.resolve()
-    with open(source, encoding="utf-8") as f, open(partial, "w", encoding="utf-8") as out:
+    with open(destination, "w", encoding="utf-8") as out:
         position = 0
-        for line in f:
+        for line in utf8_lines(source, FilterError):
             if not line.strip():
                 continue
             if position in keep:
-                row = json.loads(line)
-                for column in IMAGE_COLUMNS:
-                    row[column] = [
-                        os.path.relpath((image_dir / p).resolve(), folder) if isinstance(p, str) and not Path(p).is_absolute()
-                        else p
-                        for p in row.get(column) or []
-                    ]
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.write(line if line.endswith("\n") else line + "\n")
             position += 1
-    os.replace(partial, destination)
-
-
-def save_dataset_folder(dataset, destination: Path) -> None:
-    """``dataset.save_to_disk`` into a partial folder, then moved to `destination` (replacing it)."""
-    partial = destination.with_name(f".{destination.name}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    dataset.save_to_disk(str(partial))
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(partial, destination)
 
 
 def format_summary(result: FilterResult, output_dir: str | Path) -> str:
@@ -471,6 +449,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the rows: a JSONL file, or a dataset folder (save_to_disk; a `gap targets` folder too)")
     parser.add_argument("--image-dir", default=None,
                         help="folder a JSONL file's image paths are relative to (default: the JSONL file's folder)")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths that leave the image folder ('..', absolute paths elsewhere)")
     parser.add_argument("--targets", default=None,
                         help="the `gap targets` folder of the same rows (for degenerate_aux when --data is a JSONL)")
     parser.add_argument("--model", required=True,
@@ -514,12 +494,13 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
     with datasets_progress_bars(False):
         if data.is_file():
             base_dir = Path(args.image_dir) if args.image_dir else data.resolve().parent
-            rows = load_jsonl(data, base_dir, check_images=False)
+            rows = load_jsonl(data, base_dir, check_images=False, allow_outside_image_dir=args.allow_outside_image_dir)
         elif data.is_dir():
             base_dir = Path(args.image_dir) if args.image_dir else None
             rows = load_dataset_folder(data, None, FilterError, not_a_dataset)
             check_rows(rows.select_columns([c for c in rows.column_names if c != TARGETS_COLUMN]),
-                       source=str(data), image_dir=base_dir, check_images=False)
+                       source=str(data), image_dir=base_dir, check_images=False,
+                       allow_outside_image_dir=args.allow_outside_image_dir)
         else:
             raise FilterError(f"--data {data}: no such file or folder")
         targets = None
@@ -555,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from .data import GapDataError
-    from .datasets_io import write_json_file
+    from .datasets_io import atomic_files_into, atomic_output_dir, datasets_progress_bars, write_json_file
     from .inference import resolve_device
     from .targets import TargetsError, load_vision_tower
 
@@ -581,16 +562,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"gap filter: error: {error}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     kept = result.kept
     data = Path(args.data)
-    if data.is_file():
-        write_jsonl_rows(data, outputs["data"], kept, Path(args.image_dir) if args.image_dir else data.resolve().parent)
-    else:
-        save_dataset_folder(rows.select(kept), outputs["data"])
-    if "targets" in outputs:
-        save_dataset_folder(targets.select(kept), outputs["targets"])
-    inputs = {"data": str(data), "targets": args.targets, "model": str(args.model)}
-    write_json_file(output_dir / REPORT_NAME, result.report(inputs, {k: str(v) for k, v in outputs.items()}), REPORT_NAME)
+    image_dir = (Path(args.image_dir) if args.image_dir else data.resolve().parent) if data.is_file() else args.image_dir
+    inputs = {"data": str(data), "image_dir": None if image_dir is None else str(image_dir), "targets": args.targets,
+              "model": str(args.model)}
+    with datasets_progress_bars(False):
+        if not data.is_file():
+            with atomic_output_dir(outputs["data"]) as staging:
+                rows.select(kept).save_to_disk(str(staging))
+        if "targets" in outputs:
+            with atomic_output_dir(outputs["targets"]) as staging:
+                targets.select(kept).save_to_disk(str(staging))
+    with atomic_files_into(output_dir) as staging:  # the JSONL and the report appear together
+        if data.is_file():
+            write_jsonl_rows(data, staging / outputs["data"].name, kept)
+        write_json_file(staging / REPORT_NAME, result.report(inputs, {k: str(v) for k, v in outputs.items()}), REPORT_NAME)
     print(format_summary(result, output_dir))
     return 0

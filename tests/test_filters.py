@@ -206,13 +206,13 @@ def test_gap_filter_writes_kept_jsonl_and_targets_and_the_report(tmp_path, data,
     kept_ids = [i for i in ROWS if i not in EXPECTED]
     assert line == (f"gap filter: kept {len(kept_ids)} of {len(ROWS)} rows; removed {len(EXPECTED)}: degenerate_aux 3, "
                     f"missing_parser 2, parser_length 2, parser_incoherent 2 -> {out}")
-    kept = load_jsonl(out / "train.jsonl")  # image paths rewritten relative to the output folder, still readable
+    report = json.loads((out / "filter_report.json").read_text())
+    kept = load_jsonl(out / "train.jsonl", report["inputs"]["image_dir"])  # lines as they were: the input's images
     assert kept["id"] == kept_ids
     import datasets
 
     targets = datasets.load_from_disk(str(out / "train_targets"))
     assert targets["id"] == kept_ids and targets_metadata(targets)["latent_tokens_per_span"] == K
-    report = json.loads((out / "filter_report.json").read_text())
     assert report["counts"] == {"degenerate_aux": 3, "missing_parser": 2, "parser_length": 2, "parser_incoherent": 2}
     assert {r["id"]: r["reason"] for r in report["removed_rows"]} == EXPECTED
     assert report["thresholds"]["min_span_variance_ratio"] == 0.05 and report["kept"] == len(kept_ids)
