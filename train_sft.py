@@ -56,6 +56,7 @@ import torch
 from transformers import PretrainedConfig, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from gap_pipeline import GapError
 from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.convert import ensure_gap_checkpoint
 from gap_pipeline.inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE
@@ -107,14 +108,10 @@ class GapScriptArguments:
         metadata={"help": "Head built when converting: 'pca' (GAP) or 'full' (LH ablation).", "choices": ["pca", "full"]},
     )
     latent_adapter_size: int = field(default=1024, metadata={"help": "Width of the head's SwiGLU adapter, when converting."})
-    difficulty_threshold: float = field(
-        default=0.0, metadata={"help": "tau of Eq. 4: rows with accuracy > tau train on text only."}
-    )
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Rows per optimizer step over all processes; sets gradient_accumulation_steps = "
-                  "global_batch_size / (per_device_train_batch_size * world_size), which must be a whole number."},
-    )
+    difficulty_threshold: float = field(default=0.0, metadata={"help": "tau of Eq. 4: rows with accuracy > tau "
+                                                                         "train on text only."})
+    global_batch_size: int | None = field(default=None, metadata={"help": "Rows per optimizer step over all "
+        "processes; sets gradient_accumulation_steps = it / (per_device_train_batch_size * world_size)."})
     base_model_id: str | None = field(
         default=None,
         metadata={"help": "Hub id of the base model (e.g. Qwen/Qwen2.5-VL-7B-Instruct) for the model card's "
@@ -165,24 +162,22 @@ def make_parser() -> TrlParser:
     """`TrlParser` over (GapScriptArguments, GapSFTConfig, ModelConfig); `--config file.yaml` sets defaults."""
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
     if not torch.accelerator.is_available():
-        # Without an accelerator, train on the CPU; with several processes accelerate then counts them (and
-        # DeepSpeed, which uses gloo here, agrees with it).
+        # no accelerator: train on the CPU (accelerate counts the processes; DeepSpeed uses gloo)
         parser.set_defaults(use_cpu=True)
     return parser
 
 
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig, argv=None):
-    """Load (or convert) the model, load the data, train `GapSFTTrainer`, save (and push); returns the trainer.
-    `argv` is the command line the model card records (default `sys.argv`)."""
+    """Convert or load the model, load the data, train, save or push; returns the trainer (`argv`: for the card)."""
     training_args = apply_global_batch_size(training_args, script_args.global_batch_size)
     if training_args.deepspeed and training_args.use_cpu:
         import deepspeed  # on CPUs DeepSpeed needs its process group before `zero.Init` builds the model
 
         deepspeed.init_distributed(dist_backend="gloo")
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise ValueError("Quantized loading is not supported by train_sft.py (the latent head trains in fp32).")
+        raise TrainingError("Quantized loading is not supported by train_sft.py (the latent head trains in fp32).")
     if model_args.model_name_or_path is None:
-        raise ValueError("Pass --model_name_or_path: a GAP checkpoint or a plain Qwen2.5-VL checkpoint folder.")
+        raise TrainingError("Pass --model_name_or_path: a GAP checkpoint or a plain Qwen2.5-VL checkpoint folder.")
     set_seed(training_args.seed)  # before the model exists: converting draws the latent head's adapter weights
     path, revision = model_args.model_name_or_path, model_args.model_revision
     model_type = _model_type(path, revision)
@@ -206,7 +201,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
             "own PCA basis: drop --pca_path, or pass the Qwen2.5-VL base checkpoint to convert it with this basis."
         )
     elif model_type != GAP_MODEL_TYPE:
-        raise ValueError(f"{path} holds a '{model_type}' model; train_sft.py needs a GAP or Qwen2.5-VL checkpoint.")
+        raise TrainingError(f"{path} holds a '{model_type}' model; train_sft.py needs a GAP or Qwen2.5-VL checkpoint.")
     model, processor = load_model_and_processor(
         path, revision=revision, dtype=model_args.dtype or "auto",
         attn_implementation=model_args.attn_implementation, **gap_options,
@@ -216,7 +211,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.eval_dataset_path is None:
-            raise ValueError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
+            raise TrainingError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
         eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config)
         datasets.append(script_args.eval_dataset_path)
     collator = GapDataCollator(processor, difficulty_threshold=script_args.difficulty_threshold,
@@ -244,5 +239,9 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
 
 
 if __name__ == "__main__":
-    # `main` leaves the process group up (a caller may still evaluate or gather); the script ends it here.
-    main(*make_parser().parse_args_and_config()).end()
+    try:  # a user error (GapError) is one line and exit status 2; anything else keeps its traceback
+        trainer = main(*make_parser().parse_args_and_config())
+    except GapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    trainer.end()  # `main` leaves the process group up (a caller may still evaluate or gather)

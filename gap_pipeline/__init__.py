@@ -8,3 +8,11 @@ imported only when used.
 """
 
 __version__ = "0.1.0"
+
+
+class GapError(ValueError):
+    """A user error in a GAP step (bad arguments, files or rows): its message names what is wrong and the fix.
+
+    Every step's error class subclasses it; the ``gap`` command and ``train_sft.py`` print ``error: <message>`` for
+    it and exit with status 2. Anything else is a bug and keeps its traceback.
+    """

@@ -31,6 +31,7 @@ import math
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
+from . import GapError
 from .plugins import import_object
 
 __all__ = [
@@ -488,8 +489,8 @@ class DefaultAnswerChecker:
         )
 
 
-class CheckerLoadError(ImportError):
-    """A ``--checker`` spec that cannot be imported or is not callable."""
+class CheckerLoadError(GapError, ImportError):
+    """A ``--checker`` spec that cannot be imported or is not callable (a `GapError`, and an `ImportError`)."""
 
 
 _SPEC_HELP = (

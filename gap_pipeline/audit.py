@@ -66,9 +66,10 @@ from typing import Any
 
 import numpy as np
 
+from . import GapError
 from .data import GapDataError, turn_texts, undecoded_images
 from .datasets_io import atomic_files_into, datasets_progress_bars, write_json_file
-from .evaluate import BadRowError, decode_base64_image, iter_tsv_records
+from .evaluate import decode_base64_image, iter_tsv_records
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
 
 HELP = "Audit training data against evaluation benchmarks: exact and near duplicate images and questions."
@@ -86,7 +87,7 @@ THUMBNAIL_SIDE = 160
 EXTRA_HINT = "gap audit needs the 'audit' extra: pip install -e \".[audit]\" (imagehash, datasketch, faiss-cpu)"
 
 
-class AuditError(ValueError):
+class AuditError(GapError):
     """Bad input to ``gap audit``; the message names the file or argument and the fix."""
 
 
@@ -195,9 +196,9 @@ def read_row(job: tuple) -> tuple[str, list]:
     if job[0] == "tsv":
         _, where, problem, image, question = job
         if problem:
-            raise BadRowError(f"{where}: {problem}")
+            raise RowError(f"{where}: {problem}")
         if not image:
-            raise BadRowError(f"{where}: no image")
+            raise RowError(f"{where}: no image")
         return question.strip(), [decode_base64_image(image, where)]
     _, position, row, base_dir = job
     messages, images = prompt_of_row(row, position, base_dir=base_dir)
@@ -210,7 +211,7 @@ def fingerprint_row(item: tuple[int, str, tuple]) -> tuple[int, str, tuple[str, 
     position, row_id, job = item
     try:
         question, images = read_row(job)
-    except (BadRowError, RowError) as error:
+    except RowError as error:
         return position, row_id, str(error)
     return position, row_id, (question, [pixel_digest(i) for i in images], [perceptual_hash(i) for i in images])
 

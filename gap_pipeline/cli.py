@@ -9,7 +9,9 @@ defines, at top level:
   reads it from the source without importing the module);
 * ``add_arguments(parser: argparse.ArgumentParser) -> None`` -- adds the subcommand's
   options to the parser it is given;
-* ``run(args: argparse.Namespace) -> int`` -- does the work and returns the exit status.
+* ``run(args: argparse.Namespace) -> int`` -- does the work and returns the exit status. A user
+  error is raised as a :class:`gap_pipeline.GapError` (or a subclass): :func:`main` prints
+  ``error: <message>`` for it and returns 2.
 
 Only the chosen subcommand's module is imported, so ``gap --help`` stays fast no matter
 how heavy the steps' imports are.
@@ -24,7 +26,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import GapError, __version__
 
 # subcommand name -> module that implements it (see the module docstring for the contract)
 COMMANDS: dict[str, str] = {
@@ -109,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    status = args._run(args)
+    try:
+        status = args._run(args)
+    except GapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0 if status is None else int(status)
 
 

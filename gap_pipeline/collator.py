@@ -119,9 +119,9 @@ class GapDataCollator:
         if isinstance(difficulty_threshold, bool) or not isinstance(difficulty_threshold, (int, float)) or (
             not math.isfinite(difficulty_threshold)
         ):
-            raise ValueError(f"`difficulty_threshold` must be a finite number (tau of Eq. 4), got {difficulty_threshold!r}.")
+            raise GapDataError(f"`difficulty_threshold` must be a finite number (tau of Eq. 4), got {difficulty_threshold!r}.")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
+            raise GapDataError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
         self.processor = _as_gap_processor(processor, latent_tokens_per_span)
         self.difficulty_threshold = float(difficulty_threshold)
         self.max_length = max_length
@@ -129,7 +129,7 @@ class GapDataCollator:
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
-            raise ValueError("The tokenizer has no pad token; set one (Qwen2.5-VL pads with <|endoftext|>).")
+            raise GapDataError("The tokenizer has no pad token; set one (Qwen2.5-VL pads with <|endoftext|>).")
         self.pad_token_id = pad_id
         self.image_token_id = self.processor.image_token_id
         self.latent_pad_token_id = self.processor.latent_pad_token_id

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from . import GapError
+
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
 from .provenance import check_or_record, data_fingerprint, model_fingerprint, write_record
@@ -39,7 +41,7 @@ CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made fr
 REDUCTIONS = ("mean", "sum")
 
 
-class ConversionError(ValueError):
+class ConversionError(GapError):
     """Bad arguments or inputs of a conversion; the message names the argument and the fix."""
 
 
@@ -107,7 +109,7 @@ def convert_checkpoint(
         raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
     try:
         model_type = model_type_of(base)
-    except FileNotFoundError as exc:
+    except GapError as exc:
         raise ConversionError(f"--base: {exc}") from None
     if model_type == GAP_MODEL_TYPE:
         raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
@@ -184,7 +186,7 @@ def is_gap_folder(path: str | os.PathLike) -> bool:
 
     try:
         return model_type_of(path) == GAP_MODEL_TYPE
-    except FileNotFoundError:
+    except GapError:  # no config.json
         return False
 
 
@@ -316,22 +318,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gap convert``."""
     started = time.time()
-    try:
-        report = convert_checkpoint(
-            args.base,
-            args.output_dir,
-            args.pca,
-            latent_tokens_per_span=args.latent_tokens_per_span,
-            latent_head_type=args.head_type,
-            latent_adapter_size=args.latent_adapter_size,
-            latent_loss_weight=args.latent_loss_weight,
-            latent_loss_reduction=args.latent_loss_reduction,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-        )
-    except (ConversionError, ValueError, FileNotFoundError) as exc:
-        print(f"convert: error: {exc}", file=sys.stderr)
-        return 2
+    report = convert_checkpoint(
+        args.base,
+        args.output_dir,
+        args.pca,
+        latent_tokens_per_span=args.latent_tokens_per_span,
+        latent_head_type=args.head_type,
+        latent_adapter_size=args.latent_adapter_size,
+        latent_loss_weight=args.latent_loss_weight,
+        latent_loss_reduction=args.latent_loss_reduction,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
     print(format_summary(report, time.time() - started))
     if args.verify:
         check = verify_conversion(args.base, args.output_dir)
@@ -339,6 +337,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  verify: reloaded with trust_remote_code; logits on the base vocabulary ({check['columns']} columns) "
               f"vs the base model without latents: {verdict}")
         if not check["equal"] and check["max_abs_diff"] > 1e-3:
-            print("convert: error: the converted model does not reproduce the base logits", file=sys.stderr)
+            print("error: the converted model does not reproduce the base logits", file=sys.stderr)
             return 1
     return 0

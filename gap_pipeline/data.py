@@ -24,7 +24,7 @@ In a JSONL file image entries are paths relative to an image folder (by default 
 decode to PIL images lazily. `from_dataset` validates any `datasets.Dataset` of this schema (images as PIL
 images, paths, or ``{"bytes", "path"}`` dicts).
 
-Every check reports one `RowError` per bad row (row index, id, field, what to fix); `check_rows` raises a
+Every check reports one `RowProblem` per bad row (row index, id, field, what to fix); `check_rows` raises a
 `GapDataError` listing them.
 """
 
@@ -40,12 +40,13 @@ from typing import Any, Iterable
 
 from processing_gap import LATENT_PLACEHOLDER
 
+from . import GapError
 from .datasets_io import utf8_lines
 
 __all__ = [
     "GapDataError",
     "LATENT_PLACEHOLDER",
-    "RowError",
+    "RowProblem",
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
@@ -67,16 +68,16 @@ IMAGE_COLUMNS = ("images", "aux_images")
 MAX_LISTED_ERRORS = 20
 
 
-class GapDataError(ValueError):
+class GapDataError(GapError):
     """Bad training data: the message names each bad row, the field and the fix."""
 
-    def __init__(self, message: str, errors: list[RowError] | None = None):
+    def __init__(self, message: str, errors: list[RowProblem] | None = None):
         super().__init__(message)
         self.errors = list(errors or [])
 
 
 @dataclass(frozen=True)
-class RowError:
+class RowProblem:
     """One bad row: its index, its ``id`` (if any), the offending field and what to do."""
 
     row: int
@@ -261,7 +262,7 @@ def validate_row(
     check_images: bool = True,
     latent_tokens_per_span: int | None = None,
     allow_outside_image_dir: bool = False,
-) -> RowError | None:
+) -> RowProblem | None:
     """The first problem of one row (checked in the order below), or None.
 
     messages (a list of {"role", "content"} dicts with known roles and item types), an assistant turn,
@@ -272,8 +273,8 @@ def validate_row(
     """
     row_id = row.get("id")
 
-    def error(field: str, message: str) -> RowError:
-        return RowError(index, field, message, row_id)
+    def error(field: str, message: str) -> RowProblem:
+        return RowProblem(index, field, message, row_id)
 
     messages = row.get("messages")
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -389,8 +390,8 @@ def validate_rows(
     check_images: bool = True,
     latent_tokens_per_span: int | None = None,
     allow_outside_image_dir: bool = False,
-) -> list[RowError]:
-    """One `RowError` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
+) -> list[RowProblem]:
+    """One `RowProblem` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
     if hasattr(rows, "cast_column"):
         rows = undecoded_images(rows)
     errors = []
@@ -404,7 +405,7 @@ def validate_rows(
     return errors
 
 
-def format_errors(errors: list[RowError], source: str = "the data") -> str:
+def format_errors(errors: list[RowProblem], source: str = "the data") -> str:
     """The message of a `GapDataError` for `errors`."""
     lines = [f"{len(errors)} bad row(s) in {source}:"]
     lines += [f"  {e}" for e in errors[:MAX_LISTED_ERRORS]]
@@ -446,7 +447,7 @@ def load_jsonl(
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {path}")
+        raise GapDataError(f"JSONL file not found: {path}")
     folder = _json_default_image_dir(path, image_dir)
     rows = []
     for line_number, line in enumerate(utf8_lines(path, GapDataError), start=1):

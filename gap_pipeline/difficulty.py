@@ -51,13 +51,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
-from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
+from . import GapError
+from .inference import dataset_base_dir, load_rows, prompt_of_row
 from .plugins import import_object
 
 __all__ = [
@@ -101,7 +101,7 @@ RUN_KEYS = (
 )
 
 
-class DifficultyError(ValueError):
+class DifficultyError(GapError):
     """Bad input or state of a difficulty run; the message says what to change."""
 
 
@@ -707,11 +707,7 @@ def _run_config(args: argparse.Namespace, dataset, checker_name: str) -> Dict[st
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gap difficulty``."""
-    from .answers import CheckerLoadError, load_checker
-
-    def fail(message: str) -> int:
-        print(f"difficulty: error: {message}", file=sys.stderr)
-        return 2
+    from .answers import load_checker
 
     started = time.time()
     output_dir = Path(args.output_dir)
@@ -719,48 +715,45 @@ def run(args: argparse.Namespace) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-    try:
-        shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
-        dataset = load_rows(args.dataset, split=args.split)
-        merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
-        if args.merge:
-            report = merge_results(dataset, output_dir, **merge_kwargs)
-            print(format_summary(report, time.time() - started))
-            return 0
-        checker = load_checker(args.checker)
-        config = _run_config(args, dataset, args.checker or "default")
-        check_run_config(output_dir, config)
-        settings = SamplerSettings(
-            model=args.model,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            dtype=args.dtype,
-            device=args.device,
-        )
-        sampler = load_sampler(args.sampler, settings)
-        shard = estimate_difficulty(
-            dataset,
-            sampler,
-            checker,
-            output_dir,
-            num_samples=args.num_samples,
-            rows_per_batch=args.rows_per_batch,
-            num_shards=args.num_shards,
-            shard_index=args.shard_index,
-            answer_column=args.answer_column,
-            messages_column=args.messages_column,
-            images_column=args.images_column,
-            id_column=args.id_column,
-            base_dir=dataset_base_dir(args.dataset),
-            save_responses=args.save_responses,
-            run_config=config,
-            progress=not args.no_progress,
-        )
-    except (DifficultyError, RowError, CheckerLoadError, ValueError, FileNotFoundError) as exc:
-        return fail(str(exc))
+    shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
+    dataset = load_rows(args.dataset, split=args.split)
+    merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
+    if args.merge:
+        report = merge_results(dataset, output_dir, **merge_kwargs)
+        print(format_summary(report, time.time() - started))
+        return 0
+    checker = load_checker(args.checker)
+    config = _run_config(args, dataset, args.checker or "default")
+    check_run_config(output_dir, config)
+    settings = SamplerSettings(
+        model=args.model,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    sampler = load_sampler(args.sampler, settings)
+    shard = estimate_difficulty(
+        dataset,
+        sampler,
+        checker,
+        output_dir,
+        num_samples=args.num_samples,
+        rows_per_batch=args.rows_per_batch,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        answer_column=args.answer_column,
+        messages_column=args.messages_column,
+        images_column=args.images_column,
+        id_column=args.id_column,
+        base_dir=dataset_base_dir(args.dataset),
+        save_responses=args.save_responses,
+        run_config=config,
+        progress=not args.no_progress,
+    )
     print(
         f"difficulty shard {args.shard_index}/{args.num_shards}: {shard.shard_rows} rows, {shard.already_done} "
         f"already done, {shard.sampled_rows} sampled in {shard.seconds:.1f}s "
@@ -774,10 +767,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_merge:
         print("  every row is done; merge with --merge")
         return 0
-    try:
-        report = _try_merge(dataset, output_dir, **merge_kwargs)
-    except DifficultyError as exc:
-        return fail(str(exc))
+    report = _try_merge(dataset, output_dir, **merge_kwargs)
     if report is None:
         print(f"  another process is merging ({output_dir / MERGE_LOCK} exists); if none is, run with --merge")
         return 0

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import GapError
 from .datasets_io import utf8_lines
-from .provenance import ProvenanceError, check_or_record, data_fingerprint, model_fingerprint
+from .inference import RowError
+from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
 
@@ -49,12 +51,9 @@ TARGETS_COLUMN = "latent_targets"  # written by `gap targets`
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
-class BadRowError(ValueError):
-    """A benchmark or dataset row that cannot be scored; the message names the row."""
-
-
-class EvaluationError(ValueError):
-    """Input that cannot be evaluated as a whole (missing columns, duplicate ids); the message names it."""
+class EvaluationError(GapError):
+    """Bad arguments or input of ``gap evaluate`` that cannot be evaluated as a whole (missing file or columns,
+    duplicate ids, unknown interventions); the message names the file, row or argument."""
 
 
 def _claim_id(seen: dict[str, str], item_id: str, where: str, path) -> None:
@@ -90,17 +89,17 @@ class EvalItem:
 
 
 def decode_base64_image(value: str, where: str):
-    """The RGB PIL image of a base64 field; a field that is not base64 or not an image raises `BadRowError` naming `where`."""
+    """The RGB PIL image of a base64 field; a field that is not base64 or not an image raises `RowError` naming `where`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRowError(f"{where}: the image field is not valid base64") from None
+        raise RowError(f"{where}: the image field is not valid base64") from None
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError):
-        raise BadRowError(f"{where}: the image field decodes to bytes that are not an image") from None
+        raise RowError(f"{where}: the image field decodes to bytes that are not an image") from None
 
 
 def mcq_prompt(question: str, options: dict, hint: str | None = None) -> str:
@@ -166,14 +165,14 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
             continue
         try:
             if not (record.get("image") or "").strip():
-                raise BadRowError(f"{where}: no image")
+                raise RowError(f"{where}: no image")
             image = decode_base64_image(record["image"].strip(), where)
             gold = (record.get("answer") or "").strip()
             if not gold:
-                raise BadRowError(f"{where}: no answer")
+                raise RowError(f"{where}: no answer")
             question = (record.get("question") or "").strip()
             if not question:
-                raise BadRowError(f"{where}: no question")
+                raise RowError(f"{where}: no question")
             options = {
                 letter: record[letter].strip()
                 for letter in TSV_OPTION_LETTERS
@@ -181,7 +180,7 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
             }
             hint = (record.get("hint") or "").strip()
             text = mcq_prompt(question, options, hint if hint and hint.lower() != "nan" else None)
-        except BadRowError as error:
+        except RowError as error:
             problems.append(str(error))
             continue
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -194,7 +193,7 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
     """Items of a dataset in the project schema and one problem line per row that cannot be scored."""
     from .answers import normalize_options
     from .difficulty import DifficultyError, gold_answer
-    from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
+    from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     dataset = load_rows(path, split)
     base_dir = dataset_base_dir(path)
@@ -371,7 +370,7 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
         if intervention == "oracle":
             missing = [item.id for item, t in zip(items, targets) if t is None]
             if missing:
-                raise BadRowError(
+                raise RowError(
                     f"rows {missing[:5]} have no latent targets of K={budget} per span, which the 'oracle' "
                     "intervention feeds; evaluate a dataset folder written by `gap targets` with that K")
             kwargs["latent_oracle"] = targets
@@ -571,55 +570,46 @@ def run(args: argparse.Namespace) -> int:
     from .answers import load_checker
     from .inference import load_model_and_processor
 
+    from configuration_gap import check_latent_budget
+    from modeling_gap import LATENT_INTERVENTIONS
+
     state = PartialState(cpu=not torch.cuda.is_available())
+    interventions = _parse_list(args.interventions, str)
+    unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
+    if unknown:
+        raise EvaluationError(f"--interventions: unknown {unknown}; choose from {list(LATENT_INTERVENTIONS)}")
     try:
-        items, problems = load_items(args.data, args.split)
-    except EvaluationError as error:
-        print(f"gap evaluate: error: {error}", file=sys.stderr)
-        return 2
+        budgets = _parse_list(args.budgets, int) or [None]
+        for budget in budgets:
+            if budget is not None:
+                check_latent_budget(budget, "--budgets")
+    except ValueError as exc:
+        raise EvaluationError(f"--budgets {args.budgets}: {exc}") from None
+    items, problems = load_items(args.data, args.split)
     if state.is_main_process:
         for problem in problems:
             print(f"gap evaluate: bad row: {problem}", file=sys.stderr)
     if problems and args.on_bad_row == "error":
-        print(f"gap evaluate: {len(problems)} bad row(s); fix them or pass --on-bad-row skip", file=sys.stderr)
-        return 2
+        raise RowError(f"{len(problems)} bad row(s) in {args.data}; fix them or pass --on-bad-row skip")
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
-        print("gap evaluate: no usable rows", file=sys.stderr)
-        return 2
+        raise EvaluationError(f"{args.data} has no usable rows")
     model, processor, is_gap = load_model_and_processor(args.model, dtype=args.dtype, device=state.device)
-    from modeling_gap import LATENT_INTERVENTIONS
-
-    interventions = _parse_list(args.interventions, str)
-    unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
-    if unknown:
-        print(f"gap evaluate: unknown interventions {unknown}; choose from {list(LATENT_INTERVENTIONS)}", file=sys.stderr)
-        return 2
-    budgets = _parse_list(args.budgets, int) or [None]
     if is_gap and "oracle" in interventions:
         missing = [item.id for item in items if item.latent_targets is None]
         if missing:
-            print(f"gap evaluate: the 'oracle' intervention feeds each row's true latents, but rows {missing[:5]} "
-                  f"({len(missing)} in all) of {args.data} have none; run `gap targets` on the evaluation rows and "
-                  "pass its output folder as --data", file=sys.stderr)
-            return 2
-    if is_gap:
-        from configuration_gap import check_latent_budget
-
-        for budget in budgets:
-            if budget is not None:
-                check_latent_budget(budget, "--budgets")
+            raise EvaluationError(
+                f"the 'oracle' intervention feeds each row's true latents, but rows {missing[:5]} ({len(missing)} in "
+                f"all) of {args.data} have none; run `gap targets` on the evaluation rows and pass its output folder "
+                "as --data"
+            )
     if args.overwrite and state.is_main_process:
         for pattern in RESULT_FILES:
             for path in Path(args.output_dir).glob(pattern):
                 path.unlink()
     state.wait_for_everyone()
-    try:
-        claim_output_dir(args)
-    except ProvenanceError as error:
-        print(f"gap evaluate: error: {error}", file=sys.stderr)
-        return 2
+    claim_output_dir(args)
     state.wait_for_everyone()
     started = time.perf_counter()
     evaluate(

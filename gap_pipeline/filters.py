@@ -54,6 +54,8 @@ import numpy as np
 
 from processing_gap import LATENT_PLACEHOLDER
 
+from . import GapError
+
 HELP = "Remove rows with degenerate aux-image targets or bad <parser> text; write the kept rows and filter_report.json."
 
 REASONS = ("degenerate_aux", "missing_parser", "parser_length", "parser_incoherent")
@@ -65,7 +67,7 @@ REPORT_NAME = "filter_report.json"
 PERCENTILES = (1, 5, 50, 95)
 
 
-class FilterError(ValueError):
+class FilterError(GapError):
     """Bad input to ``gap filter``; the message names the file, row or argument and the fix."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import GapError
 from .datasets_io import load_dataset_folder
 
 __all__ = [
@@ -47,7 +48,7 @@ QWEN_MODEL_TYPE = "qwen2_5_vl"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class RowError(ValueError):
+class RowError(GapError):
     """A dataset row that cannot be used as it is; the message names the row and the fix."""
 
 
@@ -65,17 +66,17 @@ def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"dataset not found: {p}")
+        raise GapError(f"dataset not found: {p}")
     if p.is_dir():
         return load_dataset_folder(
             p,
             split,
-            ValueError,
+            GapError,
             "{path} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
             "or a .jsonl / .json / .parquet file",
         )
     if split is not None:
-        raise ValueError(f"{p} is a single file; drop --split {split}")
+        raise GapError(f"{p} is a single file; drop --split {split}")
     if p.suffix.lower() == ".jsonl":
         from .data import load_jsonl
 
@@ -85,7 +86,7 @@ def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
     builders = {".json": "json", ".parquet": "parquet"}
     builder = builders.get(p.suffix.lower())
     if builder is None:
-        raise ValueError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json or .parquet")
+        raise GapError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json or .parquet")
     return datasets.load_dataset(builder, data_files=str(p), split="train")
 
 
@@ -216,7 +217,7 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu or auto")
+        raise GapError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu or auto")
     return dev
 
 
@@ -227,7 +228,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtyp
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise GapError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return getattr(torch, dtype)
 
 
@@ -235,7 +236,7 @@ def model_type_of(path: Union[str, os.PathLike]) -> str:
     """The ``model_type`` in ``path/config.json``."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        raise GapError(f"{path} is not a model folder: it has no config.json")
     with open(config_path, encoding="utf-8") as f:
         return json.load(f).get("model_type", "")
 
@@ -278,7 +279,7 @@ def load_model_and_processor(
     elif model_type == QWEN_MODEL_TYPE:
         from transformers import Qwen2_5_VLForConditionalGeneration as model_class
     else:
-        raise ValueError(
+        raise GapError(
             f"{path} holds a '{model_type}' model; these steps need a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') or GAP "
             f"('{GAP_MODEL_TYPE}') checkpoint folder"
         )

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from . import GapError
 
 __all__ = ["LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora"]
 
@@ -32,7 +33,7 @@ HELP = "Merge a LoRA adapter (train_sft.py --use_peft) into its GAP base: a full
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class MergeError(ValueError):
+class MergeError(GapError):
     """Bad arguments or inputs of a merge; the message names the argument and the fix."""
 
 
@@ -186,11 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gap merge-lora``."""
     started = time.time()
-    try:
-        report = merge_lora(args.adapter, args.output_dir, args.base, dtype=args.dtype, overwrite=args.overwrite)
-    except (MergeError, FileNotFoundError) as exc:
-        print(f"merge-lora: error: {exc}", file=sys.stderr)
-        return 2
+    report = merge_lora(args.adapter, args.output_dir, args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged {report['adapter']} (LoRA r = {report['r']}) into {report['base']}")
     print(f"  latent head: {'trained copy' if 'latent_head' in (report['modules_to_save'] or []) else 'base'}; "
           f"trainable token rows: {report['trainable_token_indices']}")

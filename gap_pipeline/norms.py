@@ -64,12 +64,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from . import GapError
 
 FORMAT_NAME = "gap-norm-profile"
 FORMAT_VERSION = 1
@@ -140,6 +141,10 @@ class LogNormStats:
             "norm_std": self._std(self.sum_raw, self.sumsq_raw, n),
             "norm_geomean": math.exp(log_mean),
         }
+
+
+class NormProfileError(GapError):
+    """Bad arguments or inputs of ``gap norm-profile``."""
 
 
 def _final_norm_module(model):
@@ -399,7 +404,7 @@ def profile_norms(
     from tqdm.auto import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise NormProfileError(f"batch size must be >= 1, got {batch_size}")
     if is_gap is None:
         is_gap = getattr(model.config, "latent_token_ids", None) is not None
     profiler = NormProfiler(
@@ -416,7 +421,7 @@ def profile_norms(
             profiler.add_batch(batch)
             bar.update(len(batch))
     if profiler.num_samples == 0:
-        raise ValueError("no samples to profile")
+        raise NormProfileError("no samples to profile")
     return profiler.result()
 
 
@@ -431,10 +436,10 @@ def folder_samples(folder: Union[str, os.PathLike], prompt: str, limit: Optional
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise NormProfileError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise NormProfileError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if limit is not None:
         files = files[:limit]
 
@@ -459,7 +464,7 @@ def dataset_samples(
 
     dataset = load_rows(path, split=split)
     if messages_column not in dataset.column_names:
-        raise ValueError(f"{path} has no '{messages_column}' column (its columns: {dataset.column_names}); "
+        raise NormProfileError(f"{path} has no '{messages_column}' column (its columns: {dataset.column_names}); "
                          "name the conversation column with --messages-column")
     # Only the question's columns: aux images and latent targets are large and never needed here.
     dataset = dataset.select_columns([c for c in (messages_column, images_column) if c in dataset.column_names])
@@ -635,48 +640,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gap norm-profile``."""
-    from .inference import RowError, load_model_and_processor
+    from configuration_gap import check_latent_budget
 
-    def fail(message: str) -> int:
-        print(f"norm-profile: error: {message}", file=sys.stderr)
-        return 2
+    from .inference import load_model_and_processor
 
     if args.max_samples is not None and args.max_samples < 1:
-        return fail(f"--max-samples must be >= 1, got {args.max_samples}")
+        raise NormProfileError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.batch_size < 1:
-        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise NormProfileError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None and args.images is None:
-        return fail("--prompt applies to --images; a --dataset brings its own questions")
+        raise NormProfileError("--prompt applies to --images; a --dataset brings its own questions")
+    if args.latent_tokens_per_span is not None:
+        try:
+            check_latent_budget(args.latent_tokens_per_span, "--latent-tokens-per-span")
+        except ValueError as exc:
+            raise NormProfileError(str(exc)) from None
     started = time.time()
-    try:
-        if args.images is not None:
-            samples, total = folder_samples(args.images, args.prompt or DEFAULT_PROMPT, limit=args.max_samples)
-        else:
-            samples, total = dataset_samples(
-                args.dataset,
-                split=args.split,
-                limit=args.max_samples,
-                messages_column=args.messages_column,
-                images_column=args.images_column,
-            )
-        model, processor, is_gap = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
-        if args.latent_tokens_per_span is not None and not is_gap:
-            return fail("--latent-tokens-per-span applies to GAP models; this is a base Qwen2.5-VL checkpoint")
-        profile = profile_norms(
-            model,
-            processor,
-            samples,
-            is_gap=is_gap,
-            batch_size=args.batch_size,
-            latents=not args.no_latents,
-            latent_intervention=args.latent_intervention,
-            latent_tokens_per_span=args.latent_tokens_per_span,
-            exclude_first_token=args.exclude_first_token,
-            total=total,
-            progress=not args.no_progress,
+    if args.images is not None:
+        samples, total = folder_samples(args.images, args.prompt or DEFAULT_PROMPT, limit=args.max_samples)
+    else:
+        samples, total = dataset_samples(
+            args.dataset,
+            split=args.split,
+            limit=args.max_samples,
+            messages_column=args.messages_column,
+            images_column=args.images_column,
         )
-    except (RowError, ValueError, FileNotFoundError) as exc:
-        return fail(str(exc))
+    model, processor, is_gap = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+    if args.latent_tokens_per_span is not None and not is_gap:
+        raise NormProfileError("--latent-tokens-per-span applies to GAP models; this is a base Qwen2.5-VL checkpoint")
+    profile = profile_norms(
+        model,
+        processor,
+        samples,
+        is_gap=is_gap,
+        batch_size=args.batch_size,
+        latents=not args.no_latents,
+        latent_intervention=args.latent_intervention,
+        latent_tokens_per_span=args.latent_tokens_per_span,
+        exclude_first_token=args.exclude_first_token,
+        total=total,
+        progress=not args.no_progress,
+    )
     profile["model"] = str(args.model)
     profile["settings"] = {
         "source": str(args.dataset or args.images),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,6 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
+from . import GapError
 from .datasets_io import atomic_files_into, load_dataset_folder
 
 PCA_FILENAME = "pca.safetensors"
@@ -42,7 +42,7 @@ FORMAT_VERSION = "1"
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
-class PcaError(ValueError):
+class PcaError(GapError):
     """Bad input to the PCA fit (shape, dtype, non-finite values, too few vectors, ...)."""
 
 
@@ -503,7 +503,7 @@ def load_pca(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
 
     f = _pca_file(path)
     if not f.is_file():
-        raise FileNotFoundError(
+        raise PcaError(
             f"no PCA basis at {f}; run `fit-pca --targets ... --output-dir {f.parent}` first"
         )
     tensors: Dict[str, torch.Tensor] = {}
@@ -708,7 +708,7 @@ def iter_target_vectors(
     """Vectors from a ``.npy`` file or a ``save_to_disk`` dataset directory."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"targets not found: {p}")
+        raise PcaError(f"targets not found: {p}")
     if p.is_file():
         if p.suffix != ".npy":
             raise PcaError(f"{p}: expected a dataset directory or a .npy file")
@@ -787,28 +787,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        earlier = [name for name in (PCA_FILENAME, REPORT_FILENAME) if (Path(args.output_dir) / name).exists()]
-        if earlier and not args.overwrite:
-            raise PcaError(f"--output-dir {args.output_dir} already holds {' and '.join(earlier)} of an earlier fit; "
-                           "pass --overwrite to replace them, or choose another --output-dir")
-        if args.variance is not None:
-            _check_variance(args.variance)
-        if args.chunk_size < 1:
-            raise PcaError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        device = resolve_device(args.device)
-        vectors = iter_target_vectors(
-            args.targets,
-            column=args.column,
-            split=args.split,
-            rows_per_batch=args.rows_per_batch,
-            progress=not args.no_progress,
-        )
-        fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
-        k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
-    except (PcaError, FileNotFoundError) as exc:
-        print(f"fit-pca: error: {exc}", file=sys.stderr)
-        return 2
+    earlier = [name for name in (PCA_FILENAME, REPORT_FILENAME) if (Path(args.output_dir) / name).exists()]
+    if earlier and not args.overwrite:
+        raise PcaError(f"--output-dir {args.output_dir} already holds {' and '.join(earlier)} of an earlier fit; "
+                       "pass --overwrite to replace them, or choose another --output-dir")
+    if args.variance is not None:
+        _check_variance(args.variance)
+    if args.chunk_size < 1:
+        raise PcaError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    device = resolve_device(args.device)
+    vectors = iter_target_vectors(
+        args.targets,
+        column=args.column,
+        split=args.split,
+        rows_per_batch=args.rows_per_batch,
+        progress=not args.no_progress,
+    )
+    fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
+    k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
     source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
     report = fit.report(k, target=target, extra=source)
     basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import GapError
+
 __all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint", "record_differences",
            "write_record"]
 
@@ -25,7 +27,7 @@ _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(GapError):
     """An output folder holds results of other inputs or settings; the message names them and the fix."""
 
 

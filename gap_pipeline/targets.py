@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from configuration_gap import check_latent_budget
 
+from . import GapError
 from .datasets_io import atomic_output_dir
 
 __all__ = [
@@ -83,7 +84,7 @@ _IMAGE_PROCESSOR_KEYS = (
 )
 
 
-class TargetsError(ValueError):
+class TargetsError(GapError):
     """Bad input to, or incompatible output of, the latent-target step."""
 
 
@@ -584,40 +585,37 @@ def _fresh_cache_dir(output_dir: Path) -> Path:
 def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> int:
     from transformers import AutoImageProcessor
 
-    from .data import GapDataError
-
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise TargetsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
+    given = args.latent_tokens_per_span is not None
+    K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
     try:
-        if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-            raise TargetsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
-        given = args.latent_tokens_per_span is not None
-        K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
         check_latent_budget(K, name="--latent-tokens-per-span")
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise TargetsError(f"--device {device} was requested but CUDA is not available; use --device cpu.")
-        model_dtype = args.model_dtype
-        if model_dtype == "auto":
-            model_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        dataset = _load_data(args)
-        tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
-        image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
-        print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
-        result, summary = compute_latent_targets(
-            dataset,
-            tower,
-            image_processor,
-            latent_tokens_per_span=K,
-            batch_size=args.batch_size,
-            storage_dtype=args.dtype,
-            progress=not args.no_progress,
-            cache_dir=cache_dir,
-            source=str(model_dir),
-        )
-    except (TargetsError, GapDataError, FileNotFoundError, ValueError) as error:
-        print(f"gap targets: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise TargetsError(str(exc)) from None
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise TargetsError(f"--device {device} was requested but CUDA is not available; use --device cpu.")
+    model_dtype = args.model_dtype
+    if model_dtype == "auto":
+        model_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    dataset = _load_data(args)
+    tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
+    image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
+    print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
+    result, summary = compute_latent_targets(
+        dataset,
+        tower,
+        image_processor,
+        latent_tokens_per_span=K,
+        batch_size=args.batch_size,
+        storage_dtype=args.dtype,
+        progress=not args.no_progress,
+        cache_dir=cache_dir,
+        source=str(model_dir),
+    )
     with atomic_output_dir(output_dir) as staging:
         result.save_to_disk(str(staging))
     del result

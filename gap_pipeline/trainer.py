@@ -41,6 +41,7 @@ from trl import SFTConfig, SFTTrainer
 
 from modeling_gap import IGNORE_INDEX
 
+from . import GapError
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .provenance import record_differences, write_record
@@ -72,6 +73,10 @@ COLLATOR_COLUMNS = (
 # The model's latent head attribute: a parameter belongs to the head when this is one of its name's parts
 # (`latent_head.proj.weight`, `base_model.model.latent_head.modules_to_save.default.proj.weight`).
 LATENT_HEAD = "latent_head"
+
+
+class TrainingError(GapError):
+    """A training run that cannot start as asked (arguments, inputs, resuming); the message names the fix."""
 
 
 def is_latent_head_parameter(name: str) -> bool:
@@ -117,9 +122,9 @@ class GapSFTConfig(SFTConfig):
 
     def __post_init__(self):
         if self.latent_head_learning_rate is not None and self.latent_head_learning_rate < 0:
-            raise ValueError(f"`latent_head_learning_rate` must be >= 0, got {self.latent_head_learning_rate}.")
+            raise TrainingError(f"`latent_head_learning_rate` must be >= 0, got {self.latent_head_learning_rate}.")
         if not 0.0 <= self.scheduled_sampling_prob <= 1.0:
-            raise ValueError(f"`scheduled_sampling_prob` must be in [0, 1], got {self.scheduled_sampling_prob}.")
+            raise TrainingError(f"`scheduled_sampling_prob` must be in [0, 1], got {self.scheduled_sampling_prob}.")
         # The GAP collator builds every tensor from the raw rows; TRL must not tokenize a dataset without images.
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         super().__post_init__()
@@ -188,7 +193,7 @@ class GapSFTTrainer(SFTTrainer):
             args = GapSFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
         if peft_config is not None:
             if not args.freeze_vision_tower:
-                raise ValueError(
+                raise TrainingError(
                     "With a PEFT config only the adapter, the latent head and the latent-token rows train; the vision "
                     "tower stays frozen. Drop --no_freeze_vision_tower or train without --use_peft."
                 )
@@ -207,7 +212,7 @@ class GapSFTTrainer(SFTTrainer):
         )
         gap = self.gap_model
         if gap.config.latent_token_ids is None:
-            raise ValueError("The model has no latent token ids; convert it with `from_qwen2_5_vl` first.")
+            raise TrainingError("The model has no latent token ids; convert it with `from_qwen2_5_vl` first.")
         # `SFTTrainer.__init__` replaced `forward` on this instance by a fused-LM-head wrapper; with
         # `fused_lm_head=True` it runs backbone + LM head only, skipping GAP's latent injection and latent loss.
         # `compute_loss` below never asks for it, and removing the instance attribute restores the class's forward.
@@ -580,7 +585,7 @@ class GapSFTTrainer(SFTTrainer):
         optimizer_kwargs = dict(optimizer_kwargs)
         replaced = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
         if replaced or not isinstance(optimizer_cls, type):
-            raise ValueError(
+            raise TrainingError(
                 f"optim={self.args.optim!r} builds its own parameter groups, which would drop the latent head's "
                 f"learning rate; use a standard optimizer such as `adamw_torch`."
             )
@@ -595,7 +600,7 @@ def apply_global_batch_size(training_args: GapSFTConfig, global_batch_size: int 
         return training_args
     per_step = training_args.per_device_train_batch_size * training_args.world_size
     if global_batch_size < 1 or global_batch_size % per_step:
-        raise ValueError(
+        raise TrainingError(
             f"--global_batch_size {global_batch_size} is not a positive multiple of per_device_train_batch_size x "
             f"world_size = {training_args.per_device_train_batch_size} x {training_args.world_size} = {per_step}."
         )
@@ -664,10 +669,6 @@ def load_model_and_processor(
 # -- resuming the same run -------------------------------------------------------------------------------------------
 
 RUN_RECORD = "gap_run.json"  # in each checkpoint: what produced the run (see gap_pipeline.provenance)
-
-
-class TrainingError(ValueError):
-    """A training run that cannot start as asked (arguments, resuming); the message names the fix."""
 
 
 class RunRecordCallback(TrainerCallback):

@@ -197,7 +197,7 @@ def test_load_jsonl_reports_bad_rows_and_bad_lines(tmp_path, image_dir):
     broken.write_text(json.dumps(_row()) + "\n{not json\n")
     with pytest.raises(GapDataError, match="line 2: not valid JSON"):
         load_jsonl(broken)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(GapDataError, match="JSONL file not found"):
         load_jsonl(tmp_path / "missing.jsonl")
 
 

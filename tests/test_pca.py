@@ -251,7 +251,7 @@ def test_save_rejects_bad_basis(tmp_path):
         save_pca(tmp_path, np.zeros(3), np.ones((2, 3)), np.ones(2))
     with pytest.raises(PcaError, match=r"\(k, d=3\)"):
         save_pca(tmp_path, np.zeros(3), np.eye(4)[:2], np.ones(2))
-    with pytest.raises(FileNotFoundError, match="fit-pca"):
+    with pytest.raises(PcaError, match="fit-pca"):
         load_pca(tmp_path / "nothing")
 
 

@@ -296,6 +296,18 @@ def test_python_launch_converts_a_base_checkpoint_and_saves_complete_checkpoints
     assert all(math.isfinite(entry["latent_loss"]) and entry["latent_loss"] > 0 for entry in steps)
 
 
+def test_a_user_error_prints_one_error_line_and_exits_2(tmp_path):
+    command = [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+               "--model_name_or_path", str(tmp_path / "model"), "--dataset_path", str(tmp_path / "data"),
+               "--output_dir", str(tmp_path / "out"), "--global_batch_size", "7"]
+    run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-4000:]
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [run.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("error: --global_batch_size 7 is not a positive multiple of")
+
+
 def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
     parser = train_sft.make_parser()
     required = ["--dataset_path", "data", "--model_name_or_path", "model", "--output_dir", str(tmp_path)]
