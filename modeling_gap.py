@@ -287,7 +287,6 @@ class GapLatentLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids, scores):
         in_span, pads_so_far = self.span_progress(input_ids)
         force_pad = in_span & (pads_so_far < self.latent_tokens_per_span)
-        force_end = in_span & (pads_so_far >= self.latent_tokens_per_span)
         scores = scores.clone()
         # outside a span: ban pad and end (and start under `suppress`); touches only those columns
         banned = [self.pad_id, self.end_id] + ([self.start_id] if self.ban_start else [])
@@ -857,8 +856,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         config_dict = base.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
-        old_vocab = base.config.text_config.vocab_size
-        config_dict["text_config"]["vocab_size"] = max(old_vocab, max(start_id, pad_id, end_id) + 1)
+        config_dict["text_config"]["vocab_size"] = max(base.config.text_config.vocab_size, max(start_id, pad_id, end_id) + 1)
         config = GapConfig(
             **config_dict,
             latent_tokens_per_span=latent_tokens_per_span,
@@ -872,24 +870,9 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             latent_end_token_id=end_id,
         )
         config.architectures = [cls.__name__]
-
         with init.no_init_weights():
             model = cls(config)
-        base_state = base.state_dict()
-        new_vocab = config.text_config.vocab_size
-        if new_vocab > old_vocab:  # grow: copy the old rows into freshly allocated matrices
-            for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-                if key in base_state:
-                    grown = base_state[key].new_empty(new_vocab, base_state[key].shape[1])
-                    grown[:old_vocab] = base_state[key]
-                    base_state[key] = grown
-        incompatible = model.load_state_dict(base_state, strict=False, assign=True)
-        unexpected = list(incompatible.unexpected_keys)
-        missing = [key for key in incompatible.missing_keys if not key.startswith("latent_head.")]
-        if unexpected or missing:
-            raise ValueError(f"Base weights do not fit Qwen2.5-VL's layout: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-        model.tie_weights()
-        model.to(base.device)  # non-persistent buffers and the (fp32) latent head follow the base's device
+        _load_base_weights(model, base)
 
         with torch.no_grad():
             new_ids = torch.tensor([start_id, pad_id, end_id])
@@ -905,6 +888,26 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         model.generation_config = base.generation_config
         model.eval() if not base.training else model.train()
         return model, tokenizer
+
+
+def _load_base_weights(model, base):
+    """Put `base`'s weights into the GAP `model` (reused, not copied; the embedding and an untied LM head grown to
+    the GAP vocabulary when the latent ids do not fit), then tie and move to the base's device."""
+    base_state = base.state_dict()
+    old_vocab, new_vocab = base.config.text_config.vocab_size, model.config.text_config.vocab_size
+    if new_vocab > old_vocab:  # grow: copy the old rows into freshly allocated matrices
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if key in base_state:
+                grown = base_state[key].new_empty(new_vocab, base_state[key].shape[1])
+                grown[:old_vocab] = base_state[key]
+                base_state[key] = grown
+    incompatible = model.load_state_dict(base_state, strict=False, assign=True)
+    unexpected = list(incompatible.unexpected_keys)
+    missing = [key for key in incompatible.missing_keys if not key.startswith("latent_head.")]
+    if unexpected or missing:
+        raise ValueError(f"Base weights do not fit Qwen2.5-VL's layout: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    model.tie_weights()
+    model.to(base.device)  # non-persistent buffers and the (fp32) latent head follow the base's device
 
 
 def _init_head_from_scratch(head, config):

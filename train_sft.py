@@ -56,6 +56,7 @@ import torch
 from transformers import PretrainedConfig, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 from gap_pipeline import GapError
 from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.convert import ensure_gap_checkpoint
@@ -101,11 +102,11 @@ class GapScriptArguments:
     latent_loss_reduction: str | None = field(
         default=None,
         metadata={"help": "'mean' (per element) or 'sum' (squared L2 over d, Eq. 2). Default: the checkpoint's, "
-                  "'mean' when converting.", "choices": ["mean", "sum"]},
+                  "'mean' when converting.", "choices": list(LATENT_LOSS_REDUCTIONS)},
     )
     latent_head_type: str = field(
         default="pca",
-        metadata={"help": "Head built when converting: 'pca' (GAP) or 'full' (LH ablation).", "choices": ["pca", "full"]},
+        metadata={"help": "Head built when converting: 'pca' (GAP) or 'full' (LH ablation).", "choices": list(LATENT_HEAD_TYPES)},
     )
     latent_adapter_size: int = field(default=1024, metadata={"help": "Width of the head's SwiGLU adapter, when converting."})
     difficulty_threshold: float = field(default=0.0, metadata={"help": "tau of Eq. 4: rows with accuracy > tau "

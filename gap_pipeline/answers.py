@@ -27,25 +27,31 @@ Matching rules (documented here because results depend on them):
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
 
 from . import GapError
 from .plugins import import_object
 
 __all__ = [
     "AnswerChecker",
+    "AnswerError",
     "CheckerLoadError",
     "DefaultAnswerChecker",
     "answers_match",
     "extract_answer",
+    "gold_answer",
     "load_checker",
     "normalize_options",
 ]
 
-OptionsLike = Union[Mapping[str, Any], Sequence[Any], str, None]
+OptionsLike = Mapping[str, Any] | Sequence[Any] | str | None
 
+# The final-answer block of a reference response.
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # Letters treated as option labels when scanning free text without an options mapping.
 FALLBACK_LETTERS = "ABCDE"
 
@@ -58,7 +64,7 @@ _LATEX_SPACES = re.compile(r"\\[,!;: ]|~|\\quad|\\qquad")
 _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree")
 
 
-def find_boxed(text: str) -> Optional[str]:
+def find_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` with balanced braces (nested ok);
     an unclosed last box is skipped in favour of an earlier complete one."""
     starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*", text)]
@@ -90,7 +96,7 @@ def _unwrap_latex(s: str) -> str:
     return s
 
 
-def _clean(s: Optional[str]) -> Optional[str]:
+def _clean(s: str | None) -> str | None:
     """Strips whitespace, markdown emphasis, ``$``/``\\(\\)``/``\\[\\]`` delimiters, a box,
     a trailing period. Returns None when nothing is left."""
     if s is None:
@@ -116,7 +122,7 @@ def _clean(s: Optional[str]) -> Optional[str]:
 # ----------------------------------------------------------------------------------------
 
 
-def normalize_options(options: OptionsLike) -> Dict[str, str]:
+def normalize_options(options: OptionsLike) -> dict[str, str]:
     """letter -> text from a mapping (``{"A": "12", ...}``), a list of texts (lettered A, B,
     ... in order) or a string with one ``A. text`` / ``(A) text`` per line."""
     if options is None:
@@ -142,7 +148,7 @@ def normalize_options(options: OptionsLike) -> Dict[str, str]:
     return {chr(ord("A") + i): str(v) for i, v in enumerate(seq[:26])}
 
 
-def _parse_option(s: str) -> Optional[Tuple[str, Optional[str]]]:
+def _parse_option(s: str) -> tuple[str, str | None] | None:
     """(letter, text-or-None) when ``s`` is an option label, alone or followed by its text."""
     s = s.strip()
     m = re.fullmatch(r"\(?([A-Za-z])\)?", s)
@@ -192,7 +198,7 @@ _NOT_AN_ANSWER = re.compile(
 _FILLER = re.compile(r"^(?:likely|probably|clearly|definitely|therefore|thus|then|indeed)\s+", re.I)
 
 
-def _from_patterns(text: str) -> Optional[str]:
+def _from_patterns(text: str) -> str | None:
     """The answer of the last "The answer is X" / "Answer: X" clause that names one."""
     hits = []
     for pat in _ANSWER_PATTERNS:
@@ -220,7 +226,7 @@ def _cut_sentence(a: str) -> str:
     return a
 
 
-def _letter_candidates(text: str, letters: str) -> List[Tuple[int, str]]:
+def _letter_candidates(text: str, letters: str) -> list[tuple[int, str]]:
     cls = "[" + re.escape(letters) + "]"
     pats = [
         r"\((%s)\)" % cls,  # (B)
@@ -235,7 +241,7 @@ def _letter_candidates(text: str, letters: str) -> List[Tuple[int, str]]:
     return found
 
 
-def extract_answer(text: Optional[str], *, options: OptionsLike = None) -> Optional[str]:
+def extract_answer(text: str | None, *, options: OptionsLike = None) -> str | None:
     """The final answer of a model response, or None.
 
     In order: the last ``<answer>...</answer>`` block (a box inside it wins); the last
@@ -318,7 +324,7 @@ def _latex_to_plain(s: str) -> str:
     return s
 
 
-def _parse_number(s: str) -> Optional[Tuple[float, bool, bool]]:
+def _parse_number(s: str) -> tuple[float, bool, bool] | None:
     """(value, written_as_integer, has_percent) when ``s`` is a number with an optional
     unit; None otherwise."""
     s = _latex_to_plain(s).strip()
@@ -385,7 +391,7 @@ def _values_equal(pred: str, gold: str, rel_tol: float, abs_tol: float, integer_
     return a != "" and a == b
 
 
-def _interpret(s: str, opts: Dict[str, str], rel_tol: float, abs_tol: float, integer_exact: bool):
+def _interpret(s: str, opts: dict[str, str], rel_tol: float, abs_tol: float, integer_exact: bool):
     """(letter or None, texts to compare) for one side."""
     opt = _parse_option(s)
     if opt is not None:
@@ -403,8 +409,8 @@ def _interpret(s: str, opts: Dict[str, str], rel_tol: float, abs_tol: float, int
 
 
 def answers_match(
-    pred: Optional[str],
-    gold: Optional[str],
+    pred: str | None,
+    gold: str | None,
     *,
     options: OptionsLike = None,
     rel_tol: float = 1e-2,
@@ -439,7 +445,7 @@ class AnswerChecker(Protocol):
     this signature is a valid checker.
     """
 
-    def __call__(self, response: str, gold: str, row: Optional[Mapping[str, Any]] = None) -> bool: ...
+    def __call__(self, response: str, gold: str, row: Mapping[str, Any] | None = None) -> bool: ...
 
 
 class DefaultAnswerChecker:
@@ -461,7 +467,7 @@ class DefaultAnswerChecker:
         self.integer_exact = integer_exact
         self.options_keys = tuple(options_keys)
 
-    def options_of(self, row: Optional[Mapping[str, Any]]) -> OptionsLike:
+    def options_of(self, row: Mapping[str, Any] | None) -> OptionsLike:
         if not row:
             return None
         for key in self.options_keys:
@@ -470,7 +476,7 @@ class DefaultAnswerChecker:
                 return value
         return None
 
-    def __call__(self, response: str, gold: str, row: Optional[Mapping[str, Any]] = None) -> bool:
+    def __call__(self, response: str, gold: str, row: Mapping[str, Any] | None = None) -> bool:
         options = self.options_of(row)
         pred = extract_answer(response, options=options)
         return answers_match(
@@ -489,6 +495,43 @@ class DefaultAnswerChecker:
         )
 
 
+class AnswerError(GapError):
+    """A row without a usable gold answer; the message names the row and the fix."""
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or []:
+        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+    return "".join(parts)
+
+
+def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
+    """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
+    value = row.get(answer_column) if hasattr(row, "get") else None
+    if value is not None and str(value).strip():
+        return str(value).strip()
+    messages = (row.get(messages_column) or []) if hasattr(row, "get") else []
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = []
+    assistant = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]
+    if assistant:
+        blocks = _ANSWER_BLOCK.findall(_message_text(assistant[-1]))
+        if blocks and blocks[-1].strip():
+            return blocks[-1].strip()
+    raise AnswerError(
+        f"row {index} has no gold answer: no non-empty '{answer_column}' field and no <answer>...</answer> block in "
+        f"its last assistant turn; add an '{answer_column}' column (or name yours with --answer-column)"
+    )
+
+
 class CheckerLoadError(GapError, ImportError):
     """A ``--checker`` spec that cannot be imported or is not callable (a `GapError`, and an `ImportError`)."""
 
@@ -500,7 +543,7 @@ _SPEC_HELP = (
 )
 
 
-def load_checker(spec: Optional[str] = None, **kwargs: Any) -> AnswerChecker:
+def load_checker(spec: str | None = None, **kwargs: Any) -> AnswerChecker:
     """Loads an answer checker from ``"module:attr"``, ``"module.attr"`` or
     ``"file.py:attr"``; ``None``/``""``/``"default"`` give ``DefaultAnswerChecker(**kwargs)``.
     A class is instantiated with ``kwargs``; a function is returned as is."""

@@ -28,23 +28,27 @@ Imports only torch, numpy, PIL and transformers (not TRL).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
+from modeling_gap import IGNORE_INDEX
+
 from .data import (
     GapDataError,
+    accuracy_problem,
+    aux_count_problem,
     count_image_entries,
     count_latent_placeholders,
+    image_count_problem,
     load_image,
+    messages_problem,
     row_name,
     strip_latent_spans,
 )
 
-__all__ = ["IGNORE_INDEX", "GapDataCollator", "count_latent_positions", "prepare_dataset"]
+__all__ = ["GapDataCollator", "count_latent_positions", "prepare_dataset"]
 
-IGNORE_INDEX = -100
 
 
 def _is_gap_processor(processor) -> bool:
@@ -140,15 +144,6 @@ class GapDataCollator:
         accuracy = row.get("accuracy")
         return accuracy is None or not accuracy > self.difficulty_threshold
 
-    def _check_accuracy(self, row: dict, name: str) -> None:
-        accuracy = row.get("accuracy")
-        if accuracy is None:
-            return
-        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, np.floating)) or not (
-            0.0 <= float(accuracy) <= 1.0
-        ):
-            raise GapDataError(f"{name}: 'accuracy' is {accuracy!r}; it must be a number in [0, 1] or absent.")
-
     def _targets(self, row: dict, n_spans: int, name: str) -> torch.Tensor | None:
         """The row's (n_spans * K, d) float32 targets (None for a row without spans)."""
         K = self.latent_tokens_per_span
@@ -196,24 +191,15 @@ class GapDataCollator:
         """
         name = row_name(index, row.get("id"), where="batch row")
         messages = row.get("messages")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise GapDataError(f"{name}: 'messages' must be a non-empty list of {{'role', 'content'}} messages.")
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise GapDataError(f"{name}: has no assistant turn; add the response as a {{'role': 'assistant'}} message.")
-        misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
-        if misplaced:
-            raise GapDataError(
-                f"{name}: has {misplaced} {self.processor_placeholder} placeholder(s) outside assistant turns; "
-                "latent spans belong in the assistant's response only."
-            )
-        self._check_accuracy(row, name)
-        n_spans = count_latent_placeholders(messages)
-        aux = row.get("aux_images")
-        if _present(row, "aux_images") and len(aux) != n_spans:
-            raise GapDataError(
-                f"{name}: the assistant text has {n_spans} {self.processor_placeholder} placeholder(s) but "
-                f"'aux_images' holds {len(aux)}; give one auxiliary image per placeholder."
-            )
+        # The row schema is the validator's (gap_pipeline.data); aux images may be gone once targets exist.
+        n_spans = count_latent_placeholders(messages) if messages_problem(messages) is None else 0
+        for field, problem in (
+            ("messages", messages_problem(messages)),
+            ("accuracy", accuracy_problem(row.get("accuracy"))),
+            ("aux_images", aux_count_problem(n_spans, len(row["aux_images"])) if _present(row, "aux_images") else None),
+        ):
+            if problem is not None:
+                raise GapDataError(f"{name}, field '{field}': {problem}.")
 
         if self.keeps_latents(row):
             targets = self._targets(row, n_spans, name)
@@ -236,11 +222,9 @@ class GapDataCollator:
                 )
         else:
             images = list(row.get("images") or [])
-            if len(images) != n_image_entries:
-                raise GapDataError(
-                    f"{name}: the messages have {n_image_entries} {{'type': 'image'}} entries but 'images' holds "
-                    f"{len(images)}; give one image per entry, in order."
-                )
+            problem = image_count_problem(n_image_entries, len(images))
+            if problem is not None:
+                raise GapDataError(f"{name}, field 'images': {problem}.")
         return {
             "name": name,
             "messages": messages,

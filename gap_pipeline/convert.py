@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
+
+from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 
 from . import GapError
 
@@ -36,9 +38,7 @@ __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
 from .provenance import check_or_record, data_fingerprint, model_fingerprint, write_record
 
-HEAD_TYPES = ("pca", "full")
 CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made from (see ensure_gap_checkpoint)
-REDUCTIONS = ("mean", "sum")
 
 
 class ConversionError(GapError):
@@ -61,10 +61,82 @@ def _check_output_dir(output_dir: Path, base: Path, overwrite: bool) -> None:
             )
 
 
+def _check_arguments(
+    base: Path,
+    pca: str | os.PathLike | None,
+    latent_tokens_per_span: int,
+    latent_head_type: str,
+    latent_adapter_size: int,
+    latent_loss_weight: float,
+    latent_loss_reduction: str,
+) -> None:
+    """Refuse conversion arguments that cannot make a GAP checkpoint, before anything is loaded."""
+    from configuration_gap import check_latent_budget
+
+    from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of
+
+    try:
+        check_latent_budget(latent_tokens_per_span, "--latent-tokens-per-span")
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if latent_head_type not in LATENT_HEAD_TYPES:
+        raise ConversionError(f"--head-type must be one of {LATENT_HEAD_TYPES}, got {latent_head_type!r}")
+    if latent_loss_reduction not in LATENT_LOSS_REDUCTIONS:
+        raise ConversionError(f"--latent-loss-reduction must be one of {LATENT_LOSS_REDUCTIONS}, got {latent_loss_reduction!r}")
+    if not (latent_loss_weight >= 0 and latent_loss_weight != float("inf")):
+        raise ConversionError(f"--latent-loss-weight must be a finite number >= 0, got {latent_loss_weight}")
+    if latent_adapter_size < 1:
+        raise ConversionError(f"--latent-adapter-size must be >= 1, got {latent_adapter_size}")
+    if latent_head_type == "pca" and pca is None:
+        raise ConversionError("--head-type pca needs --pca (the pca.safetensors written by `gap fit-pca`)")
+    if latent_head_type == "full" and pca is not None:
+        raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
+    try:
+        model_type = model_type_of(base)
+    except GapError as exc:
+        raise ConversionError(f"--base: {exc}") from None
+    if model_type == GAP_MODEL_TYPE:
+        raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
+    if model_type != QWEN_MODEL_TYPE:
+        raise ConversionError(f"--base {base} holds a '{model_type}' model; a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') folder is needed")
+
+
+def _conversion_report(base: Path, output_dir: Path, pca, model, before: dict[str, Any], weights_dtype) -> ConversionReport:
+    """What `convert_checkpoint` wrote; `before`: the base tokenizer's size, embedding rows and latent tokens."""
+    from configuration_gap import LATENT_TOKENS
+
+    head_parameters = sum(p.numel() for p in model.latent_head.parameters())
+    config = model.config
+    rows_before, had_tokens = before["rows"], before["had_tokens"]
+    return ConversionReport(
+        base=str(base),
+        output_dir=str(output_dir),
+        latent_token_ids=dict(zip(LATENT_TOKENS, config.latent_token_ids)),
+        tokens_added=[token for token in LATENT_TOKENS if token not in had_tokens],
+        tokens_before=before["tokens"],
+        embedding_rows_before=rows_before,
+        embedding_rows_after=int(config.text_config.vocab_size),
+        grown=int(config.text_config.vocab_size) > rows_before,
+        latent_tokens_per_span=config.latent_tokens_per_span,
+        latent_grid_side=config.latent_grid_side,
+        latent_head_type=config.latent_head_type,
+        pca_num_components=config.pca_num_components,
+        pca_file=str(pca) if pca is not None else None,
+        hidden_size=config.text_config.hidden_size,
+        latent_adapter_size=config.latent_adapter_size,
+        latent_loss_weight=config.latent_loss_weight,
+        latent_loss_reduction=config.latent_loss_reduction,
+        latent_head_parameters=int(head_parameters),
+        dtype=str(weights_dtype).replace("torch.", ""),
+        tied_word_embeddings=bool(config.tie_word_embeddings),
+        files=sorted(p.name for p in output_dir.iterdir() if p.is_file()),
+    )
+
+
 def convert_checkpoint(
-    base: Union[str, os.PathLike],
-    output_dir: Union[str, os.PathLike],
-    pca: Optional[Union[str, os.PathLike]] = None,
+    base: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    pca: str | os.PathLike | None = None,
     *,
     latent_tokens_per_span: int = 36,
     latent_head_type: str = "pca",
@@ -82,39 +154,17 @@ def convert_checkpoint(
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from configuration_gap import LATENT_TOKENS, check_latent_budget
+    from configuration_gap import LATENT_TOKENS
     from modeling_gap import GapForConditionalGeneration
     from processing_gap import GapProcessor
 
-    from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of, resolve_dtype
+    from .inference import resolve_dtype
     from .pca import load_pca
     from .qwen_processor import load_qwen2_5_vl_processor
 
     base, output_dir = Path(base), Path(output_dir)
-    try:
-        check_latent_budget(latent_tokens_per_span, "--latent-tokens-per-span")
-    except ValueError as exc:
-        raise ConversionError(str(exc)) from None
-    if latent_head_type not in HEAD_TYPES:
-        raise ConversionError(f"--head-type must be one of {HEAD_TYPES}, got {latent_head_type!r}")
-    if latent_loss_reduction not in REDUCTIONS:
-        raise ConversionError(f"--latent-loss-reduction must be one of {REDUCTIONS}, got {latent_loss_reduction!r}")
-    if not (latent_loss_weight >= 0 and latent_loss_weight != float("inf")):
-        raise ConversionError(f"--latent-loss-weight must be a finite number >= 0, got {latent_loss_weight}")
-    if latent_adapter_size < 1:
-        raise ConversionError(f"--latent-adapter-size must be >= 1, got {latent_adapter_size}")
-    if latent_head_type == "pca" and pca is None:
-        raise ConversionError("--head-type pca needs --pca (the pca.safetensors written by `gap fit-pca`)")
-    if latent_head_type == "full" and pca is not None:
-        raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
-    try:
-        model_type = model_type_of(base)
-    except GapError as exc:
-        raise ConversionError(f"--base: {exc}") from None
-    if model_type == GAP_MODEL_TYPE:
-        raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
-    if model_type != QWEN_MODEL_TYPE:
-        raise ConversionError(f"--base {base} holds a '{model_type}' model; a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') folder is needed")
+    _check_arguments(base, pca, latent_tokens_per_span, latent_head_type, latent_adapter_size, latent_loss_weight,
+                     latent_loss_reduction)
     _check_output_dir(output_dir, base, overwrite)
     basis = load_pca(pca) if pca is not None else None
 
@@ -153,31 +203,8 @@ def convert_checkpoint(
     if missing_code:
         raise RuntimeError(f"saving did not write the remote-code files {missing_code} into {output_dir}")
 
-    head_parameters = sum(p.numel() for p in model.latent_head.parameters())
-    config = model.config
-    return ConversionReport(
-        base=str(base),
-        output_dir=str(output_dir),
-        latent_token_ids=dict(zip(LATENT_TOKENS, config.latent_token_ids)),
-        tokens_added=[token for token in LATENT_TOKENS if token not in had_tokens],
-        tokens_before=tokens_before,
-        embedding_rows_before=rows_before,
-        embedding_rows_after=int(config.text_config.vocab_size),
-        grown=int(config.text_config.vocab_size) > rows_before,
-        latent_tokens_per_span=config.latent_tokens_per_span,
-        latent_grid_side=config.latent_grid_side,
-        latent_head_type=config.latent_head_type,
-        pca_num_components=config.pca_num_components,
-        pca_file=str(pca) if pca is not None else None,
-        hidden_size=d,
-        latent_adapter_size=config.latent_adapter_size,
-        latent_loss_weight=config.latent_loss_weight,
-        latent_loss_reduction=config.latent_loss_reduction,
-        latent_head_parameters=int(head_parameters),
-        dtype=str(weights_dtype).replace("torch.", ""),
-        tied_word_embeddings=bool(config.tie_word_embeddings),
-        files=sorted(p.name for p in output_dir.iterdir() if p.is_file()),
-    )
+    before = {"tokens": tokens_before, "rows": rows_before, "had_tokens": had_tokens}
+    return _conversion_report(base, output_dir, pca, model, before, weights_dtype)
 
 
 def is_gap_folder(path: str | os.PathLike) -> bool:
@@ -239,7 +266,7 @@ def ensure_gap_checkpoint(
     return target
 
 
-def verify_conversion(base: Union[str, os.PathLike], output_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+def verify_conversion(base: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Reload the GAP folder with ``trust_remote_code`` and compare its logits with the base on a text probe.
 
     Returns ``{"max_abs_diff", "columns", "equal"}`` over the base tokenizer's vocabulary columns. Loads both
@@ -262,7 +289,7 @@ def verify_conversion(base: Union[str, os.PathLike], output_dir: Union[str, os.P
     return {"max_abs_diff": diff, "columns": columns, "equal": bool(torch.equal(gap_logits, base_logits))}
 
 
-def format_summary(report: ConversionReport, seconds: Optional[float] = None) -> str:
+def format_summary(report: ConversionReport, seconds: float | None = None) -> str:
     ids = ", ".join(f"{token}={token_id}" for token, token_id in report["latent_token_ids"].items())
     added = f"added {len(report['tokens_added'])}" if report["tokens_added"] else "already in the tokenizer"
     if report["grown"]:
@@ -302,11 +329,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="the GAP checkpoint folder to write")
     parser.add_argument("--latent-tokens-per-span", type=int, default=36,
                         help="K, latent tokens per span, a perfect square (default: 36 = 6 x 6)")
-    parser.add_argument("--head-type", choices=HEAD_TYPES, default="pca",
+    parser.add_argument("--head-type", choices=LATENT_HEAD_TYPES, default="pca",
                         help="pca: GAP's PCA-aligned head; full: d -> d head without PCA, the paper's LH ablation (default: pca)")
     parser.add_argument("--latent-adapter-size", type=int, default=1024, help="width of the head's SwiGLU adapter (default: 1024)")
     parser.add_argument("--latent-loss-weight", type=float, default=1.0, help="lambda of Eq. 3 (default: 1.0)")
-    parser.add_argument("--latent-loss-reduction", choices=REDUCTIONS, default="mean",
+    parser.add_argument("--latent-loss-reduction", choices=LATENT_LOSS_REDUCTIONS, default="mean",
                         help="mean: per element (default); sum: squared L2 over d, Eq. 2 literally")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the saved weights (default: auto = the base checkpoint's); the latent head stays fp32")

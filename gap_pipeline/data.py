@@ -36,7 +36,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
+
+import numpy as np
 
 from processing_gap import LATENT_PLACEHOLDER
 
@@ -47,19 +50,23 @@ __all__ = [
     "GapDataError",
     "LATENT_PLACEHOLDER",
     "RowProblem",
+    "accuracy_problem",
+    "aux_count_problem",
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
     "from_dataset",
+    "image_count_problem",
     "load_image",
     "load_jsonl",
+    "messages_problem",
     "row_name",
     "strip_latent_placeholders",
     "strip_latent_spans",
     "turn_texts",
     "undecoded_images",
     "validate_row",
-    "validate_rows",
+        "validate_rows",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -106,7 +113,9 @@ def _items(message: dict) -> list[dict]:
     return list(content)
 
 
-def _item_type(item: dict) -> str | None:
+def _item_type(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
     kind = item.get("type")
     if kind:
         return kind
@@ -137,7 +146,8 @@ def count_latent_placeholders(messages: list[dict], role: str | None = "assistan
 
 
 def count_image_entries(messages: list[dict]) -> int:
-    """Number of ``{"type": "image"}`` content entries over all messages."""
+    """Number of image content entries over all messages: the one rule for counting a row's images (an item whose
+    ``type`` is "image", or that has no type and holds an ``image`` / ``image_url``)."""
     return sum(1 for message in messages for item in _items(message) if _item_type(item) == "image")
 
 
@@ -254,6 +264,73 @@ def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | Non
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def messages_problem(messages: Any) -> str | None:
+    """What is wrong with a row's ``messages`` (TRL's conversational format, GAP's rules), or None.
+
+    A non-empty list of {"role", "content"} dicts with known roles and image/text items, a non-empty assistant
+    turn, and ``<latent>`` only in assistant turns. `validate_row` and `GapDataCollator` both check rows with it.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)"
+    for m, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else type(message).__name__
+            return f"message {m} has role {role!r}; use one of {list(ROLES)}"
+        content = message.get("content")
+        if not isinstance(content, (str, list, tuple)):
+            return f"message {m} content must be a string or a list of content items"
+        for item in content if isinstance(content, (list, tuple)) else ():
+            if not isinstance(item, dict) or _item_type(item) not in ("image", "text"):
+                return (
+                    f"message {m} has content item {item!r}; use {{'type': 'image'}} or "
+                    "{'type': 'text', 'text': ...} (GAP is image-only)"
+                )
+    if not any(message.get("role") == "assistant" for message in messages):
+        return "has no assistant turn; add the target response as a {'role': 'assistant'} message"
+    for m, message in enumerate(messages):
+        if message.get("role") == "assistant" and not "".join(_texts(message)).strip():
+            return (f"message {m} (assistant) is empty: the row would train on the end-of-turn token alone; write the "
+                    "response or drop the row")
+    misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
+    if misplaced:
+        return (
+            f"has {misplaced} {LATENT_PLACEHOLDER} placeholder(s) outside assistant turns; latent spans belong "
+            "in the assistant's response only"
+        )
+    return None
+
+
+def accuracy_problem(accuracy: Any) -> str | None:
+    """What is wrong with a row's ``accuracy`` (a number in [0, 1], or absent), or None."""
+    if accuracy is None:
+        return None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, np.floating)) or not (
+        0.0 <= float(accuracy) <= 1.0
+    ):
+        return f"is {accuracy!r}; it must be a number in [0, 1] (the base model's pass rate) or absent"
+    return None
+
+
+def image_count_problem(n_entries: int, n_images: int) -> str | None:
+    """The image rule: one entry of 'images' per ``{"type": "image"}`` item of the messages, in order."""
+    if n_entries == n_images:
+        return None
+    return (
+        f"the messages have {n_entries} {{'type': 'image'}} entries but 'images' holds {n_images}; "
+        "give one image per entry, in order"
+    )
+
+
+def aux_count_problem(n_spans: int, n_aux: int) -> str | None:
+    """The span rule: one entry of 'aux_images' per ``<latent>`` placeholder of the assistant turns, in order."""
+    if n_spans == n_aux:
+        return None
+    return (
+        f"the assistant text has {n_spans} {LATENT_PLACEHOLDER} placeholder(s) but 'aux_images' holds "
+        f"{n_aux}; give one auxiliary image per placeholder, in order"
+    )
+
+
 def validate_row(
     row: dict,
     index: int,
@@ -265,108 +342,68 @@ def validate_row(
 ) -> RowProblem | None:
     """The first problem of one row (checked in the order below), or None.
 
-    messages (a list of {"role", "content"} dicts with known roles and item types), an assistant turn,
-    ``<latent>`` only in assistant turns, ``{"type": "image"}`` entries == len(images), placeholders ==
+    messages (`messages_problem`), ``{"type": "image"}`` entries == len(images), placeholders ==
     len(aux_images), accuracy in [0, 1], image paths inside `image_dir` (when given, unless
     `allow_outside_image_dir`), readable images and aux images (when `check_images`), and, when the row has
     ``latent_targets`` and `latent_tokens_per_span` is given, placeholders x K target rows.
     """
-    row_id = row.get("id")
-
-    def error(field: str, message: str) -> RowProblem:
-        return RowProblem(index, field, message, row_id)
-
     messages = row.get("messages")
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return error("messages", "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)")
-    for m, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            role = message.get("role") if isinstance(message, dict) else type(message).__name__
-            return error("messages", f"message {m} has role {role!r}; use one of {list(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, (str, list, tuple)):
-            return error("messages", f"message {m} content must be a string or a list of content items")
-        if isinstance(content, (list, tuple)):
-            for item in content:
-                if not isinstance(item, dict) or _item_type(item) not in ("image", "text"):
-                    return error(
-                        "messages",
-                        f"message {m} has content item {item!r}; use {{'type': 'image'}} or "
-                        "{'type': 'text', 'text': ...} (GAP is image-only)",
-                    )
-    if not any(message.get("role") == "assistant" for message in messages):
-        return error("messages", "has no assistant turn; add the target response as a {'role': 'assistant'} message")
-    for m, message in enumerate(messages):
-        if message.get("role") == "assistant" and not "".join(
-            item.get("text") or "" for item in _items(message) if _item_type(item) == "text"
-        ).strip():
-            return error("messages", f"message {m} (assistant) is empty: the row would train on the end-of-turn token "
-                         "alone; write the response or drop the row")
-    misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
-    if misplaced:
-        return error(
-            "messages",
-            f"has {misplaced} {LATENT_PLACEHOLDER} placeholder(s) outside assistant turns; latent spans belong "
-            "in the assistant's response only",
-        )
-
-    images = row.get("images") or []
-    n_entries = count_image_entries(messages)
-    if n_entries != len(images):
-        return error(
-            "images",
-            f"the messages have {n_entries} {{'type': 'image'}} entries but 'images' holds {len(images)}; "
-            "give one image per entry, in order",
-        )
-    aux_images = row.get("aux_images") or []
+    problem = messages_problem(messages)
+    if problem is not None:
+        return RowProblem(index, "messages", problem, row.get("id"))
+    images, aux_images = row.get("images") or [], row.get("aux_images") or []
     n_spans = count_latent_placeholders(messages)
-    if n_spans != len(aux_images):
-        return error(
-            "aux_images",
-            f"the assistant text has {n_spans} {LATENT_PLACEHOLDER} placeholder(s) but 'aux_images' holds "
-            f"{len(aux_images)}; give one auxiliary image per placeholder, in order",
-        )
-
-    accuracy = row.get("accuracy")
-    if accuracy is not None:
-        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
-            return error(
-                "accuracy",
-                f"is {accuracy!r}; it must be a number in [0, 1] (the base model's pass rate) or absent",
-            )
-
+    problems = [
+        ("images", image_count_problem(count_image_entries(messages), len(images))),
+        ("aux_images", aux_count_problem(n_spans, len(aux_images))),
+        ("accuracy", accuracy_problem(row.get("accuracy"))),
+    ]
     if image_dir is not None and not allow_outside_image_dir:
-        for column, values in (("images", images), ("aux_images", aux_images)):
-            for i, image in enumerate(values):
-                outside = _outside_image_dir(image, image_dir)
-                if outside is not None:
-                    return error(column, f"entry {i} path {outside!r} leaves the image folder {str(image_dir)!r}; move "
-                                 "the file into it, or pass --allow-outside-image-dir if every path is trusted")
+        problems += [(column, _outside_problem(values, image_dir))
+                     for column, values in (("images", images), ("aux_images", aux_images))]
     if check_images:
-        for column, values in (("images", images), ("aux_images", aux_images)):
-            for i, image in enumerate(values):
-                problem = _image_problem(image, image_dir)
-                if problem is not None:
-                    return error(column, f"entry {i} {problem}; fix the path (relative to the image folder) or the file")
+        problems += [("images", _images_problem(images, image_dir)), ("aux_images", _images_problem(aux_images, image_dir))]
+    if latent_tokens_per_span is not None:
+        problems.append(("latent_targets", _targets_problem(row.get("latent_targets"), n_spans, latent_tokens_per_span)))
+    for field, problem in problems:
+        if problem is not None:
+            return RowProblem(index, field, problem, row.get("id"))
+    return None
 
-    targets = row.get("latent_targets")
-    if targets is not None and latent_tokens_per_span is not None:
-        shape = _shape(targets)
-        rows = shape[0] * (shape[1] if len(shape) == 3 else 1) if shape else 0
-        if rows != n_spans * latent_tokens_per_span:
-            return error(
-                "latent_targets",
-                f"holds {rows} vectors but {n_spans} placeholder(s) x K={latent_tokens_per_span} need "
-                f"{n_spans * latent_tokens_per_span}; recompute them with `gap targets` for this K",
-            )
+
+def _outside_problem(values: list, image_dir: str | os.PathLike) -> str | None:
+    for i, image in enumerate(values):
+        outside = _outside_image_dir(image, image_dir)
+        if outside is not None:
+            return (f"entry {i} path {outside!r} leaves the image folder {str(image_dir)!r}; move the file into it, or "
+                    "pass --allow-outside-image-dir if every path is trusted")
+    return None
+
+
+def _images_problem(values: list, image_dir: str | os.PathLike | None) -> str | None:
+    for i, image in enumerate(values):
+        problem = _image_problem(image, image_dir)
+        if problem is not None:
+            return f"entry {i} {problem}; fix the path (relative to the image folder) or the file"
+    return None
+
+
+def _targets_problem(targets: Any, n_spans: int, K: int) -> str | None:
+    if targets is None:
+        return None
+    shape = _shape(targets)
+    rows = shape[0] * (shape[1] if len(shape) == 3 else 1) if shape else 0
+    if rows != n_spans * K:
+        return (
+            f"holds {rows} vectors but {n_spans} placeholder(s) x K={K} need {n_spans * K}; recompute them with "
+            "`gap targets` for this K"
+        )
     return None
 
 
 def _shape(value: Any) -> tuple[int, ...]:
     if hasattr(value, "shape"):
         return tuple(value.shape)
-    import numpy as np
-
     return tuple(np.asarray(value, dtype=np.float32).shape) if len(value) else (0,)
 
 

@@ -1,7 +1,8 @@
 """File I/O shared by the pipeline steps.
 
 * Reading ``Dataset.save_to_disk`` folders: the one place that picks a split of a ``DatasetDict``. Used by
-  :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.pca.load_targets_dataset`; each passes its own
+  :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.targets.load_targets_dataset` (targets for
+  `gap fit-pca`, `gap targets` and `train_sft.py`); each passes its own
   error class and the message for a folder that is not a saved dataset.
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
@@ -19,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Type, Union
 
 __all__ = [
     "atomic_files_into",
@@ -33,7 +33,7 @@ __all__ = [
 
 
 @contextmanager
-def atomic_files_into(folder: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_files_into(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `folder`; when the block completes, each file written there replaces
     its namesake in `folder` at once (``os.replace``), and the other files of `folder` stay. On failure nothing in
     `folder` changes and the temporary folder is removed."""
@@ -48,7 +48,7 @@ def atomic_files_into(folder: Union[str, os.PathLike]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def utf8_lines(path: Union[str, os.PathLike], error_cls: Type[Exception] = ValueError) -> Iterator[str]:
+def utf8_lines(path: str | os.PathLike, error_cls: type[Exception] = ValueError) -> Iterator[str]:
     """The lines of the text file `path` (line endings kept); a byte that is not UTF-8 raises `error_cls` naming the
     file, the line and the byte's column."""
     with open(path, "rb") as f:
@@ -63,7 +63,7 @@ def utf8_lines(path: Union[str, os.PathLike], error_cls: Type[Exception] = Value
 
 
 @contextmanager
-def atomic_output_dir(path: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block completes it becomes `path`.
 
     An existing `path` is moved aside and deleted only after the new folder is in place, so a failure at any
@@ -85,7 +85,7 @@ def atomic_output_dir(path: Union[str, os.PathLike]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def select_split(ds, split: Optional[str], where: object, error_cls: Type[Exception] = ValueError):
+def select_split(ds, split: str | None, where: object, error_cls: type[Exception] = ValueError):
     """The ``datasets.Dataset`` that ``split`` names in ``ds``.
 
     A ``DatasetDict`` needs ``split`` unless it has exactly one split; a single ``Dataset`` takes no
@@ -107,9 +107,9 @@ def select_split(ds, split: Optional[str], where: object, error_cls: Type[Except
 
 
 def load_dataset_folder(
-    path: Union[str, os.PathLike],
-    split: Optional[str],
-    error_cls: Type[Exception],
+    path: str | os.PathLike,
+    split: str | None,
+    error_cls: type[Exception],
     not_a_dataset: str,
 ):
     """``datasets.load_from_disk(path)`` (memory-mapped) narrowed to one split by :func:`select_split`.

@@ -50,14 +50,15 @@ import glob
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
 
 from . import GapError
-from .inference import dataset_base_dir, load_rows, prompt_of_row
+from .answers import gold_answer
+from .inference import dataset_base_dir, encode_prompts, load_rows, prompt_of_row
 from .plugins import import_object
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
     "Sampler",
     "SamplerSettings",
     "estimate_difficulty",
-    "gold_answer",
     "load_sampler",
     "merge_results",
     "read_results",
@@ -82,7 +82,6 @@ MERGE_LOCK = "merge.lock"
 NEW_COLUMNS = ("accuracy", "num_correct", "num_samples")
 # Columns that a question never needs and that are expensive to read row by row.
 HEAVY_COLUMNS = ("aux_images", "latent_targets", "pixel_values", "image_grid_thw")
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # Settings recorded in run.json that a restart or another shard must share.
 RUN_KEYS = (
     "dataset",
@@ -120,43 +119,10 @@ class Question:
     """
 
     index: int
-    row: Dict[str, Any]
-    messages: List[Dict[str, Any]]
+    row: dict[str, Any]
+    messages: list[dict[str, Any]]
     images: list
     answer: str
-
-
-def _message_text(message: Mapping[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content or []:
-        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-    return "".join(parts)
-
-
-def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
-    """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
-    value = row.get(answer_column) if hasattr(row, "get") else None
-    if value is not None and str(value).strip():
-        return str(value).strip()
-    messages = (row.get(messages_column) or []) if hasattr(row, "get") else []
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            messages = []
-    assistant = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]
-    if assistant:
-        blocks = _ANSWER_BLOCK.findall(_message_text(assistant[-1]))
-        if blocks and blocks[-1].strip():
-            return blocks[-1].strip()
-    raise DifficultyError(
-        f"row {index} has no gold answer: no non-empty '{answer_column}' field and no <answer>...</answer> block in "
-        f"its last assistant turn; add an '{answer_column}' column (or name yours with --answer-column)"
-    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -168,14 +134,14 @@ def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer
 class Sampler(Protocol):
     """Anything with ``sample(questions, n) -> list[list[str]]``: n responses per question, in order."""
 
-    def sample(self, questions: Sequence[Question], n: int) -> List[List[str]]: ...
+    def sample(self, questions: Sequence[Question], n: int) -> list[list[str]]: ...
 
 
 @dataclass
 class SamplerSettings:
     """What a sampler factory is given (``--sampler module:factory`` is called as ``factory(settings)``)."""
 
-    model: Optional[str]
+    model: str | None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -183,7 +149,7 @@ class SamplerSettings:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -224,15 +190,13 @@ class HFSampler:
         s = self.settings
         return f"HFSampler(model={s.model!r}, temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k})"
 
-    def sample(self, questions: Sequence[Question], n: int) -> List[List[str]]:
+    def sample(self, questions: Sequence[Question], n: int) -> list[list[str]]:
         import torch
 
         if not questions:
             return []
-        texts = [self.processor.apply_chat_template(q.messages, add_generation_prompt=True) for q in questions]
-        images = [image for q in questions for image in q.images]
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        inputs = inputs.to(next(self.model.parameters()).device)
+        prompts = [(q.messages, q.images) for q in questions]
+        inputs = encode_prompts(self.processor, prompts, next(self.model.parameters()).device)
         torch.manual_seed(batch_seed(self.settings.seed, questions[0].index))
         with torch.no_grad():
             sequences = self.model.generate(
@@ -258,7 +222,7 @@ _SPEC_HELP = (
 )
 
 
-def load_sampler(spec: Optional[str], settings: SamplerSettings) -> Sampler:
+def load_sampler(spec: str | None, settings: SamplerSettings) -> Sampler:
     """The sampler named by `spec` (None / "" / "hf" = :class:`HFSampler`), built with `settings` if a factory."""
     if spec is None or not spec.strip() or spec.strip() == "hf":
         return HFSampler(settings)
@@ -275,7 +239,7 @@ def load_sampler(spec: Optional[str], settings: SamplerSettings) -> Sampler:
     return sampler
 
 
-def _describe(obj: Any, spec: Optional[str]) -> str:
+def _describe(obj: Any, spec: str | None) -> str:
     return spec if spec else (repr(obj) if not isinstance(obj, type) else obj.__name__)
 
 
@@ -284,7 +248,7 @@ def _describe(obj: Any, spec: Optional[str]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def shard_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> List[int]:
+def shard_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> list[int]:
     """The rows a shard takes: ``row % num_shards == shard_index`` (strided, so shards get similar mixes)."""
     if num_shards < 1:
         raise DifficultyError(f"--num-shards must be >= 1, got {num_shards}")
@@ -293,13 +257,13 @@ def shard_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> List
     return list(range(shard_index, num_rows, num_shards))
 
 
-def results_path(output_dir: Union[str, os.PathLike], num_shards: int, shard_index: int) -> Path:
+def results_path(output_dir: str | os.PathLike, num_shards: int, shard_index: int) -> Path:
     return Path(output_dir) / RESULTS_DIRNAME / f"shard-{shard_index:05d}-of-{num_shards:05d}.jsonl"
 
 
-def _read_results_file(path: Path, repair: bool) -> Dict[int, Dict[str, Any]]:
+def _read_results_file(path: Path, repair: bool) -> dict[int, dict[str, Any]]:
     """Rows of one results file; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
-    results: Dict[int, Dict[str, Any]] = {}
+    results: dict[int, dict[str, Any]] = {}
     with open(path, "rb") as f:
         data = f.read()
     good_end = 0
@@ -330,9 +294,9 @@ def _read_results_file(path: Path, repair: bool) -> Dict[int, Dict[str, Any]]:
     return results
 
 
-def read_results(output_dir: Union[str, os.PathLike], repair_path: Optional[Path] = None) -> Dict[int, Dict[str, Any]]:
+def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None) -> dict[int, dict[str, Any]]:
     """Every finished row in ``OUT/results/*.jsonl`` (all shards), keyed by row index."""
-    merged: Dict[int, Dict[str, Any]] = {}
+    merged: dict[int, dict[str, Any]] = {}
     for name in sorted(glob.glob(str(Path(output_dir) / RESULTS_DIRNAME / "*.jsonl"))):
         path = Path(name)
         for row, record in _read_results_file(path, repair=repair_path is not None and path == repair_path).items():
@@ -349,7 +313,7 @@ def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def check_run_config(output_dir: Union[str, os.PathLike], config: Mapping[str, Any]) -> None:
+def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
     path = Path(output_dir) / RUN_FILENAME
     wanted = {key: config.get(key) for key in RUN_KEYS}
@@ -391,11 +355,50 @@ def _json_safe(value: Any) -> Any:
         return repr(value)
 
 
+def _result_lines(questions, responses, checker, num_samples: int, id_column: str | None,
+                  save_responses: bool) -> list[str]:
+    """One results-file JSON line per question: its n responses checked against its gold answer."""
+    if not isinstance(responses, (list, tuple)) or len(responses) != len(questions):
+        raise DifficultyError(
+            f"the sampler returned {len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__} "
+            f"response lists for {len(questions)} questions (rows {[q.index for q in questions]}); it must "
+            "return one list of n strings per question, in order"
+        )
+    lines = []
+    for question, answers in zip(questions, responses):
+        if not isinstance(answers, (list, tuple)) or len(answers) != num_samples:
+            raise DifficultyError(
+                f"the sampler returned {len(answers) if isinstance(answers, (list, tuple)) else answers!r} "
+                f"responses for row {question.index}; expected {num_samples}"
+            )
+        try:
+            correct = [bool(checker(str(answer), question.answer, question.row)) for answer in answers]
+        except Exception as exc:
+            raise DifficultyError(
+                f"the answer checker failed on row {question.index} (gold {question.answer!r}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        record = {
+            "row": question.index,
+            "num_correct": sum(correct),
+            "num_samples": num_samples,
+            "accuracy": sum(correct) / num_samples,
+            "answer": question.answer,
+        }
+        if id_column is not None:
+            record["id"] = _json_safe(question.row.get(id_column))
+        if save_responses:
+            record["responses"] = [str(answer) for answer in answers]
+            record["correct"] = correct
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return lines
+
+
 def estimate_difficulty(
     dataset,
     sampler: Sampler,
-    checker: Callable[[str, str, Optional[Mapping[str, Any]]], bool],
-    output_dir: Union[str, os.PathLike],
+    checker: Callable[[str, str, Mapping[str, Any] | None], bool],
+    output_dir: str | os.PathLike,
     *,
     num_samples: int = 8,
     rows_per_batch: int = 4,
@@ -404,10 +407,10 @@ def estimate_difficulty(
     answer_column: str = "answer",
     messages_column: str = "messages",
     images_column: str = "images",
-    id_column: Optional[str] = None,
-    base_dir: Optional[Union[str, os.PathLike]] = None,
+    id_column: str | None = None,
+    base_dir: str | os.PathLike | None = None,
     save_responses: bool = False,
-    run_config: Optional[Mapping[str, Any]] = None,
+    run_config: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> ShardReport:
     """Sample and check this shard's unfinished rows, appending one JSON line per row to its results file.
@@ -453,39 +456,7 @@ def estimate_difficulty(
                 )
                 questions.append(Question(index=index, row=row, messages=messages, images=images, answer=golds[index]))
             responses = sampler.sample(questions, num_samples)
-            if not isinstance(responses, (list, tuple)) or len(responses) != len(questions):
-                raise DifficultyError(
-                    f"the sampler returned {len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__} "
-                    f"response lists for {len(questions)} questions (rows {[q.index for q in questions]}); it must "
-                    "return one list of n strings per question, in order"
-                )
-            lines = []
-            for question, answers in zip(questions, responses):
-                if not isinstance(answers, (list, tuple)) or len(answers) != num_samples:
-                    raise DifficultyError(
-                        f"the sampler returned {len(answers) if isinstance(answers, (list, tuple)) else answers!r} "
-                        f"responses for row {question.index}; expected {num_samples}"
-                    )
-                try:
-                    correct = [bool(checker(str(answer), question.answer, question.row)) for answer in answers]
-                except Exception as exc:
-                    raise DifficultyError(
-                        f"the answer checker failed on row {question.index} (gold {question.answer!r}): "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                record = {
-                    "row": question.index,
-                    "num_correct": sum(correct),
-                    "num_samples": num_samples,
-                    "accuracy": sum(correct) / num_samples,
-                    "answer": question.answer,
-                }
-                if id_column is not None:
-                    record["id"] = _json_safe(question.row.get(id_column))
-                if save_responses:
-                    record["responses"] = [str(answer) for answer in answers]
-                    record["correct"] = correct
-                lines.append(json.dumps(record, ensure_ascii=False))
+            lines = _result_lines(questions, responses, checker, num_samples, id_column, save_responses)
             out.write("\n".join(lines) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -518,9 +489,9 @@ class MergeReport:
     all_correct_rows: int
     num_samples: int
     tau: float
-    replaced_columns: List[str]
+    replaced_columns: list[str]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["path"] = str(self.path)
         return data
@@ -538,11 +509,11 @@ def _save_dataset(dataset, path: Path) -> None:
 
 def merge_results(
     dataset,
-    output_dir: Union[str, os.PathLike],
+    output_dir: str | os.PathLike,
     *,
-    output_dataset: Optional[Union[str, os.PathLike]] = None,
+    output_dataset: str | os.PathLike | None = None,
     tau: float = 0.0,
-    id_column: Optional[str] = None,
+    id_column: str | None = None,
 ) -> MergeReport:
     """Write `dataset` with ``accuracy``, ``num_correct`` and ``num_samples`` from every results file of `output_dir`.
 
@@ -606,7 +577,7 @@ def merge_results(
     return report
 
 
-def _try_merge(dataset, output_dir: Path, **kwargs) -> Optional[MergeReport]:
+def _try_merge(dataset, output_dir: Path, **kwargs) -> MergeReport | None:
     """Merge unless another process holds ``OUT/merge.lock`` (then return None)."""
     lock = output_dir / MERGE_LOCK
     try:
@@ -621,7 +592,7 @@ def _try_merge(dataset, output_dir: Path, **kwargs) -> Optional[MergeReport]:
         lock.unlink(missing_ok=True)
 
 
-def format_summary(report: MergeReport, seconds: Optional[float] = None) -> str:
+def format_summary(report: MergeReport, seconds: float | None = None) -> str:
     n = report.rows
     pct = lambda k: f"{100.0 * k / n:.1f}%" if n else "-"  # noqa: E731
     lines = [
@@ -687,7 +658,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run_config(args: argparse.Namespace, dataset, checker_name: str) -> Dict[str, Any]:
+def _run_config(args: argparse.Namespace, dataset, checker_name: str) -> dict[str, Any]:
     return {
         "dataset": str(Path(args.dataset).resolve()),
         "num_rows": len(dataset),

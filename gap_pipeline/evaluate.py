@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeling_gap import LATENT_INTERVENTIONS
+
 from . import GapError
 from .datasets_io import utf8_lines
-from .inference import RowError
+from .inference import RowError, encode_prompts
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
@@ -192,7 +194,7 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
 def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
     """Items of a dataset in the project schema and one problem line per row that cannot be scored."""
     from .answers import normalize_options
-    from .difficulty import DifficultyError, gold_answer
+    from .answers import AnswerError, gold_answer
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     dataset = load_rows(path, split)
@@ -206,7 +208,7 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
             messages, images = prompt_of_row(row, index, base_dir=base_dir)
             gold = gold_answer(row, index)
             options = normalize_options(row["options"]) if row.get("options") else None
-        except (RowError, DifficultyError) as error:
+        except (RowError, AnswerError) as error:
             problems.append(str(error))
             continue
         items.append(EvalItem(row_id, messages, images, gold, options or None,
@@ -358,9 +360,7 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    prompts = [processor.apply_chat_template(item.messages, add_generation_prompt=True) for item in items]
-    images = [image for item in items for image in item.images]
-    inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+    inputs = encode_prompts(processor, [(item.messages, item.images) for item in items], model.device)
     vision_norms = _vision_norms(model, inputs, len(items))
     kwargs = dict(generation_kwargs or {}, max_new_tokens=max_new_tokens, do_sample=do_sample)
     targets = [_targets_as_spans(item, budget) for item in items] if is_gap else [None] * len(items)
@@ -523,8 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dataset (save_to_disk folder, .jsonl, .json, .parquet) or a VLMEvalKit .tsv file")
     parser.add_argument("--split", default=None, help="split of a DatasetDict folder")
     parser.add_argument("--output-dir", required=True, help="where predictions.jsonl and summary.{json,md} go")
-    parser.add_argument("--interventions", default="pca,suppress,noise,hidden,hidden_ema",
-                        help="comma-separated latent interventions (GAP checkpoints; default: all five)")
+    parser.add_argument("--interventions", default=",".join(name for name in LATENT_INTERVENTIONS if name != "oracle"),
+                        help="comma-separated latent interventions (GAP checkpoints; default: all but oracle, which "
+                        "needs rows with latent targets)")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated latent budgets K, perfect squares (default: the checkpoint's K)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -571,7 +572,6 @@ def run(args: argparse.Namespace) -> int:
     from .inference import load_model_and_processor
 
     from configuration_gap import check_latent_budget
-    from modeling_gap import LATENT_INTERVENTIONS
 
     state = PartialState(cpu=not torch.cuda.is_available())
     interventions = _parse_list(args.interventions, str)

@@ -23,17 +23,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
+from transformers import Qwen2_5_VLConfig
+
+from configuration_gap import GapConfig
 
 from . import GapError
+from .data import count_image_entries
 from .datasets_io import load_dataset_folder
 
 __all__ = [
     "RowError",
     "clean_messages",
-    "count_image_items",
+    "encode_prompts",
     "load_model_and_processor",
     "load_rows",
     "model_type_of",
@@ -43,8 +48,8 @@ __all__ = [
     "resolve_dtype",
 ]
 
-GAP_MODEL_TYPE = "gap_qwen2_5_vl"
-QWEN_MODEL_TYPE = "qwen2_5_vl"
+GAP_MODEL_TYPE = GapConfig.model_type
+QWEN_MODEL_TYPE = Qwen2_5_VLConfig.model_type
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -57,7 +62,7 @@ class RowError(GapError):
 # ----------------------------------------------------------------------------------------
 
 
-def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
+def load_rows(path: str | os.PathLike, split: str | None = None):
     """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a ``.jsonl``/``.json``/``.parquet`` file.
 
     A ``DatasetDict`` folder needs ``split`` unless it has exactly one split.
@@ -90,7 +95,7 @@ def load_rows(path: Union[str, os.PathLike], split: Optional[str] = None):
     return datasets.load_dataset(builder, data_files=str(p), split="train")
 
 
-def dataset_base_dir(path: Union[str, os.PathLike]) -> Path:
+def dataset_base_dir(path: str | os.PathLike) -> Path:
     """The folder against which relative image paths of a dataset are resolved."""
     p = Path(path)
     return p if p.is_dir() else p.parent
@@ -101,7 +106,7 @@ def dataset_base_dir(path: Union[str, os.PathLike]) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
-def clean_messages(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Plain-dict copies of `messages` with None-valued keys dropped from messages and content items."""
     cleaned = []
     for message in messages:
@@ -118,23 +123,7 @@ def clean_messages(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]
     return cleaned
 
 
-def _is_image_item(part: Any) -> bool:
-    if not isinstance(part, Mapping):
-        return False
-    return part.get("type") == "image" or "image" in part or "image_url" in part
-
-
-def count_image_items(messages: Sequence[Mapping[str, Any]]) -> int:
-    """How many image content items `messages` hold (after :func:`clean_messages`)."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, (list, tuple)):
-            total += sum(1 for part in content if _is_image_item(part))
-    return total
-
-
-def open_image(value: Any, base_dir: Optional[Union[str, os.PathLike]] = None, where: str = "image"):
+def open_image(value: Any, base_dir: str | os.PathLike | None = None, where: str = "image"):
     """An RGB PIL image from a PIL image, a path (relative to `base_dir`), or a ``{"bytes", "path"}`` dict.
 
     Reads with :func:`gap_pipeline.data.load_image`; a missing or unreadable image raises :class:`RowError`
@@ -163,8 +152,8 @@ def prompt_of_row(
     *,
     messages_column: str = "messages",
     images_column: str = "images",
-    base_dir: Optional[Union[str, os.PathLike]] = None,
-) -> Tuple[List[Dict[str, Any]], list]:
+    base_dir: str | os.PathLike | None = None,
+) -> tuple[list[dict[str, Any]], list]:
     """The question of a row: ``(messages, images)``.
 
     `messages` are the row's messages before its first assistant turn (system and user turns,
@@ -194,7 +183,7 @@ def prompt_of_row(
         raise RowError(
             f"row {index} has no user turn before its first assistant turn; the question must be a user message"
         )
-    n_images = count_image_items(prompt)
+    n_images = count_image_entries(prompt)
     images = row.get(images_column) if hasattr(row, "get") else None
     images = list(images or [])
     if len(images) < n_images:
@@ -206,22 +195,40 @@ def prompt_of_row(
     return prompt, opened
 
 
+def encode_prompts(processor: Any, prompts: Sequence[tuple[list, list]], device: str | torch.device):
+    """The processor's batch for `prompts` (``(messages, images)`` pairs, as :func:`prompt_of_row` returns them) on
+    `device`: each rendered by the chat template with a generation prompt, the images in order, padded on the
+    tokenizer's padding side. The one prompt encoding of difficulty sampling, norm profiling and evaluation."""
+    texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages, _ in prompts]
+    images = [image for _, row_images in prompts for image in row_images]
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(device)
+
+
 # ----------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------
 
 
-def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA device without CUDA is an error."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The one device rule of the steps: ``"auto"`` -> CUDA when available, else CPU; ``None`` -> CPU.
+
+    An explicit CUDA device on a machine without CUDA is an error rather than a silent fallback, so that a user
+    who asked for the GPU learns that they are not getting it.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GapError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu or auto")
+        raise GapError(
+            f"device {str(device)!r} was requested but CUDA is not available; use --device cpu (or --device auto to "
+            "pick CUDA only when present)"
+        )
     return dev
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtype]:
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     """``"auto"`` (the checkpoint's dtype) or a torch dtype from its name."""
     if dtype is None or dtype == "auto":
         return "auto"
@@ -232,7 +239,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtyp
     return getattr(torch, dtype)
 
 
-def model_type_of(path: Union[str, os.PathLike]) -> str:
+def model_type_of(path: str | os.PathLike) -> str:
     """The ``model_type`` in ``path/config.json``."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
@@ -254,7 +261,7 @@ def register_gap_config() -> None:
     AutoConfig.register(GapConfig.model_type, GapConfig, exist_ok=True)
 
 
-def load_processor(path: Union[str, os.PathLike]):
+def load_processor(path: str | os.PathLike):
     """The processor saved in a model folder: ``GapProcessor`` for GAP folders, Qwen2.5-VL's otherwise."""
     if model_type_of(path) == GAP_MODEL_TYPE:
         from processing_gap import GapProcessor
@@ -267,10 +274,10 @@ def load_processor(path: Union[str, os.PathLike]):
 
 
 def load_model_and_processor(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    dtype: Union[str, torch.dtype, None] = "auto",
-    device: Union[str, torch.device, None] = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
 ):
     """``(model, processor, is_gap)`` for a Qwen2.5-VL or GAP folder, the model in eval mode on `device`."""
     model_type = model_type_of(path)

@@ -35,6 +35,8 @@ import yaml
 from transformers import TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 
+from modeling_gap import LATENT_INTERVENTIONS
+
 __all__ = [
     "PAPER_TITLE",
     "RemoteCodeOnPush",
@@ -66,13 +68,15 @@ PAPER_SECTIONS = (
     ("Appendix F: Implementation Details",
      "the training recipe, the projector initialisation and the scheduled-sampling ablation."),
 )
-INTERVENTIONS = (
-    ("pca", "GAP (default): v_hat = P_k^T F(h_bar) + mu"),
-    ("suppress", "`<|latent_start|>` is banned: no latent span opens"),
-    ("noise", "c ~ N(0, diag(eigenvalues)), reconstructed, rescaled to the clean latent's norm"),
-    ("hidden", "the final-norm state h_bar itself (output-as-input baseline)"),
-    ("hidden_ema", "h_bar rescaled to an EMA of the query image's vision-token norms"),
-)
+# What each of modeling_gap.LATENT_INTERVENTIONS feeds at a latent step (the card's table, in that order).
+INTERVENTION_DESCRIPTIONS = {
+    "pca": "GAP (default): v_hat = P_k^T F(h_bar) + mu",
+    "suppress": "`<|latent_start|>` is banned: no latent span opens",
+    "noise": "c ~ N(0, diag(eigenvalues)), reconstructed, rescaled to the clean latent's norm",
+    "hidden": "the final-norm state h_bar itself (output-as-input baseline)",
+    "hidden_ema": "h_bar rescaled to an EMA of the query image's vision-token norms",
+    "oracle": "the row's true latent targets (`latent_oracle=`): the upper bound of reading latents",
+}
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -212,48 +216,9 @@ def _code(value) -> str:
     return f"`{value}`"
 
 
-def render_model_card(
-    config,
-    *,
-    model_name: str | None = None,
-    model_id: str | None = None,
-    training: TrainingRun | None = None,
-    adapter: bool = False,
-    tags: list[str] | None = None,
-) -> str:
-    """The README.md of a GAP checkpoint folder (or of a LoRA adapter folder when `adapter`).
-
-    Args:
-        config: the checkpoint's `GapConfig` (of the base model, for an adapter).
-        model_name: the card's title (default: the last part of `model_id`, else "GAP model").
-        model_id: where the folder is published (a Hub id), used in the loading code.
-        training: the run that produced the folder (published as `published_run` gives it); None for a converted,
-            untrained checkpoint.
-        adapter: the folder holds a PEFT LoRA adapter, not full weights.
-        tags: extra metadata tags.
-    """
-    settings = _settings(config)
-    if training is not None:
-        training = published_run(training)
-    title = model_name or (model_id.split("/")[-1] if model_id else "GAP model")
-    where = model_id or "path/to/this/folder"
-    K = settings["latent_tokens_per_span"]
-    k = settings["pca_num_components"]
-    parts = [_front_matter(settings, training, model_id, tags, adapter), f"# {title}\n"]
-
-    base = None if training is None else (training.base_model_id or training.base_model)
-    kind = "A LoRA adapter for a GAP model" if adapter else "A GAP model"
-    origin = f" trained from `{base}`" if base else ""
-    parts.append(
-        f"{kind}{origin}: Qwen2.5-VL that writes *visual latent tokens* inside its own decoding. After "
-        f"`<|latent_start|>` the model produces K = {K} continuous vectors, each predicted by a latent head and fed "
-        "back as the next input embedding, then `<|latent_end|>` and ordinary text again.\n"
-    )
-
-    parts.append("## Method\n")
-    parts.append(f"GAP (Granular Alignment Paradigm), from *{PAPER_TITLE}*:\n")
-    parts.append("\n".join(f"- **{name}** — {what}" for name, what in PAPER_SECTIONS) + "\n")
-
+def _settings_section(settings: dict[str, Any], training: TrainingRun | None) -> list[str]:
+    """The card's "GAP settings" table: K, k, d, lambda, the reduction, the head, the token ids (and tau, p)."""
+    K, k = settings["latent_tokens_per_span"], settings["pca_num_components"]
     head = settings["latent_head_type"]
     if head == "pca":
         head_text = f"`pca`: PCA-aligned head (k = {k} coefficients, SwiGLU adapter of width {settings['latent_adapter_size']})"
@@ -281,36 +246,41 @@ def render_model_card(
         p = training.scheduled_sampling_prob
         rows.append(("scheduled sampling", "not recorded" if p is None else
                      ("off (teacher forcing)" if p == 0 else f"p = {p} per span (App. F ablation)")))
-    parts.append("## GAP settings\n")
-    parts.append(_table(("setting", "value"), rows) + "\n")
+    return ["## GAP settings\n", _table(("setting", "value"), rows) + "\n"]
 
-    if training is not None:
-        parts.append("## Training\n")
-        lines = []
-        if training.base_model:
-            lines.append(f"- base model: `{training.base_model}`"
-                         + (f" (Hub: `{training.base_model_id}`)" if training.base_model_id else ""))
-        if training.datasets:
-            lines.append("- datasets: " + ", ".join(f"`{name}`" for name in training.datasets))
-        if training.world_size:
-            lines.append(f"- processes: {training.world_size}")
-        if training.lora:
-            lora = ", ".join(f"{name} = {_code(value)}" for name, value in training.lora.items())
-            lines.append(f"- LoRA on the language model ({lora}); latent head and latent-token rows fully trained"
-                         + ("; merged into these weights with `gap merge-lora`" if training.merged else ""))
-        if lines:
-            parts.append("\n".join(lines) + "\n")
-        if training.hyperparameters:
-            rows = ((name, _code(value)) for name, value in training.hyperparameters.items())
-            parts.append(_table(("hyperparameter", "value"), rows) + "\n")
-        if training.command:
-            launched = ""
-            if training.world_size and training.world_size > 1:
-                launched = (f"Run by each of the {training.world_size} processes (started with `deepspeed --num_gpus"
-                            f" N` or `torchrun --nproc_per_node N`):\n\n")
-            parts.append(f"{launched}```bash\n{training.command}\n```\n")
 
-    parts.append("## Usage\n")
+def _training_section(training: TrainingRun) -> list[str]:
+    """The card's "Training" section: base model, datasets, processes, LoRA, hyperparameters, the command."""
+    parts = ["## Training\n"]
+    lines = []
+    if training.base_model:
+        lines.append(f"- base model: `{training.base_model}`"
+                     + (f" (Hub: `{training.base_model_id}`)" if training.base_model_id else ""))
+    if training.datasets:
+        lines.append("- datasets: " + ", ".join(f"`{name}`" for name in training.datasets))
+    if training.world_size:
+        lines.append(f"- processes: {training.world_size}")
+    if training.lora:
+        lora = ", ".join(f"{name} = {_code(value)}" for name, value in training.lora.items())
+        lines.append(f"- LoRA on the language model ({lora}); latent head and latent-token rows fully trained"
+                     + ("; merged into these weights with `gap merge-lora`" if training.merged else ""))
+    if lines:
+        parts.append("\n".join(lines) + "\n")
+    if training.hyperparameters:
+        rows = ((name, _code(value)) for name, value in training.hyperparameters.items())
+        parts.append(_table(("hyperparameter", "value"), rows) + "\n")
+    if training.command:
+        launched = ""
+        if training.world_size and training.world_size > 1:
+            launched = (f"Run by each of the {training.world_size} processes (started with `deepspeed --num_gpus"
+                        f" N` or `torchrun --nproc_per_node N`):\n\n")
+        parts.append(f"{launched}```bash\n{training.command}\n```\n")
+    return parts
+
+
+def _usage_section(where: str, adapter: bool) -> list[str]:
+    """The card's "Usage" section: loading with remote code, generating with latents, the interventions."""
+    parts = ["## Usage\n"]
     if adapter:
         parts.append(
             "This folder holds a PEFT LoRA adapter. Merge it into its GAP base to get a full checkpoint:\n\n"
@@ -346,7 +316,55 @@ def render_model_card(
         "(a perfect square). `latent_intervention=` chooses what a latent step feeds (the paper's Tables 1 and 6):\n"
     )
     parts.append(_table(("`latent_intervention`", "what a latent step feeds"),
-                        ((f"`{name}`", what) for name, what in INTERVENTIONS)) + "\n")
+                        ((f"`{name}`", INTERVENTION_DESCRIPTIONS[name]) for name in LATENT_INTERVENTIONS)) + "\n")
+    return parts
+
+
+def render_model_card(
+    config,
+    *,
+    model_name: str | None = None,
+    model_id: str | None = None,
+    training: TrainingRun | None = None,
+    adapter: bool = False,
+    tags: list[str] | None = None,
+) -> str:
+    """The README.md of a GAP checkpoint folder (or of a LoRA adapter folder when `adapter`).
+
+    Args:
+        config: the checkpoint's `GapConfig` (of the base model, for an adapter).
+        model_name: the card's title (default: the last part of `model_id`, else "GAP model").
+        model_id: where the folder is published (a Hub id), used in the loading code.
+        training: the run that produced the folder (published as `published_run` gives it); None for a converted,
+            untrained checkpoint.
+        adapter: the folder holds a PEFT LoRA adapter, not full weights.
+        tags: extra metadata tags.
+    """
+    settings = _settings(config)
+    if training is not None:
+        training = published_run(training)
+    title = model_name or (model_id.split("/")[-1] if model_id else "GAP model")
+    where = model_id or "path/to/this/folder"
+    K = settings["latent_tokens_per_span"]
+    parts = [_front_matter(settings, training, model_id, tags, adapter), f"# {title}\n"]
+
+    base = None if training is None else (training.base_model_id or training.base_model)
+    kind = "A LoRA adapter for a GAP model" if adapter else "A GAP model"
+    origin = f" trained from `{base}`" if base else ""
+    parts.append(
+        f"{kind}{origin}: Qwen2.5-VL that writes *visual latent tokens* inside its own decoding. After "
+        f"`<|latent_start|>` the model produces K = {K} continuous vectors, each predicted by a latent head and fed "
+        "back as the next input embedding, then `<|latent_end|>` and ordinary text again.\n"
+    )
+
+    parts.append("## Method\n")
+    parts.append(f"GAP (Granular Alignment Paradigm), from *{PAPER_TITLE}*:\n")
+    parts.append("\n".join(f"- **{name}** — {what}" for name, what in PAPER_SECTIONS) + "\n")
+
+    parts += _settings_section(settings, training)
+    if training is not None:
+        parts += _training_section(training)
+    parts += _usage_section(where, adapter)
     return "\n".join(parts)
 
 

@@ -66,11 +66,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from modeling_gap import LATENT_INTERVENTIONS
+
 from . import GapError
+from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, encode_prompts
 
 FORMAT_NAME = "gap-norm-profile"
 FORMAT_VERSION = 1
@@ -127,7 +131,7 @@ class LogNormStats:
         mean = total / n
         return math.sqrt(max(total_sq / n - mean * mean, 0.0) * n / (n - 1))
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         n = self.count
         if n == 0:
             return {"count": 0, "log_norm_mean": None, "log_norm_std": None, "norm_mean": None, "norm_std": None,
@@ -163,7 +167,7 @@ class _FinalNormTap:
     def __init__(self, module, last_position_only: bool):
         self.module = module
         self.last_position_only = last_position_only
-        self.calls: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.handle = None
 
     def _hook(self, module, args, output):
@@ -193,7 +197,7 @@ class NormProfiler:
         is_gap: bool,
         latents: bool = True,
         latent_intervention: str = "pca",
-        latent_tokens_per_span: Optional[int] = None,
+        latent_tokens_per_span: int | None = None,
         exclude_first_token: bool = False,
     ):
         self.model = model
@@ -227,11 +231,8 @@ class NormProfiler:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _encode(self, batch: Sequence[Tuple[List[dict], list]]):
-        texts = [self.processor.apply_chat_template(messages, add_generation_prompt=True) for messages, _ in batch]
-        images = [image for _, row_images in batch for image in row_images]
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        return inputs.to(self.device)
+    def _encode(self, batch: Sequence[tuple[list[dict], list]]):
+        return encode_prompts(self.processor, batch, self.device)
 
     def _masks(self, input_ids, attention_mask):
         valid = attention_mask.bool()
@@ -247,7 +248,7 @@ class NormProfiler:
         return {"text": text, "vision": vision}
 
     @torch.no_grad()
-    def add_batch(self, batch: Sequence[Tuple[List[dict], list]]) -> None:
+    def add_batch(self, batch: Sequence[tuple[list[dict], list]]) -> None:
         """Profile one batch of ``(messages, images)`` prompts."""
         inputs = self._encode(batch)
         masks = self._masks(inputs["input_ids"], inputs["attention_mask"])
@@ -312,7 +313,7 @@ class NormProfiler:
             self.latent_final.update(post[rows])
         self.num_spans += batch
 
-    def result(self) -> Dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         """The profile as a JSON-ready dict (keys documented in the module docstring)."""
         layers = {m: [s.to_dict() for s in self.layers[m]] for m in MODALITIES}
         inputs = {m: layers[m][0] for m in MODALITIES}
@@ -357,7 +358,7 @@ class NormProfiler:
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "model_type": "gap_qwen2_5_vl" if self.is_gap else "qwen2_5_vl",
+            "model_type": GAP_MODEL_TYPE if self.is_gap else QWEN_MODEL_TYPE,
             "is_gap": self.is_gap,
             "num_samples": self.num_samples,
             "num_layers": self.num_layers,
@@ -372,8 +373,8 @@ class NormProfiler:
         }
 
 
-def _batched(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
-    batch: List[Any] = []
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -386,17 +387,17 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
 def profile_norms(
     model,
     processor,
-    samples: Iterable[Tuple[List[dict], list]],
+    samples: Iterable[tuple[list[dict], list]],
     *,
-    is_gap: Optional[bool] = None,
+    is_gap: bool | None = None,
     batch_size: int = 1,
     latents: bool = True,
     latent_intervention: str = "pca",
-    latent_tokens_per_span: Optional[int] = None,
+    latent_tokens_per_span: int | None = None,
     exclude_first_token: bool = False,
-    total: Optional[int] = None,
+    total: int | None = None,
     progress: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Norm profile of `model` over `samples` (``(messages, images)`` prompts); returns the JSON-ready dict.
 
     `is_gap` defaults to whether the model has latent token ids. `latents=False` skips latent generation.
@@ -430,7 +431,7 @@ def profile_norms(
 # ----------------------------------------------------------------------------------------
 
 
-def folder_samples(folder: Union[str, os.PathLike], prompt: str, limit: Optional[int] = None):
+def folder_samples(folder: str | os.PathLike, prompt: str, limit: int | None = None):
     """``(samples, n)``: one ``(messages, [image])`` per image file of `folder` (sorted by name), asking `prompt`."""
     from .inference import open_image
 
@@ -452,10 +453,10 @@ def folder_samples(folder: Union[str, os.PathLike], prompt: str, limit: Optional
 
 
 def dataset_samples(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    split: Optional[str] = None,
-    limit: Optional[int] = None,
+    split: str | None = None,
+    limit: int | None = None,
     messages_column: str = "messages",
     images_column: str = "images",
 ):
@@ -485,14 +486,14 @@ def dataset_samples(
 # ----------------------------------------------------------------------------------------
 
 
-def write_profile(profile: Dict[str, Any], path: Union[str, os.PathLike]) -> Path:
+def write_profile(profile: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the profile JSON (a folder gets ``norm_profile.json``)."""
     from .datasets_io import write_json_file
 
     return write_json_file(path, profile, PROFILE_FILENAME)
 
 
-def plot_profile(profile: Dict[str, Any], path: Union[str, os.PathLike], title: Optional[str] = None) -> Path:
+def plot_profile(profile: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw the Fig. 2-style plot of a profile into a PNG (Agg backend, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -561,7 +562,7 @@ def plot_profile(profile: Dict[str, Any], path: Union[str, os.PathLike], title: 
     return p
 
 
-def format_summary(profile: Dict[str, Any]) -> str:
+def format_summary(profile: dict[str, Any]) -> str:
     """A one-screen text summary of a profile."""
     lines = [
         f"norm profile of {profile.get('model', '?')} ({profile['model_type']}): {profile['num_samples']} samples, "
@@ -629,7 +630,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: auto = the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--no-latents", action="store_true", help="GAP models: skip latent generation")
-    parser.add_argument("--latent-intervention", default="pca", choices=("pca", "noise", "hidden", "hidden_ema"),
+    parser.add_argument("--latent-intervention", default="pca",
+                        choices=[name for name in LATENT_INTERVENTIONS if name not in ("suppress", "oracle")],
                         help="what latent steps feed (default: pca = GAP; hidden = output-as-input baseline)")
     parser.add_argument("--latent-tokens-per-span", type=int, default=None, help="override K for the forced span")
     parser.add_argument("--exclude-first-token", action="store_true",

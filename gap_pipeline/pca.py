@@ -23,13 +23,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import GapError
-from .datasets_io import atomic_files_into, load_dataset_folder
+from .datasets_io import atomic_files_into
+from .inference import resolve_device
 
 PCA_FILENAME = "pca.safetensors"
 REPORT_FILENAME = "pca_report.json"
@@ -39,7 +41,7 @@ REPORT_TARGETS = (0.85, 0.90, 0.95)
 FORMAT_NAME = "gap-pca"
 FORMAT_VERSION = "1"
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 class PcaError(GapError):
@@ -49,25 +51,6 @@ class PcaError(GapError):
 # ----------------------------------------------------------------------------------------
 # Devices and conversion
 # ----------------------------------------------------------------------------------------
-
-
-def resolve_device(device: Union[str, torch.device, None] = "cpu") -> torch.device:
-    """``"auto"`` -> CUDA when available, CPU otherwise; ``None`` -> CPU.
-
-    An explicit CUDA device on a machine without CUDA is an error rather than a silent
-    fallback, so that a user who asked for the GPU learns that they are not getting it.
-    """
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PcaError(
-            f"device {str(device)!r} was requested but CUDA is not available; "
-            "use --device cpu (or --device auto to pick CUDA only when present)"
-        )
-    return dev
 
 
 def _as_float64_matrix(chunk: Any, device: torch.device) -> torch.Tensor:
@@ -124,15 +107,18 @@ class StreamingPCA:
     ``sum`` (= count * mean) is exposed for callers that want the raw first moment.
     """
 
-    def __init__(self, dim: Optional[int] = None, device: Union[str, torch.device, None] = "cpu"):
-        self.device = resolve_device(device)
-        self.dim: Optional[int] = int(dim) if dim is not None else None
+    def __init__(self, dim: int | None = None, device: str | torch.device | None = "cpu"):
+        try:
+            self.device = resolve_device(device)
+        except GapError as exc:
+            raise PcaError(str(exc)) from None
+        self.dim: int | None = int(dim) if dim is not None else None
         if self.dim is not None and self.dim < 1:
             raise PcaError(f"dim must be >= 1, got {dim}")
         self.count = 0
         self.num_chunks = 0
-        self._mean: Optional[torch.Tensor] = None
-        self._m2: Optional[torch.Tensor] = None
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -146,12 +132,6 @@ class StreamingPCA:
         self._require_data()
         return self._mean * self.count
 
-    @property
-    def centered_outer_sum(self) -> torch.Tensor:
-        """M2 = sum_i (v_i - mu)(v_i - mu)^T (float64, d x d)."""
-        self._require_data()
-        return self._m2.clone()
-
     def covariance(self) -> torch.Tensor:
         """Population covariance (1/N) sum (v - mu)(v - mu)^T (Eq. 5), symmetrised."""
         self._require_data()
@@ -164,7 +144,7 @@ class StreamingPCA:
 
     # -- updates --------------------------------------------------------------------------
 
-    def update(self, chunk: ArrayLike) -> "StreamingPCA":
+    def update(self, chunk: ArrayLike) -> StreamingPCA:
         """Adds a chunk of vectors, shape (n, d) (or (d,) for one vector); returns self."""
         x = _as_float64_matrix(chunk, self.device)
         n_b, d = x.shape
@@ -197,7 +177,7 @@ class StreamingPCA:
         self.num_chunks += 1
         return self
 
-    def merge(self, other: "StreamingPCA") -> "StreamingPCA":
+    def merge(self, other: StreamingPCA) -> StreamingPCA:
         """Merges another accumulator's statistics (e.g. from another worker); returns self."""
         if other.count == 0:
             return self
@@ -224,7 +204,7 @@ class StreamingPCA:
 
     # -- fit ------------------------------------------------------------------------------
 
-    def fit(self) -> "PcaFit":
+    def fit(self) -> PcaFit:
         """Eigen-decomposition of the covariance (Eq. 5) with ``torch.linalg.eigh``."""
         if self.count < 2:
             raise PcaError(
@@ -323,7 +303,7 @@ class PcaFit:
             raise PcaError(f"number of components must be in [1, d={self.d}], got {k}")
         return k
 
-    def table(self, targets: Sequence[float] = REPORT_TARGETS) -> List[Dict[str, float]]:
+    def table(self, targets: Sequence[float] = REPORT_TARGETS) -> list[dict[str, float]]:
         """Rows shaped like the paper's Table 7: variance target, k, k/d, RelMSE(k)."""
         rows = []
         for t in targets:
@@ -334,8 +314,8 @@ class PcaFit:
         return rows
 
     def resolve_k(
-        self, variance: Optional[float] = None, num_components: Optional[int] = None
-    ) -> Tuple[int, Optional[float]]:
+        self, variance: float | None = None, num_components: int | None = None
+    ) -> tuple[int, float | None]:
         """(k, target): a fixed ``num_components`` wins, else the variance target (0.95)."""
         if variance is not None and num_components is not None:
             raise PcaError("give either a variance target or a number of components, not both")
@@ -344,7 +324,7 @@ class PcaFit:
         target = _check_variance(DEFAULT_VARIANCE if variance is None else variance)
         return self.choose_k(target), target
 
-    def basis(self, k: int, metadata: Optional[Mapping[str, Any]] = None) -> "PcaBasis":
+    def basis(self, k: int, metadata: Mapping[str, Any] | None = None) -> PcaBasis:
         """The fp32 top-k basis that ``save_pca`` writes."""
         k = self._check_k(k)
         meta = {"N": self.n, "d": self.d, "k": k, "relmse": self.relmse(k)}
@@ -359,16 +339,16 @@ class PcaFit:
     def report(
         self,
         k: int,
-        target: Optional[float] = None,
+        target: float | None = None,
         targets: Sequence[float] = REPORT_TARGETS,
-        extra: Optional[Mapping[str, Any]] = None,
-    ) -> Dict[str, Any]:
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """A JSON-ready report: N, d, chosen k, RelMSE, total variance, table, spectrum."""
         k = self._check_k(k)
         tgts = list(targets)
         if target is not None and all(abs(target - t) > 1e-12 for t in tgts):
             tgts = sorted(tgts + [target])
-        rep: Dict[str, Any] = {
+        rep: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "N": self.n,
@@ -409,7 +389,7 @@ class PcaBasis:
     mean: torch.Tensor
     components: torch.Tensor
     eigenvalues: torch.Tensor
-    metadata: Dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def d(self) -> int:
@@ -429,7 +409,7 @@ class PcaBasis:
         return c.to(self.components.dtype) @ self.components + self.mean
 
 
-def _pca_file(path: Union[str, os.PathLike]) -> Path:
+def _pca_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.suffix == ".safetensors":
         return p
@@ -457,11 +437,11 @@ def _validate_basis(mean: torch.Tensor, components: torch.Tensor, eigenvalues: t
 
 
 def save_pca(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     mean: ArrayLike,
     components: ArrayLike,
     eigenvalues: ArrayLike,
-    metadata: Optional[Mapping[str, Any]] = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes ``pca.safetensors`` (fp32 ``mean``, ``components``, ``eigenvalues``).
 
@@ -481,7 +461,7 @@ def save_pca(
     err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
     if err > 1e-4:
         raise PcaError(f"save_pca: components rows are not orthonormal (max |P P^T - I| = {err:.3g})")
-    meta: Dict[str, str] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+    meta: dict[str, str] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
     for key, value in (metadata or {}).items():
         meta[str(key)] = _meta_str(value)
     meta["d"] = str(mean_t.numel())
@@ -492,12 +472,12 @@ def save_pca(
     return out
 
 
-def save_basis(path: Union[str, os.PathLike], basis: PcaBasis) -> Path:
+def save_basis(path: str | os.PathLike, basis: PcaBasis) -> Path:
     """``save_pca`` for a ``PcaBasis``."""
     return save_pca(path, basis.mean, basis.components, basis.eigenvalues, basis.metadata)
 
 
-def load_pca(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> PcaBasis:
+def load_pca(path: str | os.PathLike, device: str | torch.device = "cpu") -> PcaBasis:
     """Reads a ``pca.safetensors`` (or a directory holding one) into a ``PcaBasis``."""
     from safetensors import safe_open
 
@@ -506,7 +486,7 @@ def load_pca(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
         raise PcaError(
             f"no PCA basis at {f}; run `fit-pca --targets ... --output-dir {f.parent}` first"
         )
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(f), framework="pt", device=str(device)) as handle:
         metadata = dict(handle.metadata() or {})
         keys = set(handle.keys())
@@ -519,7 +499,7 @@ def load_pca(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
     return PcaBasis(metadata=metadata, **tensors)
 
 
-def write_report(path: Union[str, os.PathLike], report: Mapping[str, Any]) -> Path:
+def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
     """Writes the report as indented JSON (a directory gets ``pca_report.json``)."""
     from .datasets_io import write_json_file
 
@@ -568,9 +548,9 @@ def rechunk(matrices: Iterable[np.ndarray], chunk_size: int) -> Iterator[np.ndar
     (the last may be shorter); memory is one chunk plus one input matrix."""
     if chunk_size < 1:
         raise PcaError(f"chunk size must be >= 1, got {chunk_size}")
-    buf: List[np.ndarray] = []
+    buf: list[np.ndarray] = []
     held = 0
-    width: Optional[int] = None
+    width: int | None = None
     for i, m in enumerate(matrices):
         if width is None:
             width = m.shape[1]
@@ -592,13 +572,13 @@ def rechunk(matrices: Iterable[np.ndarray], chunk_size: int) -> Iterator[np.ndar
         yield buf[0] if len(buf) == 1 else np.concatenate(buf, axis=0)
 
 
-def _progress(total: Optional[int], unit: str, enabled: bool, desc: str):
+def _progress(total: int | None, unit: str, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def iter_npy_vectors(path: Union[str, os.PathLike], progress: bool = False) -> Iterator[np.ndarray]:
+def iter_npy_vectors(path: str | os.PathLike, progress: bool = False) -> Iterator[np.ndarray]:
     """Memory-mapped ``.npy`` of shape (N, d) (leading axes flattened), in slices."""
     arr = np.load(str(path), mmap_mode="r")
     if arr.ndim < 2:
@@ -612,7 +592,7 @@ def iter_npy_vectors(path: Union[str, os.PathLike], progress: bool = False) -> I
             bar.update(block.shape[0])
 
 
-def _row_matrix(value: Any, row_index: int, column: str) -> Optional[np.ndarray]:
+def _row_matrix(value: Any, row_index: int, column: str) -> np.ndarray | None:
     """One dataset row -> (n, d), or None for a row without latent spans."""
     if value is None:
         return None
@@ -639,18 +619,6 @@ def _row_matrix(value: Any, row_index: int, column: str) -> Optional[np.ndarray]
     return arr.reshape(-1, arr.shape[-1])
 
 
-def load_targets_dataset(path: Union[str, os.PathLike], split: Optional[str] = None):
-    """``datasets.load_from_disk`` (memory-mapped); a DatasetDict needs ``split`` unless it
-    has exactly one split."""
-    return load_dataset_folder(
-        path,
-        split,
-        PcaError,
-        "{path} is not a dataset saved with Dataset.save_to_disk ({exc}); pass a dataset "
-        "directory or a .npy file of shape (N, d)",
-    )
-
-
 def iter_dataset_vectors(
     dataset,
     column: str = DEFAULT_COLUMN,
@@ -671,7 +639,7 @@ def iter_dataset_vectors(
     if rows_per_batch < 1:
         raise PcaError(f"rows per batch must be >= 1, got {rows_per_batch}")
     view = dataset.select_columns([column]).with_format("numpy")
-    width: Optional[int] = None
+    width: int | None = None
     width_row = -1
     row = 0
     with _progress(len(dataset), "row", progress, "fit-pca") as bar:
@@ -699,9 +667,9 @@ def iter_dataset_vectors(
 
 
 def iter_target_vectors(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     column: str = DEFAULT_COLUMN,
-    split: Optional[str] = None,
+    split: str | None = None,
     rows_per_batch: int = 16,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
@@ -713,6 +681,8 @@ def iter_target_vectors(
         if p.suffix != ".npy":
             raise PcaError(f"{p}: expected a dataset directory or a .npy file")
         return iter_npy_vectors(p, progress=progress)
+    from .targets import load_targets_dataset
+
     ds = load_targets_dataset(p, split=split)
     return iter_dataset_vectors(ds, column=column, rows_per_batch=rows_per_batch, progress=progress)
 
@@ -733,9 +703,9 @@ def _to_numpy_matrix(v: ArrayLike) -> np.ndarray:
 
 def fit_pca(
     vectors: Iterable[ArrayLike],
-    chunk_size: Optional[int] = 4096,
-    device: Union[str, torch.device, None] = "cpu",
-    dim: Optional[int] = None,
+    chunk_size: int | None = 4096,
+    device: str | torch.device | None = "cpu",
+    dim: int | None = None,
 ) -> PcaFit:
     """Fits a PCA from an iterable of (n_i, d) matrices (regrouped to ``chunk_size`` rows
     when it is not None)."""

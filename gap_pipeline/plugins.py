@@ -13,7 +13,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Tuple, Type
+from typing import Any
 
 __all__ = ["import_object"]
 
@@ -24,11 +24,11 @@ _DRIVE_PATH_ONLY = re.compile(r"^[A-Za-z]:[\\/][^:]*$")
 def import_object(
     spec: str,
     what: str,
-    error_cls: Type[Exception],
+    error_cls: type[Exception],
     help_text: str,
     module_prefix: str,
     allow_dotted: bool = False,
-) -> Tuple[Any, str]:
+) -> tuple[Any, str]:
     """The object that ``spec`` names, and the attribute path it was found at.
 
     ``spec`` is ``"module:attr"`` or ``"path/to/file.py:attr"`` (``attr`` may be dotted);

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import atomic_output_dir
+from .datasets_io import atomic_output_dir, load_dataset_folder
+from .inference import resolve_device
 
 __all__ = [
     "FORMAT_NAME",
@@ -237,24 +238,21 @@ def _write_metadata(dataset, metadata: dict) -> None:
 
 def _load(dataset_or_dir):
     if isinstance(dataset_or_dir, (str, os.PathLike)):
-        import datasets
-
-        path = Path(dataset_or_dir)
-        if not path.is_dir():
-            raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            raise TargetsError(f"{path} is a DatasetDict; pass one split's folder (gap targets writes one Dataset).")
-        return dataset, str(path)
+        return load_targets_dataset(dataset_or_dir), str(dataset_or_dir)
     return dataset_or_dir, "the dataset"
 
 
-def load_targets_dataset(path: str | os.PathLike, config: Any = None):
-    """The dataset folder `path` written by `gap targets` (memory-mapped), checked against the K and d of a GAP
-    model's `config` when one is given (`check_targets_compatible`, then `check_targets_finite`)."""
-    dataset, _ = _load(path)
+def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str | None = None):
+    """The dataset folder `path` written by `gap targets` (memory-mapped; a DatasetDict narrowed to `split`),
+    checked against the K and d of a GAP model's `config` when one is given (`check_targets_compatible`, then
+    `check_targets_finite`)."""
+    if not Path(path).is_dir():
+        raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
+    dataset = load_dataset_folder(
+        path, split, TargetsError, "{path} is not a dataset saved with Dataset.save_to_disk ({exc}); run `gap targets`"
+    )
     if config is not None:
-        check_targets_compatible(path, config)
+        check_targets_compatible(dataset, config, where=str(path))
         check_targets_finite(dataset, path)
     return dataset
 
@@ -296,13 +294,15 @@ def targets_metadata(dataset_or_dir) -> dict[str, Any]:
     return metadata
 
 
-def check_targets_compatible(dataset_or_dir, config) -> dict[str, Any]:
+def check_targets_compatible(dataset_or_dir, config, where: str | None = None) -> dict[str, Any]:
     """Refuse latent targets whose K or d disagree with a GAP model config; return their metadata.
 
-    `config` is a `GapConfig` (or any config with ``latent_tokens_per_span`` and ``text_config.hidden_size``).
+    `config` is a `GapConfig` (or any config with ``latent_tokens_per_span`` and ``text_config.hidden_size``);
+    `where` names the data in the messages (default: the folder, or "the dataset").
     """
     metadata = targets_metadata(dataset_or_dir)
-    where = dataset_or_dir if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset"
+    if where is None:
+        where = dataset_or_dir if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset"
     K = getattr(config, "latent_tokens_per_span", None)
     text_config = getattr(config, "text_config", config)
     d = getattr(text_config, "hidden_size", None)
@@ -331,6 +331,81 @@ def _storage(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
     return values.to(getattr(torch, storage_dtype)).numpy()
 
 
+class _BatchTargets:
+    """The `dataset.map` function of `compute_latent_targets`: a batch of rows -> their pooled latent targets (the
+    aux images of the whole batch go through the tower together); keeps the running statistics."""
+
+    def __init__(self, encoder, image_processor, latent_tokens_per_span: int, d: int, storage_dtype: str, has_ids: bool):
+        self.encoder, self.image_processor = encoder, image_processor
+        self.K, self.d, self.storage_dtype, self.has_ids = latent_tokens_per_span, d, storage_dtype, has_ids
+        self.stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}
+
+    def _aux_images(self, indices, ids_batch, messages_batch, aux_batch):
+        """(names, opened images, owning row index, row index -> row name) of the batch's aux images."""
+        from PIL.Image import DecompressionBombError
+
+        from .data import aux_count_problem, count_latent_placeholders, load_image, row_name
+
+        names, images, owners, row_names = [], [], [], {}
+        for row_index, row_id, messages, aux in zip(indices, ids_batch, messages_batch, aux_batch):
+            aux = aux or []
+            name = row_names[row_index] = row_name(row_index, row_id)
+            problem = aux_count_problem(count_latent_placeholders(messages), len(aux))
+            if problem is not None:
+                raise TargetsError(f"{name}: {problem} (gap_pipeline.data.validate_rows lists such rows).")
+            for k, image in enumerate(aux):
+                try:
+                    images.append(load_image(image))
+                except (OSError, TypeError, ValueError, DecompressionBombError) as error:
+                    raise TargetsError(f"{name}: aux image {k} cannot be loaded ({error}).") from None
+                names.append(f"{name}, aux image {k}")
+                owners.append(row_index)
+        return names, images, owners, row_names
+
+    def __call__(self, messages_batch, aux_batch, *rest):
+        ids_batch, indices = (rest[0], rest[1]) if self.has_ids else ([None] * len(rest[0]), rest[0])
+        names, images, owners, row_names = self._aux_images(indices, ids_batch, messages_batch, aux_batch)
+        pooled = targets_for_images(self.encoder, self.image_processor, images, self.K, names) if images else []
+        out, stats = [], self.stats
+        for row_index in indices:
+            mine = [p for p, owner in zip(pooled, owners) if owner == row_index]
+            values = torch.cat(mine) if mine else torch.zeros(0, self.d)
+            stored = _storage(values.cpu(), self.storage_dtype)
+            if not np.isfinite(stored).all():
+                raise TargetsError(
+                    f"{row_names[row_index]}: its latent targets overflow {self.storage_dtype} (NaN/inf); rerun with "
+                    "--dtype float32."
+                )
+            stats["rows"] += 1
+            if mine:
+                stats["rows_with_spans"] += 1
+                stats["spans"] += len(mine)
+                norms = values.norm(dim=-1)
+                stats["norm_sum"] += float(norms.sum())
+                stats["norm_max"] = max(stats["norm_max"], float(norms.max()))
+            out.append(stored)
+        return {TARGETS_COLUMN: out}
+
+
+def _targets_record(stats, latent_tokens_per_span, d, storage_dtype, encoder_name, image_processor) -> dict[str, Any]:
+    """The ``gap_targets`` metadata record of a computed dataset (see the module docstring)."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "column": TARGETS_COLUMN,
+        "latent_tokens_per_span": latent_tokens_per_span,
+        "grid_side": check_latent_budget(latent_tokens_per_span),
+        "hidden_size": d,
+        "storage_dtype": storage_dtype,
+        "encoder": encoder_name,
+        "image_processor": image_processor_settings(image_processor),
+        "num_rows": stats["rows"],
+        "num_rows_with_spans": stats["rows_with_spans"],
+        "num_spans": stats["spans"],
+        "num_vectors": stats["spans"] * latent_tokens_per_span,
+    }
+
+
 def compute_latent_targets(
     dataset,
     encoder,
@@ -351,9 +426,8 @@ def compute_latent_targets(
     written to an Arrow file in `cache_dir` (default: a fresh temporary folder), so memory stays flat.
     """
     from datasets import Array2D, Features
-    from PIL.Image import DecompressionBombError
 
-    from .data import count_latent_placeholders, load_image, row_name, undecoded_images
+    from .data import undecoded_images
     from .datasets_io import datasets_progress_bars
 
     check_latent_budget(latent_tokens_per_span)
@@ -366,49 +440,8 @@ def compute_latent_targets(
     dataset = undecoded_images(dataset)
     if "aux_images" not in dataset.column_names:
         raise TargetsError("The dataset has no 'aux_images' column: there is nothing to encode.")
-    stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0, "grids": set()}
-
     has_ids = "id" in dataset.column_names
-
-    def compute(messages_batch, aux_batch, *rest):
-        ids_batch, indices = (rest[0], rest[1]) if has_ids else ([None] * len(rest[0]), rest[0])
-        names, images, owners = [], [], []
-        row_names = {}
-        for row_index, row_id, messages, aux in zip(indices, ids_batch, messages_batch, aux_batch):
-            aux = aux or []
-            name = row_names[row_index] = row_name(row_index, row_id)
-            if count_latent_placeholders(messages) != len(aux):
-                raise TargetsError(
-                    f"{name}: {count_latent_placeholders(messages)} <latent> placeholder(s) but {len(aux)} aux "
-                    "image(s); fix the row (gap_pipeline.data.validate_rows lists such rows)."
-                )
-            for k, image in enumerate(aux):
-                try:
-                    images.append(load_image(image))
-                except (OSError, TypeError, ValueError, DecompressionBombError) as error:
-                    raise TargetsError(f"{name}: aux image {k} cannot be loaded ({error}).") from None
-                names.append(f"{name}, aux image {k}")
-                owners.append(row_index)
-        pooled = targets_for_images(encoder, image_processor, images, latent_tokens_per_span, names) if images else []
-        out = []
-        for row_index in indices:
-            mine = [p for p, owner in zip(pooled, owners) if owner == row_index]
-            values = torch.cat(mine) if mine else torch.zeros(0, d)
-            stored = _storage(values.cpu(), storage_dtype)
-            if not np.isfinite(stored).all():
-                raise TargetsError(
-                    f"{row_names[row_index]}: its latent targets overflow {storage_dtype} (NaN/inf); rerun with "
-                    "--dtype float32."
-                )
-            stats["rows"] += 1
-            if mine:
-                stats["rows_with_spans"] += 1
-                stats["spans"] += len(mine)
-                norms = values.norm(dim=-1)
-                stats["norm_sum"] += float(norms.sum())
-                stats["norm_max"] = max(stats["norm_max"], float(norms.max()))
-            out.append(stored)
-        return {TARGETS_COLUMN: out}
+    compute = _BatchTargets(encoder, image_processor, latent_tokens_per_span, d, storage_dtype, has_ids)
 
     features = Features({**dataset.features, TARGETS_COLUMN: Array2D(shape=(None, d), dtype=np_dtype)})
     if TARGETS_COLUMN in dataset.column_names:
@@ -435,21 +468,9 @@ def compute_latent_targets(
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - started
-    metadata = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "column": TARGETS_COLUMN,
-        "latent_tokens_per_span": latent_tokens_per_span,
-        "grid_side": check_latent_budget(latent_tokens_per_span),
-        "hidden_size": d,
-        "storage_dtype": storage_dtype,
-        "encoder": source or type(encoder).__name__,
-        "image_processor": image_processor_settings(image_processor),
-        "num_rows": stats["rows"],
-        "num_rows_with_spans": stats["rows_with_spans"],
-        "num_spans": stats["spans"],
-        "num_vectors": stats["spans"] * latent_tokens_per_span,
-    }
+    stats = compute.stats
+    metadata = _targets_record(stats, latent_tokens_per_span, d, storage_dtype, source or type(encoder).__name__,
+                               image_processor)
     _write_metadata(result, metadata)
     n_vectors = metadata["num_vectors"]
     summary = {
@@ -539,8 +560,6 @@ def _default_k(model_dir: Path) -> tuple[int, str]:
 
 
 def _load_data(args):
-    import datasets
-
     from .data import from_dataset, load_jsonl
 
     path = Path(args.data)
@@ -548,9 +567,8 @@ def _load_data(args):
         return load_jsonl(path, args.image_dir, check_images=not args.no_check_images,
                           allow_outside_image_dir=args.allow_outside_image_dir)
     if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            raise TargetsError(f"{path} is a DatasetDict; pass one split's folder.")
+        dataset = load_dataset_folder(path, None, TargetsError, "{path} is not a dataset saved with "
+                                      "Dataset.save_to_disk ({exc}); pass such a folder or a .jsonl file")
         return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path),
                             allow_outside_image_dir=args.allow_outside_image_dir)
     raise TargetsError(f"--data {path}: no such file or folder.")
@@ -593,14 +611,10 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
         check_latent_budget(K, name="--latent-tokens-per-span")
     except ValueError as exc:
         raise TargetsError(str(exc)) from None
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise TargetsError(f"--device {device} was requested but CUDA is not available; use --device cpu.")
+    device = resolve_device(args.device)
     model_dtype = args.model_dtype
     if model_dtype == "auto":
-        model_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        model_dtype = "bfloat16" if device.type == "cuda" else "float32"
     dataset = _load_data(args)
     tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
     image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gap_pipeline.collator import IGNORE_INDEX, GapDataCollator, count_latent_positions, prepare_dataset
+from gap_pipeline.collator import GapDataCollator, count_latent_positions, prepare_dataset
 from gap_pipeline.data import GapDataError
+from modeling_gap import IGNORE_INDEX
 from processing_gap import GapProcessor
 
 
@@ -306,7 +307,7 @@ ERRORS = {
     "no assistant turn": ({"messages": [{"role": "user", "content": "Q"}]}, "no assistant turn"),
     "no messages": ({"messages": []}, "non-empty list"),
     "placeholder in user turn": (_text_row("a", question="Q <latent>"), "outside assistant turns"),
-    "accuracy out of range": (_text_row("a", accuracy=1.5), r"'accuracy' is 1.5"),
+    "accuracy out of range": (_text_row("a", accuracy=1.5), r"field 'accuracy': is 1.5"),
     "image entries != images": (
         {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}],
          "images": []},

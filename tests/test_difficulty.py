@@ -8,13 +8,12 @@ import datasets
 import pytest
 
 from gap_pipeline import cli
-from gap_pipeline.answers import DefaultAnswerChecker
+from gap_pipeline.answers import AnswerError, DefaultAnswerChecker, gold_answer
 from gap_pipeline.difficulty import (
     DifficultyError,
     HFSampler,
     SamplerSettings,
     estimate_difficulty,
-    gold_answer,
     load_sampler,
     merge_results,
     read_results,
@@ -158,7 +157,7 @@ def test_gold_answer_comes_from_the_answer_column_else_the_answer_block():
     row["messages"][1]["content"][0]["text"] = "<think>2+2</think><answer> 4 </answer> more <answer>42</answer>"
     assert gold_answer(row, 0) == "42"
     row["messages"][1]["content"][0]["text"] = "no block here"
-    with pytest.raises(DifficultyError, match=r"row 7 has no gold answer.*--answer-column"):
+    with pytest.raises(AnswerError, match=r"row 7 has no gold answer.*--answer-column"):
         gold_answer(row, 7)
 
 
@@ -167,7 +166,7 @@ def test_a_row_without_gold_answer_fails_before_any_sampling(tmp_path):
     rows[2]["answer"] = ""
     rows[2]["messages"][1]["content"][0]["text"] = "I think it is 12"
     sampler = StubSampler()
-    with pytest.raises(DifficultyError, match="row 2 has no gold answer"):
+    with pytest.raises(AnswerError, match="row 2 has no gold answer"):
         _run(datasets.Dataset.from_list(rows), tmp_path, sampler)
     assert sampler.calls == []
 

@@ -18,7 +18,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import huggingface_hub
 import pytest
 import torch

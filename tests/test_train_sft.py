@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -153,6 +152,25 @@ def test_vision_tower_runs_on_every_micro_batch_with_and_without_images(work, tm
     vision = trainer.model.config.vision_config
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     assert calls == [(vision.spatial_merge_size**2, patch_dim), tuple(image_batch["pixel_values"].shape)]
+
+
+def test_a_plain_sft_config_is_converted_and_the_callers_arguments_are_not_changed(work, tmp_path):
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    values = _args(tmp_path).to_dict()
+    plain = SFTConfig(**{key: values[key] for key in ("output_dir", "use_cpu", "report_to", "learning_rate")})
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
+    model = GapForConditionalGeneration.from_pretrained(work.gap)
+    processor = GapProcessor.from_pretrained(work.gap, trust_remote_code=False)
+    trainer = GapSFTTrainer(model, args=plain, data_collator=GapDataCollator(processor),
+                            train_dataset=datasets.load_from_disk(str(work.data)), processing_class=processor,
+                            peft_config=lora)
+    assert isinstance(trainer.args, GapSFTConfig) and trainer.args.latent_head_learning_rate == 2e-3
+    assert trainer.args.dataset_kwargs == {"skip_prepare_dataset": True}
+    assert plain.dataset_kwargs is None  # the caller's config is left as given
+    assert lora.modules_to_save is None and lora.target_modules == {"q_proj"}  # so is the caller's LoRA config
+    assert "latent_head" in trainer.model.peft_config["default"].modules_to_save
 
 
 # -- optimizer and frozen tower ------------------------------------------------------------------------------------
