@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import GapError
 from .evaluate import EvalItem, generate_batch
 
 
@@ -31,7 +32,7 @@ class HarnessModel:
 
         if latent_intervention not in LATENT_INTERVENTIONS or latent_intervention == "oracle":
             choices = [name for name in LATENT_INTERVENTIONS if name != "oracle"]
-            raise ValueError(f"latent_intervention={latent_intervention!r}: choose from {choices} (the oracle "
+            raise GapError(f"latent_intervention={latent_intervention!r}: choose from {choices} (the oracle "
                              "feeds each row's true latents, which a harness does not have; use `gap evaluate`)")
         self.model, self.processor, self.is_gap = load_model_and_processor(pretrained, dtype=dtype, device=device)
         self.intervention = latent_intervention

@@ -15,9 +15,16 @@ import re
 import sys
 from pathlib import Path
 
+from . import GapError
+
 HELP = "Write an lmms-eval task folder (YAML + scorer with the project's answer checker) for a dataset or TSV."
 
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class LmmsTaskError(GapError):
+    """Rows or arguments ``gap lmms-task`` cannot turn into a task; the message names the row or argument."""
+
 
 UTILS_TEMPLATE = '''"""lmms-eval task functions written by `gap lmms-task` for {data}."""
 
@@ -80,7 +87,7 @@ def question_text(item) -> str:
         if isinstance(content, list) and content and content[-1].get("type") == "text" and all(
                 part.get("type") == "image" for part in content[:-1]):
             return content[-1]["text"]
-    raise ValueError(f"row {item.id}: an lmms-eval task gives the model the doc's images then one text, but this "
+    raise LmmsTaskError(f"row {item.id}: an lmms-eval task gives the model the doc's images then one text, but this "
                      "row's question is not a single user turn of images followed by a text; restructure the row")
 
 
@@ -88,7 +95,7 @@ def write_task(items, output_dir: str | Path, name: str, *, data: str, max_new_t
                checker: str | None = None) -> Path:
     """Write the task folder for `items` (from :func:`gap_pipeline.evaluate.load_items`); returns the YAML path."""
     if not TASK_NAME.match(name):
-        raise ValueError(f"task name {name!r}: use letters, digits and underscores (it names a Python module)")
+        raise LmmsTaskError(f"task name {name!r}: use letters, digits and underscores (it names a Python module)")
     output_dir = Path(output_dir).resolve()
     image_dir = output_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -131,14 +138,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"gap lmms-task: bad row skipped: {problem}", file=sys.stderr)
     items = items[: args.limit] if args.limit is not None else items
     if not items:
-        print(f"gap lmms-task: {args.data} has no usable rows", file=sys.stderr)
-        return 2
-    try:
-        yaml_path = write_task(items, args.output_dir, args.name, data=str(args.data),
-                               max_new_tokens=args.max_new_tokens, checker=args.checker)
-    except ValueError as error:
-        print(f"gap lmms-task: {error}", file=sys.stderr)
-        return 2
+        raise LmmsTaskError(f"{args.data} has no usable rows")
+    yaml_path = write_task(items, args.output_dir, args.name, data=str(args.data),
+                           max_new_tokens=args.max_new_tokens, checker=args.checker)
     print(f"{len(items)} rows -> {yaml_path}\nrun: lmms-eval eval --model gap --model_args pretrained=MODEL "
           f"--include_path {Path(args.output_dir).resolve()} --tasks {args.name} --output_path OUT --log_samples")
     return 0

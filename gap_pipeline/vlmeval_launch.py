@@ -12,6 +12,8 @@ import argparse
 import sys
 from functools import partial
 
+from . import GapError
+
 HELP = "Run VLMEvalKit benchmarks (MMStar, HRBench4K, MathVista, ...) on a GAP checkpoint."
 
 
@@ -35,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
         from .vlmeval_model import GapVLMEval
     except ImportError as error:
-        print(f"gap vlmeval: VLMEvalKit does not import here ({error}); install it with `pip install ms-vlmeval` "
-              "in an environment with a CUDA torch and its torchvision", file=sys.stderr)
-        return 2
+        raise GapError(f"VLMEvalKit does not import here ({error}); install it with `pip install ms-vlmeval` in an "
+                       "environment with a CUDA torch and its torchvision") from None
     supported_VLM[args.name] = partial(GapVLMEval, pretrained=args.model, latent_intervention=args.latent_intervention,
                                        latent_tokens_per_span=args.budget, seed=args.seed, dtype=args.dtype,
                                        max_new_tokens=args.max_new_tokens)
