@@ -190,7 +190,8 @@ class GapSFTTrainer(SFTTrainer):
         if args is None:
             args = GapSFTConfig(f"{Path(model.config._name_or_path).name or 'gap'}-GAP")
         elif not isinstance(args, GapSFTConfig):
-            args = GapSFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
+            # The given values as `dataclasses.replace` passes them (`to_dict` would mask the *_token fields).
+            args = GapSFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         if peft_config is not None:
             if not args.freeze_vision_tower:
                 raise TrainingError(
