@@ -23,18 +23,13 @@ deepspeed --num_gpus 8 train_sft.py --config configs/gap_7b.yaml --deepspeed ds_
     --dataset_path runs/gap-data --output_dir runs/gap-7b
 ```
 
-# Several nodes: list them in a hostfile (one `hostname slots=N` line per node; passwordless ssh between them and
-# the same paths on each) and launch once, from the first
+# Several nodes: a hostfile with one `hostname slots=N` line per node, launched once from the first
 ```bash
 deepspeed --hostfile hostfile --master_addr node-0 --master_port 29500 train_sft.py --config configs/gap_7b.yaml \
     --deepspeed ds_configs/zero3.json --model_name_or_path runs/gap-7b-init --dataset_path runs/gap-data \
     --output_dir runs/gap-7b
 ```
-(`torchrun --nproc_per_node 8 train_sft.py ...` launches the same way, DeepSpeed or not.)
-
-`--global_batch_size G` sets `gradient_accumulation_steps = G / (per_device_train_batch_size * world_size)` (it
-must divide); without it, `--gradient_accumulation_steps` is used as given. On a machine without an accelerator the
-script trains on the CPU (`use_cpu` defaults to true there) and DeepSpeed uses the gloo backend.
+(`torchrun --nproc_per_node 8 train_sft.py ...` launches the same way. Without an accelerator it trains on the CPU.)
 
 # Push the final checkpoint with its model card; resume a run; LoRA, then merge; scheduled sampling
 ```bash
@@ -46,23 +41,20 @@ python train_sft.py ... --scheduled_sampling_prob 0.25
 ```
 """
 
-import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PretrainedConfig, set_seed
+from transformers import set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 from gap_pipeline import GapError
 from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.convert import ensure_gap_checkpoint
-from gap_pipeline.inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE
+from gap_pipeline.inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, checkpoint_model_type
 from gap_pipeline.model_card import TrainingRun, command_line
-from gap_pipeline.provenance import data_fingerprint, model_fingerprint
 from gap_pipeline.targets import load_targets_dataset
 from gap_pipeline.trainer import (
     GapSFTConfig,
@@ -71,6 +63,7 @@ from gap_pipeline.trainer import (
     TrainingError,
     apply_global_batch_size,
     last_checkpoint_of_run,
+    run_record,
     load_model_and_processor,
     zero3_init_disabled,
 )
@@ -120,45 +113,6 @@ class GapScriptArguments:
     )
 
 
-# Arguments that may change when a run resumes: its length, where it writes, bookkeeping.
-RESUMABLE_CHANGES = {"num_train_epochs", "max_steps", "output_dir", "resume_from_checkpoint", "logging_steps",
-                     "save_steps", "save_strategy", "save_total_limit", "eval_steps", "report_to", "run_name",
-                     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "logging_dir", "disable_tqdm",
-                     "dataloader_num_workers", "base_model_id", "converted_model_dir", "eval_dataset_path", "local_rank"}
-
-
-def run_record(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> dict:
-    """What a resumed run must share with the run it continues: the model's and data's fingerprints and every setting
-    that changes the result (`RESUMABLE_CHANGES` are left out)."""
-    settings = {}
-    for arguments in (script_args, model_args):
-        settings.update(dataclasses.asdict(arguments))
-    settings.update({key: getattr(training_args, key) for key in (
-        "seed", "learning_rate", "latent_head_learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
-        "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "max_length", "freeze_vision_tower",
-        "scheduled_sampling_prob", "bf16", "fp16")})
-    settings = {key: value for key, value in settings.items() if key not in RESUMABLE_CHANGES}
-    return {
-        "model": model_fingerprint(model_args.model_name_or_path),
-        "data": data_fingerprint(script_args.dataset_path),
-        "pca": data_fingerprint(script_args.pca_path) if script_args.pca_path else None,
-        "settings": json.loads(json.dumps(settings, default=str)),
-    }
-
-
-def _model_type(path: str, revision: str | None) -> str | None:
-    """The `model_type` of the checkpoint `path` (a folder or a Hub id); one clear error when there is none."""
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise TrainingError(f"--model_name_or_path {path}: no such folder; pass the folder of a GAP or Qwen2.5-VL "
-                            "checkpoint (or a Hub id).")
-    try:
-        return PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
-    except OSError as error:
-        raise TrainingError(f"--model_name_or_path {path}: not a local checkpoint folder, and no Hub model could be "
-                            f"read ({str(error).splitlines()[0]})") from None
-
-
 def make_parser() -> TrlParser:
     """`TrlParser` over (GapScriptArguments, GapSFTConfig, ModelConfig); `--config file.yaml` sets defaults."""
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
@@ -181,7 +135,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         raise TrainingError("Pass --model_name_or_path: a GAP checkpoint or a plain Qwen2.5-VL checkpoint folder.")
     set_seed(training_args.seed)  # before the model exists: converting draws the latent head's adapter weights
     path, revision = model_args.model_name_or_path, model_args.model_revision
-    model_type = _model_type(path, revision)
+    model_type = checkpoint_model_type(path, revision, TrainingError)
     gap_options = {"latent_tokens_per_span": script_args.latent_tokens_per_span,
                    "latent_loss_weight": script_args.latent_loss_weight,
                    "latent_loss_reduction": script_args.latent_loss_reduction}
@@ -215,20 +169,18 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
             raise TrainingError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
         eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config)
         datasets.append(script_args.eval_dataset_path)
-    collator = GapDataCollator(processor, difficulty_threshold=script_args.difficulty_threshold,
-                               max_length=training_args.max_length,
-                               latent_tokens_per_span=model.config.latent_tokens_per_span)
+    K, tau = model.config.latent_tokens_per_span, script_args.difficulty_threshold
+    collator = GapDataCollator(processor, difficulty_threshold=tau, max_length=training_args.max_length,
+                               latent_tokens_per_span=K)
     training_run = TrainingRun(
         base_model=model_args.model_name_or_path, base_model_id=script_args.base_model_id, datasets=datasets,
-        command=command_line(argv if argv is not None else sys.argv),
-        difficulty_threshold=script_args.difficulty_threshold,
+        command=command_line(argv if argv is not None else sys.argv), difficulty_threshold=tau,
     )
     trainer = GapSFTTrainer(model, args=training_args, data_collator=collator, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=processor,
                             peft_config=get_peft_config(model_args), training_run=training_run)
-    record = run_record(script_args, training_args, model_args)
+    record, resume = run_record(script_args, training_args, model_args), training_args.resume_from_checkpoint
     trainer.add_callback(RunRecordCallback(record))
-    resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = last_checkpoint_of_run(training_args.output_dir, record)
     trainer.train(resume_from_checkpoint=resume)

@@ -37,6 +37,7 @@ from .datasets_io import load_dataset_folder
 
 __all__ = [
     "RowError",
+    "checkpoint_model_type",
     "clean_messages",
     "encode_prompts",
     "load_model_and_processor",
@@ -246,6 +247,21 @@ def model_type_of(path: str | os.PathLike) -> str:
         raise GapError(f"{path} is not a model folder: it has no config.json")
     with open(config_path, encoding="utf-8") as f:
         return json.load(f).get("model_type", "")
+
+
+def checkpoint_model_type(path: str, revision: str | None = None, error_cls: type[GapError] = GapError) -> str | None:
+    """The `model_type` of the checkpoint `path` (a folder or a Hub id); one clear `error_cls` when there is none."""
+    from transformers import PretrainedConfig
+
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise error_cls(f"--model_name_or_path {path}: no such folder; pass the folder of a GAP or Qwen2.5-VL "
+                        "checkpoint (or a Hub id).")
+    try:
+        return PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
+    except OSError as error:
+        raise error_cls(f"--model_name_or_path {path}: not a local checkpoint folder, and no Hub model could be "
+                        f"read ({str(error).splitlines()[0]})") from None
 
 
 def register_gap_config() -> None:

@@ -44,7 +44,7 @@ from modeling_gap import IGNORE_INDEX
 from . import GapError
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
-from .provenance import record_differences, write_record
+from .provenance import data_fingerprint, model_fingerprint, record_differences, write_record
 
 __all__ = [
     "RUN_RECORD",
@@ -55,6 +55,7 @@ __all__ = [
     "apply_global_batch_size",
     "last_checkpoint_of_run",
     "load_model_and_processor",
+    "run_record",
     "zero3_init_disabled",
 ]
 
@@ -670,6 +671,33 @@ def load_model_and_processor(
 # -- resuming the same run -------------------------------------------------------------------------------------------
 
 RUN_RECORD = "gap_run.json"  # in each checkpoint: what produced the run (see gap_pipeline.provenance)
+
+
+# Arguments that may change when a run resumes: its length, where it writes, bookkeeping.
+RESUMABLE_CHANGES = {"num_train_epochs", "max_steps", "output_dir", "resume_from_checkpoint", "logging_steps",
+                     "save_steps", "save_strategy", "save_total_limit", "eval_steps", "report_to", "run_name",
+                     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "logging_dir", "disable_tqdm",
+                     "dataloader_num_workers", "base_model_id", "converted_model_dir", "eval_dataset_path", "local_rank"}
+
+
+def run_record(script_args: Any, training_args: GapSFTConfig, model_args: Any) -> dict:
+    """What a resumed run must share with the run it continues: the model's and data's fingerprints and every setting
+    that changes the result (`RESUMABLE_CHANGES` are left out). `script_args` and `model_args` are train_sft.py's
+    `GapScriptArguments` and TRL's `ModelConfig`."""
+    settings = {}
+    for arguments in (script_args, model_args):
+        settings.update(dataclasses.asdict(arguments))
+    settings.update({key: getattr(training_args, key) for key in (
+        "seed", "learning_rate", "latent_head_learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "max_length", "freeze_vision_tower",
+        "scheduled_sampling_prob", "bf16", "fp16")})
+    settings = {key: value for key, value in settings.items() if key not in RESUMABLE_CHANGES}
+    return {
+        "model": model_fingerprint(model_args.model_name_or_path),
+        "data": data_fingerprint(script_args.dataset_path),
+        "pca": data_fingerprint(script_args.pca_path) if script_args.pca_path else None,
+        "settings": json.loads(json.dumps(settings, default=str)),
+    }
 
 
 class RunRecordCallback(TrainerCallback):
