@@ -235,33 +235,43 @@ class GapDataCollator:
         }
 
     # -- batch -------------------------------------------------------------------------------------------
-    def _process_images(self, encoded: list[dict]) -> None:
-        """Run the image processor once over the images of every row that has no precomputed pixels."""
-        todo = [(i, item) for i, item in enumerate(encoded) if item["images"]]
+    def _process_images(self, encoded: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Run the image processor once over the images of every row that has no precomputed pixels.
+
+        Sets those rows' ``image_grid_thw`` (and ``pixel_values``, as views of the processor's output, when another
+        row of the batch brings precomputed pixels). When no row does, the processor's ``(pixel_values,
+        image_grid_thw)`` already are the batch's, in row order, and are returned; otherwise None.
+        """
+        todo = [item for item in encoded if item["images"]]
         if not todo:
-            return
+            return None
         flat = []
-        for _, item in todo:
+        for item in todo:
             for k, image in enumerate(item["images"]):
                 try:
                     flat.append(load_image(image).convert("RGB"))
                 except (OSError, TypeError, ValueError) as error:
                     raise GapDataError(f"{item['name']}: image {k} cannot be loaded ({error}).") from None
         out = self.processor.image_processor(images=flat, return_tensors="pt")
-        grids = out["image_grid_thw"].to(torch.long)
-        patches = torch.split(out["pixel_values"], grids.prod(-1).tolist())
-        position = 0
-        for _, item in todo:
+        pixel_values, grids = out["pixel_values"], out["image_grid_thw"].to(torch.long)
+        mixed = any(item["pixel_values"] is not None for item in encoded)
+        patches = grids.prod(-1).tolist()
+        image = patch = 0
+        for item in todo:
             n = len(item["images"])
-            item["image_grid_thw"] = grids[position : position + n]
-            item["pixel_values"] = torch.cat(patches[position : position + n])
-            position += n
+            item["image_grid_thw"] = grids[image : image + n]
+            if mixed:
+                rows_patches = sum(patches[image : image + n])
+                item["pixel_values"] = pixel_values[patch : patch + rows_patches]
+                patch += rows_patches
+            image += n
+        return None if mixed else (pixel_values, grids)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise GapDataError("The collator got an empty batch.")
         encoded = [self.encode_row(row, index) for index, row in enumerate(rows)]
-        self._process_images(encoded)
+        processed = self._process_images(encoded)
 
         sequences, labels = [], []
         for item in encoded:
@@ -294,10 +304,13 @@ class GapDataCollator:
             "mm_token_type_ids": ((input_ids == self.image_token_id) & attention_mask.bool()).long(),
         }
 
-        with_pixels = [item for item in encoded if item["pixel_values"] is not None and item["image_grid_thw"].numel()]
-        if with_pixels:
-            batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_pixels])
-            batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_pixels])
+        if processed is not None:  # no precomputed pixels: the image processor's output is the batch's
+            batch["pixel_values"], batch["image_grid_thw"] = processed
+        else:
+            with_pixels = [item for item in encoded if item["pixel_values"] is not None and item["image_grid_thw"].numel()]
+            if with_pixels:
+                batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_pixels])
+                batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_pixels])
 
         targets = [item["latent_targets"] for item in encoded if item["latent_targets"] is not None]
         if targets:
