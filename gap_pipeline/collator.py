@@ -27,6 +27,7 @@ Imports only torch, numpy, PIL and transformers (not TRL).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -94,6 +95,16 @@ def _present(row: dict, key: str) -> bool:
     return not (isinstance(value, (list, tuple)) and len(value) == 0)
 
 
+def _cache_key(messages: list[dict], image_grid_thw: torch.Tensor | None) -> tuple[str, tuple] | None:
+    """What a conversation's tokens depend on: its messages (as JSON) and its images' grids; None when a message
+    holds something JSON cannot write (such a row is tokenized every time)."""
+    try:
+        text = json.dumps(messages)
+    except (TypeError, ValueError):
+        return None
+    return text, () if image_grid_thw is None else tuple(image_grid_thw.flatten().tolist())
+
+
 def _to_tensor(value, dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(dtype)
@@ -113,19 +124,28 @@ class GapDataCollator:
         max_length: the longest allowed row in tokens; a longer row is an error (a row is never truncated:
             a cut could fall inside an image or a latent span). None: no limit.
         latent_tokens_per_span: K; default the processor's.
+        cache_tokens: rows repeat every epoch, so the collator keeps each row's token ids and labels (keyed by its
+            messages, after difficulty-aware stripping, and its images' grids) and renders and tokenizes it once,
+            up to this many tokens in all (16 bytes each: 128 MB at the default 2**23); 0 turns the cache off.
+            With dataloader workers each worker holds its own cache (`dataloader_persistent_workers` keeps it
+            across epochs).
 
     Rows are dicts with ``messages`` and, as needed, ``images``, ``aux_images``, ``accuracy``,
     ``latent_targets`` ((n_spans * K, d) or (n_spans, K, d)), ``pixel_values`` / ``image_grid_thw``
     (precomputed by `prepare_dataset`) and ``id``.
     """
 
-    def __init__(self, processor, *, difficulty_threshold=0.0, max_length=None, latent_tokens_per_span=None):
+    def __init__(
+        self, processor, *, difficulty_threshold=0.0, max_length=None, latent_tokens_per_span=None, cache_tokens=2**23
+    ):
         if isinstance(difficulty_threshold, bool) or not isinstance(difficulty_threshold, (int, float)) or (
             not math.isfinite(difficulty_threshold)
         ):
             raise GapDataError(f"`difficulty_threshold` must be a finite number (tau of Eq. 4), got {difficulty_threshold!r}.")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise GapDataError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
+        if isinstance(cache_tokens, bool) or not isinstance(cache_tokens, int) or cache_tokens < 0:
+            raise GapDataError(f"`cache_tokens` must be an integer >= 0 (0: no cache), got {cache_tokens!r}.")
         self.processor = _as_gap_processor(processor, latent_tokens_per_span)
         self.difficulty_threshold = float(difficulty_threshold)
         self.max_length = max_length
@@ -137,6 +157,9 @@ class GapDataCollator:
         self.pad_token_id = pad_id
         self.image_token_id = self.processor.image_token_id
         self.latent_pad_token_id = self.processor.latent_pad_token_id
+        self.cache_tokens = cache_tokens
+        self._token_cache: dict[tuple[str, tuple], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_tokens = 0
 
     # -- per row -----------------------------------------------------------------------------------------
     def keeps_latents(self, row: dict) -> bool:
@@ -267,6 +290,21 @@ class GapDataCollator:
             image += n
         return None if mixed else (pixel_values, grids)
 
+    def _tokens(self, messages: list[dict], image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of one conversation, kept for its next collation while `cache_tokens` allows."""
+        key = _cache_key(messages, image_grid_thw)
+        cached = self._token_cache.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        tokens = self.processor.encode_conversation(messages, image_grid_thw=image_grid_thw)
+        ids = torch.tensor(tokens["input_ids"], dtype=torch.long)
+        supervised = torch.tensor(tokens["assistant_masks"], dtype=torch.bool) & (ids != self.latent_pad_token_id)
+        labels = torch.where(supervised, ids, IGNORE_INDEX)
+        if key is not None and self._cached_tokens + len(ids) <= self.cache_tokens:
+            self._token_cache[key] = ids, labels
+            self._cached_tokens += len(ids)
+        return ids, labels
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise GapDataError("The collator got an empty batch.")
@@ -275,18 +313,15 @@ class GapDataCollator:
 
         sequences, labels = [], []
         for item in encoded:
-            tokens = self.processor.encode_conversation(item["messages"], image_grid_thw=item["image_grid_thw"])
-            ids = tokens["input_ids"]
+            ids, row_labels = self._tokens(item["messages"], item["image_grid_thw"])
             if self.max_length is not None and len(ids) > self.max_length:
                 raise GapDataError(
                     f"{item['name']}: is {len(ids)} tokens long, more than max_length={self.max_length}; rows are "
                     "never truncated (a cut could split an image or a latent span): raise max_length, shrink its "
                     "images (image processor max_pixels) or drop the row."
                 )
-            ids = torch.tensor(ids, dtype=torch.long)
-            supervised = torch.tensor(tokens["assistant_masks"], dtype=torch.bool) & (ids != self.latent_pad_token_id)
             sequences.append(ids)
-            labels.append(torch.where(supervised, ids, torch.full_like(ids, IGNORE_INDEX)))
+            labels.append(row_labels)
 
         length = max(len(ids) for ids in sequences)
         batch_size = len(rows)

@@ -228,6 +228,45 @@ def test_prepared_dataset_gives_the_same_batch_without_image_processing(collator
         assert torch.equal(on_the_fly[key], precomputed[key]), key
 
 
+# token cache ---------------------------------------------------------------------------------------------------
+
+
+def test_a_cached_collation_equals_an_uncached_one_also_for_stripped_rows_and_other_image_sizes(
+    processor, tiny_image, monkeypatch
+):
+    answer = "Look <latent> so 3."
+    rows = [
+        _image_row(tiny_image(seed=0), answer, targets=_targets(1, seed=1), accuracy=0.0),
+        _image_row(tiny_image(seed=0), answer, targets=_targets(1, seed=1), accuracy=1.0),  # stripped: text only
+        _image_row(tiny_image(seed=2, size=(150, 90)), answer, targets=_targets(1, seed=2)),  # same text, other grid
+        _text_row(answer, targets=_targets(1, seed=3), id="t"),
+        _text_row(answer, accuracy=0.5, id="t-easy"),
+    ]
+    uncached = GapDataCollator(processor, cache_tokens=0)
+    cached = GapDataCollator(processor)
+    expected = uncached(rows)
+    tokenized = []
+    encode = processor.encode_conversation
+    monkeypatch.setattr(processor, "encode_conversation", lambda *a, **k: tokenized.append(1) or encode(*a, **k))
+    first = cached(rows)
+    assert len(tokenized) == len(rows)
+    for order in (rows, rows[::-1]):  # from the cache, in either order
+        tokenized.clear()
+        again = cached(order)
+        assert tokenized == []
+        reference = expected if order is rows else uncached(order)
+        assert again.keys() == reference.keys() == first.keys()
+        for key in reference:
+            assert torch.equal(again[key], reference[key]), key
+    assert (expected["input_ids"][1] != processor.latent_pad_token_id).all()  # the stripped row has no span
+    # a tiny budget keeps what fits and tokenizes the rest every time, with the same result
+    small = GapDataCollator(processor, cache_tokens=int(expected["attention_mask"][3].sum()))
+    for _ in range(2):
+        batch = small(rows)
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key
+
+
 # 5. the model's loss on a collated batch equals the loss on hand-built inputs ----------------------------------
 
 
@@ -345,6 +384,8 @@ def test_bad_collator_arguments_are_refused(processor, tiny_processor):
         GapDataCollator(processor, difficulty_threshold=float("nan"))
     with pytest.raises(ValueError, match="max_length"):
         GapDataCollator(processor, max_length=0)
+    with pytest.raises(ValueError, match="cache_tokens"):
+        GapDataCollator(processor, cache_tokens=-1)
     with pytest.raises(GapDataError, match="empty batch"):
         GapDataCollator(processor)([])
     with pytest.raises(ValueError, match="latent_tokens_per_span"):  # a plain processor does not know K
