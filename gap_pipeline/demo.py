@@ -19,7 +19,7 @@ Every stage runs the project's own command, exactly as a GPU user would (logs un
    opened, latent fidelity, norms), ``OUTPUT/demo_table.json`` and the norm plot.
 
 ``--full`` runs 3 seeds and adds the paper's component ablations trained on every row with its latent span:
-LH+PCA (all-latent) and LH (full head, no PCA); it prints mean +- std.
+LH+PCA (all-latent) and LH+DA (full head, no PCA); it prints mean +- std.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ INTERVENTIONS = ("pca", "oracle", "suppress", "noise", "hidden", "hidden_ema")
 CONTENT_CHECKS = ("suppress", "noise", "hidden", "hidden_ema")  # clean must beat each by MARGIN
 MARGIN = 0.10
 CHANCE = 0.2
-#: the paper's variants: output folder -> (row label, extra train_sft.py arguments). GAP trains on the
-#: difficulty-aware data; the ablations on every row's span.
+#: the paper's component ablations (its Table 4): output folder -> (row label, training data folder, extra
+#: train_sft.py arguments). GAP and LH+DA train on the difficulty-aware data, LH+PCA on every row's span; so
+#: GAP vs LH+PCA isolates DA and GAP vs LH+DA isolates the PCA head.
 VARIANTS = {
-    "gap": ("GAP (LH+PCA+DA)", ()),
-    "gap_all": ("LH+PCA (all-latent)", ()),
-    "gap_full": ("LH (full head)", ("--latent_head_type", "full")),
+    "gap": ("GAP (LH+PCA+DA)", "da_data", ()),
+    "gap_all": ("LH+PCA (all-latent)", "train_targets", ()),
+    "gap_full": ("LH+DA (full head)", "da_data", ("--latent_head_type", "full")),
 }
 
 
@@ -244,9 +245,9 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
               "--no-progress", "--overwrite"]  # a rerun's models were retrained: their predictions start fresh
     evaluated = {"gap": INTERVENTIONS, "control": ("suppress",)}
     if full:
-        for name, (_, extra) in VARIANTS.items():
-            if name != "gap":  # trained on every row's span: the targets folder has no accuracy column
-                demo.train(f"train-{name}", out / "base", out / "train_targets", out / name, *extra)
+        for name, (_, data, extra) in VARIANTS.items():
+            if name != "gap":
+                demo.train(f"train-{name}", out / "base", out / data, out / name, *extra)
                 evaluated[name] = ("pca",) if "full" in name else ("pca", "oracle")
     for name, interventions in evaluated.items():
         demo.gap(f"evaluate-{name}", "evaluate", "--model", out / name, "--output-dir", out / f"eval_{name}",
@@ -313,7 +314,7 @@ def format_table(runs: list[dict], args) -> tuple[str, dict]:
     table = {"seeds": [r["seed"] for r in runs], "test_rows": args.test_rows, "chance": CHANCE, "rows": []}
     rows = [(f"GAP (LH+PCA+DA), {iv}", "gap", iv) for iv in INTERVENTIONS]
     rows.append(("control (no latents)", "control", "suppress"))
-    rows += [(f"{label}, {iv}", name, iv) for name, (label, _) in VARIANTS.items() if name != "gap"
+    rows += [(f"{label}, {iv}", name, iv) for name, (label, _, _) in VARIANTS.items() if name != "gap"
              for iv in ("pca", "oracle") if name in runs[0] and iv in runs[0][name]]
     header = (f"{'model, latents fed':<30} {'accuracy':>15} " + " ".join(f"{t:>13}" for t in types)
               + f" {'opened a span':>14} {'latent cos':>11} {'latent RelSE':>13} {'latent norm':>12}")
@@ -362,7 +363,7 @@ def goal_checks(rows: list[dict]) -> list[dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/demo", help="where everything goes (default runs/demo)")
     parser.add_argument("--full", action="store_true",
-                        help="3 seeds, plus the LH+PCA (all-latent) and LH (full head) variants; prints mean ± std")
+                        help="3 seeds, plus the LH+PCA (all-latent) and LH+DA (full head) variants; prints mean ± std")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; --full: 0 1 2)")
     parser.add_argument("--train-rows", type=int, default=15000)
     parser.add_argument("--test-rows", type=int, default=300)

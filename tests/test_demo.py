@@ -75,7 +75,7 @@ def test_full_mode_table_gives_mean_and_std_over_seeds_with_the_ablation_rows_an
     assert abs(rows["GAP (LH+PCA+DA), pca"]["accuracy"] - 0.7) < 1e-12
     assert abs(rows["GAP (LH+PCA+DA), pca"]["accuracy_std"] - 0.2) < 1e-12
     assert abs(rows["control (no latents)"]["accuracy"] - 0.65) < 1e-12
-    assert abs(rows["LH (full head), pca"]["accuracy"] - 0.5) < 1e-12 and "LH+PCA (all-latent), oracle" in rows
+    assert abs(rows["LH+DA (full head), pca"]["accuracy"] - 0.5) < 1e-12 and "LH+PCA (all-latent), oracle" in rows
     assert rows["GAP (LH+PCA+DA), pca"]["by_type"] == {"framed": 1.0, "column": 0.7}
     assert "mean ± std over seeds [0, 1, 2]" in text and "0.700 ± 0.200" in text
     assert [(c["name"], c["met"]) for c in table["checks"]] == [("latents_carry_content", True), ("beats_control", True)]
