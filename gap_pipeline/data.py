@@ -52,6 +52,7 @@ __all__ = [
     "RowProblem",
     "accuracy_problem",
     "aux_count_problem",
+    "check_image_paths",
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
@@ -407,11 +408,12 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(np.asarray(value, dtype=np.float32).shape) if len(value) else (0,)
 
 
-def undecoded_images(dataset):
-    """`dataset` with its image columns typed so rows hold ``{"bytes", "path"}`` dicts instead of decoded PIL images."""
+def undecoded_images(dataset, columns: Iterable[str] = IMAGE_COLUMNS):
+    """`dataset` with its image `columns` typed so rows hold ``{"bytes", "path"}`` dicts instead of decoded PIL
+    images."""
     from datasets import Image, List
 
-    for column in IMAGE_COLUMNS:
+    for column in columns:
         if column in dataset.column_names:
             feature = dataset.features[column]
             inner = getattr(feature, "feature", None)
@@ -440,6 +442,27 @@ def validate_rows(
         if problem is not None:
             errors.append(problem)
     return errors
+
+
+def check_image_paths(rows: Iterable[dict], image_dir: str | os.PathLike, *, columns: Iterable[str] = IMAGE_COLUMNS,
+                      source: str = "the data") -> None:
+    """Raise a `GapDataError` listing every row of `rows` (dicts or a `datasets.Dataset`) with an image path in
+    `columns` that leaves `image_dir` (the path rule of `validate_row`), without opening any image."""
+    columns = list(columns)
+    if hasattr(rows, "cast_column"):
+        columns = [column for column in columns if column in rows.column_names]
+        if not columns:
+            return
+        rows = undecoded_images(rows.select_columns(columns + (["id"] if "id" in rows.column_names else [])), columns)
+    errors = []
+    for index, row in enumerate(rows):
+        for column in columns:
+            problem = _outside_problem(row.get(column) or [], image_dir)
+            if problem is not None:
+                errors.append(RowProblem(index, column, problem, row.get("id")))
+                break
+    if errors:
+        raise GapDataError(format_errors(errors, source), errors)
 
 
 def format_errors(errors: list[RowProblem], source: str = "the data") -> str:
@@ -476,7 +499,7 @@ def load_jsonl(
     """Load a JSONL file of rows into a `datasets.Dataset`, images as lazily decoded `datasets.Image` lists.
 
     Image entries are paths relative to `image_dir` (default: the JSONL file's folder) and must stay inside it
-    (no ``..`` or absolute path elsewhere) unless `allow_outside_image_dir`. With `validate`
+    (no ``..`` or absolute path elsewhere) unless `allow_outside_image_dir`, also without `validate`. With `validate`
     (the default) every row is checked first and a `GapDataError` lists the bad ones. String message contents
     become one-item content lists (Arrow needs one type per column); rows without ``accuracy`` get None.
     """
@@ -502,6 +525,8 @@ def load_jsonl(
     if validate:
         check_rows(rows, source=str(path), image_dir=folder, check_images=check_images,
                    allow_outside_image_dir=allow_outside_image_dir)
+    elif not allow_outside_image_dir:  # the path rule holds even when the rows are validated where they are used
+        check_image_paths(rows, folder, source=str(path))
     for row in rows:
         # Arrow needs one type per column: string contents become [{"type": "text", "text": ...}].
         row["messages"] = [

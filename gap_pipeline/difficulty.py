@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from . import GapError
 from .answers import gold_answer
-from .inference import dataset_base_dir, encode_prompts, load_rows, prompt_of_row
+from .inference import check_model_folder, dataset_base_dir, encode_prompts, load_rows, prompt_of_row
 from .plugins import import_object
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "Sampler",
     "SamplerSettings",
     "estimate_difficulty",
+    "is_default_sampler",
     "load_sampler",
     "merge_results",
     "read_results",
@@ -222,9 +223,14 @@ _SPEC_HELP = (
 )
 
 
+def is_default_sampler(spec: str | None) -> bool:
+    """Whether `spec` (``--sampler``) names the default :class:`HFSampler`."""
+    return spec is None or not spec.strip() or spec.strip() == "hf"
+
+
 def load_sampler(spec: str | None, settings: SamplerSettings) -> Sampler:
     """The sampler named by `spec` (None / "" / "hf" = :class:`HFSampler`), built with `settings` if a factory."""
-    if spec is None or not spec.strip() or spec.strip() == "hf":
+    if is_default_sampler(spec):
         return HFSampler(settings)
     obj, _ = import_object(spec.strip(), "sampler", DifficultyError, _SPEC_HELP, "_gap_user_sampler_")
     if not isinstance(obj, type) and callable(getattr(obj, "sample", None)):
@@ -645,6 +651,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "last assistant turn (default: answer)")
     parser.add_argument("--messages-column", default="messages", help="column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="column of the images (default: images)")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
     parser.add_argument("--id-column", default=None,
                         help="a column identifying rows; recorded with each result and checked at merge time")
     parser.add_argument("--tau", type=float, default=0.0,
@@ -687,7 +695,10 @@ def run(args: argparse.Namespace) -> int:
 
         datasets.disable_progress_bars()
     shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
-    dataset = load_rows(args.dataset, split=args.split)
+    if args.model is not None and is_default_sampler(args.sampler) and not args.merge:
+        check_model_folder(args.model, "--model", DifficultyError)  # before run.json records a mistyped folder
+    dataset = load_rows(args.dataset, split=args.split, image_columns=(args.images_column,),
+                        allow_outside_image_dir=args.allow_outside_image_dir)
     merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
     if args.merge:
         report = merge_results(dataset, output_dir, **merge_kwargs)

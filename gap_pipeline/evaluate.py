@@ -191,13 +191,15 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
     return items, problems
 
 
-def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
-    """Items of a dataset in the project schema and one problem line per row that cannot be scored."""
+def load_dataset_items(path: str | Path, split: str | None = None, *,
+                       allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
+    """Items of a dataset in the project schema and one problem line per row that cannot be scored; image paths stay
+    inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
     from .answers import normalize_options
     from .answers import AnswerError, gold_answer
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
-    dataset = load_rows(path, split)
+    dataset = load_rows(path, split, allow_outside_image_dir=allow_outside_image_dir)
     base_dir = dataset_base_dir(path)
     items, problems = [], []
     seen: dict[str, str] = {}
@@ -216,11 +218,12 @@ def load_dataset_items(path: str | Path, split: str | None = None) -> tuple[list
     return items, problems
 
 
-def load_items(path: str | Path, split: str | None = None) -> tuple[list[EvalItem], list[str]]:
-    """TSV benchmark files by extension, datasets otherwise."""
+def load_items(path: str | Path, split: str | None = None, *,
+               allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
+    """TSV benchmark files by extension (images inline), datasets otherwise."""
     if str(path).lower().endswith(".tsv"):
         return load_tsv_items(path)
-    return load_dataset_items(path, split)
+    return load_dataset_items(path, split, allow_outside_image_dir=allow_outside_image_dir)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -536,6 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
                         help="a row without image/answer or with bad base64: report and skip it, or stop")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths outside the data's folder ('..', absolute paths); off by default")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",
@@ -569,10 +574,11 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .answers import load_checker
-    from .inference import load_model_and_processor
+    from .inference import check_model_folder, load_model_and_processor
 
     from configuration_gap import check_latent_budget
 
+    check_model_folder(args.model, "--model", EvaluationError)
     state = PartialState(cpu=not torch.cuda.is_available())
     interventions = _parse_list(args.interventions, str)
     unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
@@ -585,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
                 check_latent_budget(budget, "--budgets")
     except ValueError as exc:
         raise EvaluationError(f"--budgets {args.budgets}: {exc}") from None
-    items, problems = load_items(args.data, args.split)
+    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir)
     if state.is_main_process:
         for problem in problems:
             print(f"gap evaluate: bad row: {problem}", file=sys.stderr)

@@ -37,6 +37,7 @@ from .datasets_io import load_dataset_folder
 
 __all__ = [
     "RowError",
+    "check_model_folder",
     "checkpoint_model_type",
     "clean_messages",
     "encode_prompts",
@@ -63,37 +64,45 @@ class RowError(GapError):
 # ----------------------------------------------------------------------------------------
 
 
-def load_rows(path: str | os.PathLike, split: str | None = None):
+def load_rows(path: str | os.PathLike, split: str | None = None, *, image_columns: Sequence[str] = ("images",),
+              allow_outside_image_dir: bool = False):
     """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a ``.jsonl``/``.json``/``.parquet`` file.
 
-    A ``DatasetDict`` folder needs ``split`` unless it has exactly one split.
+    A ``DatasetDict`` folder needs ``split`` unless it has exactly one split. Image paths (in a JSONL's
+    ``images``/``aux_images``, and in `image_columns`) must stay inside the data's folder (`dataset_base_dir`) unless
+    `allow_outside_image_dir`: a `GapDataError` names the rows, before any image is opened.
     """
     import datasets
+
+    from .data import IMAGE_COLUMNS, check_image_paths, load_jsonl
 
     p = Path(path)
     if not p.exists():
         raise GapError(f"dataset not found: {p}")
     if p.is_dir():
-        return load_dataset_folder(
+        dataset = load_dataset_folder(
             p,
             split,
             GapError,
             "{path} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
             "or a .jsonl / .json / .parquet file",
         )
-    if split is not None:
+    elif split is not None:
         raise GapError(f"{p} is a single file; drop --split {split}")
-    if p.suffix.lower() == ".jsonl":
-        from .data import load_jsonl
-
-        # The project's JSONL loader: image paths made absolute (relative to the file's folder) and typed as
-        # datasets.Image lists, string contents turned into content lists. Rows are validated where they are used.
-        return load_jsonl(p, validate=False)
-    builders = {".json": "json", ".parquet": "parquet"}
-    builder = builders.get(p.suffix.lower())
-    if builder is None:
-        raise GapError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json or .parquet")
-    return datasets.load_dataset(builder, data_files=str(p), split="train")
+    elif p.suffix.lower() == ".jsonl":
+        # The project's JSONL loader: image paths checked and made absolute (relative to the file's folder) and typed
+        # as datasets.Image lists, string contents turned into content lists. Rows are validated where they are used.
+        dataset = load_jsonl(p, validate=False, allow_outside_image_dir=allow_outside_image_dir)
+        image_columns = [column for column in image_columns if column not in IMAGE_COLUMNS]  # checked, now absolute
+    else:
+        builder = {".json": "json", ".parquet": "parquet"}.get(p.suffix.lower())
+        if builder is None:
+            raise GapError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json "
+                           "or .parquet")
+        dataset = datasets.load_dataset(builder, data_files=str(p), split="train")
+    if not allow_outside_image_dir:
+        check_image_paths(dataset, dataset_base_dir(p), columns=image_columns, source=str(p))
+    return dataset
 
 
 def dataset_base_dir(path: str | os.PathLike) -> Path:
@@ -249,14 +258,29 @@ def model_type_of(path: str | os.PathLike) -> str:
         return json.load(f).get("model_type", "")
 
 
+def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapError] = GapError, *,
+                       hub_id_ok: bool = False) -> None:
+    """One `error_cls` naming `flag` when `path` is not a checkpoint folder (missing, or without config.json), raised
+    before a step reads or writes anything, so a mistyped folder never becomes a Hub download or a traceback. With
+    `hub_id_ok` a name that does not look like a path (``org/name``) is left to the Hub."""
+    path = str(path)
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    if hub_id_ok and not looks_local:
+        return
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        raise error_cls(f"{flag} {path}: no such folder; pass the folder of a GAP or Qwen2.5-VL checkpoint"
+                        f"{' (or a Hub id)' if hub_id_ok else ''}.")
+    if not (folder / "config.json").is_file():
+        raise error_cls(f"{flag} {path}: the folder has no config.json; pass the checkpoint folder itself (the one "
+                        "holding config.json and the weights).")
+
+
 def checkpoint_model_type(path: str, revision: str | None = None, error_cls: type[GapError] = GapError) -> str | None:
     """The `model_type` of the checkpoint `path` (a folder or a Hub id); one clear `error_cls` when there is none."""
     from transformers import PretrainedConfig
 
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise error_cls(f"--model_name_or_path {path}: no such folder; pass the folder of a GAP or Qwen2.5-VL "
-                        "checkpoint (or a Hub id).")
+    check_model_folder(path, "--model_name_or_path", error_cls, hub_id_ok=True)
     try:
         return PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
     except OSError as error:

@@ -74,7 +74,7 @@ import torch
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, encode_prompts
+from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, encode_prompts
 
 FORMAT_NAME = "gap-norm-profile"
 FORMAT_VERSION = 1
@@ -459,11 +459,14 @@ def dataset_samples(
     limit: int | None = None,
     messages_column: str = "messages",
     images_column: str = "images",
+    allow_outside_image_dir: bool = False,
 ):
-    """``(samples, n)``: the question (turns before the first assistant turn, and its images) of each row."""
+    """``(samples, n)``: the question (turns before the first assistant turn, and its images) of each row; image
+    paths stay inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
-    dataset = load_rows(path, split=split)
+    dataset = load_rows(path, split=split, image_columns=(images_column,),
+                        allow_outside_image_dir=allow_outside_image_dir)
     if messages_column not in dataset.column_names:
         raise NormProfileError(f"{path} has no '{messages_column}' column (its columns: {dataset.column_names}); "
                          "name the conversation column with --messages-column")
@@ -623,6 +626,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split to use when --dataset is a DatasetDict")
     parser.add_argument("--messages-column", default="messages", help="dataset column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="dataset column of the images (default: images)")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
     parser.add_argument("--max-samples", type=int, default=64, help="profile at most this many prompts (default: 64)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward, left-padded (default: 1)")
     parser.add_argument("--output-dir", required=True, help=f"where {PROFILE_FILENAME} and {PLOT_FILENAME} go")
@@ -657,6 +662,7 @@ def run(args: argparse.Namespace) -> int:
             check_latent_budget(args.latent_tokens_per_span, "--latent-tokens-per-span")
         except ValueError as exc:
             raise NormProfileError(str(exc)) from None
+    check_model_folder(args.model, "--model", NormProfileError)
     started = time.time()
     if args.images is not None:
         samples, total = folder_samples(args.images, args.prompt or DEFAULT_PROMPT, limit=args.max_samples)
@@ -667,6 +673,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.max_samples,
             messages_column=args.messages_column,
             images_column=args.images_column,
+            allow_outside_image_dir=args.allow_outside_image_dir,
         )
     model, processor, is_gap = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
     if args.latent_tokens_per_span is not None and not is_gap:

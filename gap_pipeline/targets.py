@@ -43,7 +43,7 @@ from configuration_gap import check_latent_budget
 
 from . import GapError
 from .datasets_io import atomic_output_dir, load_dataset_folder
-from .inference import resolve_device
+from .inference import check_model_folder, resolve_device
 
 __all__ = [
     "FORMAT_NAME",
@@ -580,6 +580,7 @@ def run(args: argparse.Namespace) -> int:
     The dataset is written beside --output-dir and renamed into place when complete; an existing output is
     replaced only then. Temporary folders are removed on failure, and those of a killed run on the next run.
     """
+    check_model_folder(args.model, "--model", TargetsError)
     model_dir = Path(args.model)
     output_dir = Path(args.output_dir)
     cache_dir = _fresh_cache_dir(output_dir)

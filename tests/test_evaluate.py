@@ -269,15 +269,15 @@ def test_oracle_needs_rows_with_targets(tmp_path, engineered_dir):
     assert "run `gap targets` on the evaluation rows" in run.stderr and "['test-0', 'test-1', 'test-2']" in run.stderr
 
 
-def test_a_user_error_prints_one_error_line_and_exits_2(tmp_path, capsys):
+def test_a_user_error_prints_one_error_line_and_exits_2(tmp_path, engineered_dir, capsys):
     from gap_pipeline import cli
 
     missing = tmp_path / "bench.tsv"
-    status = cli.main(["evaluate", "--model", str(tmp_path), "--data", str(missing), "--output-dir",
+    status = cli.main(["evaluate", "--model", str(engineered_dir), "--data", str(missing), "--output-dir",
                        str(tmp_path / "out")])
     assert status == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {missing}: no such TSV file"]
-    status = cli.main(["evaluate", "--model", str(tmp_path), "--data", str(missing), "--output-dir",
+    status = cli.main(["evaluate", "--model", str(engineered_dir), "--data", str(missing), "--output-dir",
                        str(tmp_path / "out"), "--budgets", "4,5"])
     err = capsys.readouterr().err.splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("error: --budgets 4,5:")

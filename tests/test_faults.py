@@ -140,11 +140,11 @@ def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, tw
     assert "but no run.json, the record of what produced them" in capsys.readouterr().err
 
 
-def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_image, capsys):
+def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_image, two_gap_dirs, capsys):
     from gap_pipeline.evaluate import EvaluationError, load_items
 
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 1])
-    assert gap_main(_evaluate_args(tmp_path / "never-loaded", data, tmp_path / "eval")) == 2
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, tmp_path / "eval")) == 2
     assert "id '1' is used by the row on line 2 and by the row on line 4" in capsys.readouterr().err
     rows = [{"id": rid, "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
              "answer": "A"} for rid in ("a", "b", "b")]
@@ -227,6 +227,44 @@ def test_image_paths_stay_inside_the_data_folder_unless_allowed(tmp_path, rows_j
     assert f"row 1 (id='r1'), field 'aux_images': entry 0 path {path!r} leaves the image folder" in err
     assert not out.exists()
     assert gap_main(base + ["--allow-outside-image-dir"]) == 0  # the user vouches for the paths
+
+
+_ECHO_SAMPLER = """
+class Echo:  # answers every question with its gold answer
+    def __init__(self, settings):
+        pass
+
+    def sample(self, questions, n):
+        return [[q.answer] * n for q in questions]
+"""
+
+
+@pytest.mark.parametrize("escape", ["../secret.png", "ABSOLUTE"])
+@pytest.mark.parametrize("command", ["evaluate", "difficulty"])
+def test_evaluate_and_difficulty_read_images_only_inside_the_data_folder_unless_allowed(
+        tmp_path, tiny_image, two_gap_dirs, capsys, command, escape):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tiny_image(seed=0).save(folder / "q.png")
+    tiny_image(seed=9).save(tmp_path / "secret.png")  # a file outside the data folder
+    path = str(tmp_path / "secret.png") if escape == "ABSOLUTE" else escape
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                                         {"role": "assistant", "content": "A"}], "images": [image], "answer": "A"}
+            for i, image in enumerate(["q.png", path])]
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    if command == "evaluate":
+        args = _evaluate_args(two_gap_dirs[0], data, out)
+    else:
+        (tmp_path / "echo.py").write_text(_ECHO_SAMPLER)
+        args = ["difficulty", "--dataset", str(data), "--output-dir", str(out), "--num-samples", "2", "--sampler",
+                f"{tmp_path / 'echo.py'}:Echo", "--no-progress"]
+    assert gap_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"row 1 (id='r1'), field 'images': entry 0 path {path!r} leaves the image folder" in err
+    assert "--allow-outside-image-dir" in err and not out.exists()  # refused before anything is read or written
+    assert gap_main(args + ["--allow-outside-image-dir"]) == 0  # the user vouches for the paths
 
 
 def test_tsv_rows_that_do_not_line_up_with_the_header_are_named_not_shifted(tmp_path, tiny_image):
@@ -325,3 +363,23 @@ def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):  # noq
     argv = _cli_argv(work, tmp_path / "out", model=tmp_path / "no-such-model")
     with pytest.raises(TrainingError, match="no-such-model: no such folder"):
         train_sft.main(*_parse(argv), argv=argv)
+
+
+@pytest.mark.parametrize("model", ["ABSOLUTE", "Org/no-such-model", "EMPTY"])
+@pytest.mark.parametrize("command", ["targets", "evaluate", "difficulty"])
+def test_a_missing_model_folder_is_one_error_before_anything_is_read_or_written(tmp_path, rows_jsonl, capsys,
+                                                                                monkeypatch, command, model):
+    monkeypatch.chdir(tmp_path)  # a relative name is looked up here, never on the Hub
+    if model == "EMPTY":
+        model = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+    elif model == "ABSOLUTE":
+        model = str(tmp_path / "no-such-model")
+    out = tmp_path / "out"
+    data = {"difficulty": "--dataset"}.get(command, "--data")
+    assert gap_main([command, data, str(rows_jsonl), "--model", model, "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    fix = ("the folder has no config.json; pass the checkpoint folder itself" if model.endswith("empty") else
+           "no such folder; pass the folder of a GAP or Qwen2.5-VL checkpoint.")
+    assert len(err) == 1 and err[0].startswith(f"error: --model {model}: {fix}")
+    assert not out.exists()  # a corrected rerun starts clean (difficulty's run.json never records the typo)

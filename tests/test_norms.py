@@ -180,7 +180,7 @@ def test_cli_errors_name_the_argument(tmp_path, tiny_base_dir, dataset_dir, caps
     assert "--prompt applies to --images" in capsys.readouterr().err
     assert cli.main(["norm-profile", "--model", str(dataset_dir), "--dataset", str(dataset_dir),
                      "--output-dir", str(tmp_path / "o")]) == 2
-    assert "is not a model folder" in capsys.readouterr().err
+    assert f"--model {dataset_dir}: the folder has no config.json" in capsys.readouterr().err
 
 
 def test_loading_a_gap_folder_never_asks_to_trust_remote_code(tiny_gap_dir):
