@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from . import GapError
-from .data import GapDataError, turn_texts, undecoded_images
+from .data import turn_texts, undecoded_images
 from .datasets_io import atomic_files_into, datasets_progress_bars, write_json_file
 from .evaluate import decode_base64_image, iter_tsv_records
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
@@ -626,14 +626,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gap audit``: fingerprint, match, write audit.json and report.html, print the summary line."""
-    try:
-        result = audit(
-            args.train, args.eval, image_threshold=args.image_threshold, question_threshold=args.question_threshold,
-            num_proc=args.num_proc, progress=not args.no_progress,
-        )
-    except (AuditError, GapDataError, FileNotFoundError, ValueError) as error:
-        print(f"gap audit: error: {error}", file=sys.stderr)
-        return 2
+    result = audit(
+        args.train, args.eval, image_threshold=args.image_threshold, question_threshold=args.question_threshold,
+        num_proc=args.num_proc, progress=not args.no_progress,
+    )
     output_dir = Path(args.output_dir)
     with atomic_files_into(output_dir) as staging:  # both files appear together, or neither changes
         write_json_file(staging / "audit.json", audit_json(result), "audit.json")

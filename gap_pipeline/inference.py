@@ -99,7 +99,12 @@ def load_rows(path: str | os.PathLike, split: str | None = None, *, image_column
         if builder is None:
             raise GapError(f"{p}: unsupported dataset file type {p.suffix!r}; use a save_to_disk folder, .jsonl, .json "
                            "or .parquet")
-        dataset = datasets.load_dataset(builder, data_files=str(p), split="train")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(p), split="train")
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:  # pyarrow's ArrowInvalid: ValueError
+            cause = error.__cause__ or error
+            raise GapError(f"{p}: not a readable {builder} dataset file ({str(cause).splitlines()[0]}); fix or "
+                           "re-export it") from None
     if not allow_outside_image_dir:
         check_image_paths(dataset, dataset_base_dir(p), columns=image_columns, source=str(p))
     return dataset

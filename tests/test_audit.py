@@ -178,3 +178,6 @@ def test_bad_arguments_are_one_error_line(tmp_path, files, capsys):
     assert "missing.tsv: no such file or folder" in capsys.readouterr().err
     assert gap_main(base + ["--eval", str(files / "clean.tsv"), "--image-threshold", "1.5"]) == 2
     assert "--image-threshold must be in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "bench.parquet").write_text("not parquet")
+    assert gap_main(base + ["--eval", str(tmp_path / "bench.parquet")]) == 2
+    assert "bench.parquet: not a readable parquet dataset file" in capsys.readouterr().err
