@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -535,34 +534,28 @@ def _outputs(args) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     """Run ``gap filter``: measure, decide, write the kept rows and filter_report.json, print the summary line."""
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
 
-    from .data import GapDataError
     from .datasets_io import atomic_files_into, atomic_output_dir, datasets_progress_bars, write_json_file
-    from .inference import resolve_device
-    from .targets import TargetsError, load_vision_tower
+    from .inference import load_processor, resolve_device
+    from .targets import load_vision_tower, tower_dtype
 
-    try:
-        thresholds = FilterThresholds(
-            args.min_span_variance_ratio, args.min_query_distance, args.parser_min_tokens, args.parser_max_tokens,
-            args.ngram_size, args.max_repeated_ngrams, args.min_alpha, args.parser_required,
-        )
-        if args.batch_size < 1:
-            raise FilterError(f"--batch-size must be >= 1, got {args.batch_size}")
-        outputs = _outputs(args)
-        rows, targets, base_dir = _load_inputs(args)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        query_encoder = None
-        if targets is not None and thresholds.min_query_distance > 0:
-            device = resolve_device(args.device)
-            dtype = args.model_dtype if args.model_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-            tower = load_vision_tower(args.model, dtype=getattr(torch, dtype), device=device)
-            query_encoder = QueryEncoder(tower, AutoImageProcessor.from_pretrained(args.model))
-        result = filter_rows(rows, tokenizer, thresholds, targets=targets, query_encoder=query_encoder,
-                             base_dir=base_dir, batch_size=args.batch_size)
-    except (FilterError, GapDataError, TargetsError, FileNotFoundError, ValueError) as error:
-        print(f"gap filter: error: {error}", file=sys.stderr)
-        return 2
+    thresholds = FilterThresholds(
+        args.min_span_variance_ratio, args.min_query_distance, args.parser_min_tokens, args.parser_max_tokens,
+        args.ngram_size, args.max_repeated_ngrams, args.min_alpha, args.parser_required,
+    )
+    if args.batch_size < 1:
+        raise FilterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    outputs = _outputs(args)
+    rows, targets, base_dir = _load_inputs(args)
+    processor = load_processor(args.model)  # a GAP folder's too (AutoTokenizer would ask to trust its code)
+    query_encoder = None
+    if targets is not None and thresholds.min_query_distance > 0:
+        device = resolve_device(args.device)
+        dtype = getattr(torch, tower_dtype(args.model_dtype, device))
+        tower = load_vision_tower(args.model, dtype=dtype, device=device)
+        query_encoder = QueryEncoder(tower, processor.image_processor)
+    result = filter_rows(rows, processor.tokenizer, thresholds, targets=targets, query_encoder=query_encoder,
+                         base_dir=base_dir, batch_size=args.batch_size)
     output_dir = Path(args.output_dir)
     kept = result.kept
     data = Path(args.data)

@@ -164,6 +164,13 @@ def load_vision_tower(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     return tower
 
 
+def tower_dtype(model_dtype: str, device: torch.device) -> str:
+    """The vision tower's dtype name for ``--model-dtype``: ``"auto"`` is bfloat16 on CUDA, float32 elsewhere."""
+    if model_dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return model_dtype
+
+
 def _encoder_device_dtype(encoder):
     parameter = next(encoder.parameters())
     return parameter.device, parameter.dtype
@@ -613,9 +620,7 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
     except ValueError as exc:
         raise TargetsError(str(exc)) from None
     device = resolve_device(args.device)
-    model_dtype = args.model_dtype
-    if model_dtype == "auto":
-        model_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model_dtype = tower_dtype(args.model_dtype, device)
     dataset = _load_data(args)
     tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
     image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)

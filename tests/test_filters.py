@@ -232,3 +232,28 @@ def test_gap_filter_keeps_a_targets_folder_a_targets_folder(tmp_path, data, tiny
 
     folder = datasets.load_from_disk(str(out / "train_targets"))
     assert TARGETS_COLUMN in folder.column_names and "copy" in folder["id"] and "nan" not in folder["id"]
+
+
+def test_gap_filter_takes_a_gap_checkpoint_folder_as_model(tmp_path, data, tiny_base_dir, tiny_gap_and_processor, capfd):
+    gap_dir = tmp_path / "gap"
+    model, processor = tiny_gap_and_processor
+    model.save_pretrained(gap_dir)
+    processor.save_pretrained(gap_dir)
+    lines = []
+    for model_dir in (tiny_base_dir, gap_dir):
+        out = tmp_path / f"filtered-{model_dir.name}"
+        args = ["filter", "--data", str(data["jsonl"]), "--targets", str(data["targets_dir"]), "--model", str(model_dir),
+                "--output-dir", str(out)]
+        assert gap_main(args) == 0
+        captured = capfd.readouterr()
+        assert "custom code" not in captured.out + captured.err  # no trust_remote_code question
+        lines.append(captured.out.strip().rsplit(" -> ", 1)[0])
+    assert lines[0] == lines[1]  # same tokenizer counts, same vision tower
+
+
+def test_gap_filter_bad_model_folder_is_one_error_line(tmp_path, data, capsys):
+    args = ["filter", "--data", str(data["jsonl"]), "--model", str(tmp_path / "missing"), "--output-dir",
+            str(tmp_path / "out")]
+    assert gap_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing is not a model folder" in err and "Traceback" not in err
