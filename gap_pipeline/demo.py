@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import GapError
 from .demo_task import LATENT_TOKENS
 
 HELP = "Run the whole pipeline on CPU on the demo task and print the intervention table (make demo)."
@@ -52,8 +53,8 @@ VARIANTS = {
 }
 
 
-class StageError(RuntimeError):
-    """A stage's command failed; the message names the stage and its log."""
+class StageError(GapError):
+    """A stage's command failed; the message names the stage and its log (the `gap` command prints it)."""
 
 
 class Demo:
@@ -393,23 +394,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     runs = []
     stages_per_seed = 7
-    bar = tqdm(total=stages_per_seed * len(seeds), desc="gap demo", unit="stage")
+    with tqdm(total=stages_per_seed * len(seeds), desc="gap demo", unit="stage") as bar:  # a StageError closes it
+        for seed in seeds:
+            args.seed = seed
+            demo = Demo(root / f"seed{seed}" if len(seeds) > 1 else root, args)
 
-    for seed in seeds:
-        args.seed = seed
-        demo = Demo(root / f"seed{seed}" if len(seeds) > 1 else root, args)
+            def say(stage, message, seed=seed):
+                bar.update(1)
+                tqdm.write(f"[seed {seed}] {stage:<13} {message}")
 
-        def say(stage, message, seed=seed):
-            bar.update(1)
-            tqdm.write(f"[seed {seed}] {stage:<13} {message}")
-
-        try:
             runs.append(run_seed(demo, seed, args.full, say))
-        except StageError as error:
-            bar.close()
-            print(f"gap demo: {error}", file=sys.stderr)
-            return 1
-    bar.close()
     text, table = format_table(runs, args)
     table["seconds"] = time.perf_counter() - started
     (root / "demo_table.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")

@@ -92,3 +92,14 @@ def test_the_goal_checks_fail_when_an_intervention_is_within_the_margin_or_the_c
     run["control"]["suppress"]["accuracy"] = 0.6
     _, table = format_table([run], argparse.Namespace(test_rows=10))
     assert [(c["name"], c["met"]) for c in table["checks"]] == [("latents_carry_content", False), ("beats_control", False)]
+
+
+def test_a_failing_stage_is_one_error_line_naming_the_stage_and_its_log(tmp_path, capsys):
+    from gap_pipeline.cli import main as gap_main
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "base").write_text("a file where the base checkpoint folder goes")  # stage 1 (tiny-model) fails
+    assert gap_main(["demo", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: stage 'tiny-model' failed (exit 1); see " + str(out / "logs" / "tiny-model.log") in err
