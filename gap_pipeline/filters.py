@@ -536,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .datasets_io import atomic_files_into, atomic_output_dir, datasets_progress_bars, write_json_file
-    from .inference import load_processor, resolve_device
+    from .inference import check_model_folder, load_processor, resolve_device
     from .targets import load_vision_tower, tower_dtype
 
     thresholds = FilterThresholds(
@@ -545,6 +545,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise FilterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_folder(args.model, "--model", FilterError)
     outputs = _outputs(args)
     rows, targets, base_dir = _load_inputs(args)
     processor = load_processor(args.model)  # a GAP folder's too (AutoTokenizer would ask to trust its code)

@@ -256,4 +256,4 @@ def test_gap_filter_bad_model_folder_is_one_error_line(tmp_path, data, capsys):
             str(tmp_path / "out")]
     assert gap_main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing is not a model folder" in err and "Traceback" not in err
+    assert err.startswith(f"error: --model {tmp_path / 'missing'}: no such folder") and "Traceback" not in err
