@@ -12,6 +12,7 @@ What this file adds to `Qwen2_5_VLForConditionalGeneration`:
 This file imports only `torch`, `transformers` and its sibling files, so it ships as remote code.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,8 @@ class GapLatentHead(nn.Module):
     r"""F_theta and the PCA decoder of paper Eq. 1 and 16.
 
     ``latent_head_type="pca"`` (GAP): ``c = proj(h_bar) + down(silu(gate(h_bar)) * up(h_bar))`` with `proj`
-    initialised to weight P_k and bias -P_k mu, `down` initialised to zero, and ``v_hat = P_k^T c + mu`` with
+    initialised to weight alpha P_k and bias -alpha P_k mu (alpha matches the targets' spread: `set_pca`), `down`
+    initialised to zero, and ``v_hat = P_k^T c + mu`` with
     the fixed buffers `pca_mean` (d), `pca_components` (k x d, orthonormal rows) and `pca_eigenvalues` (k).
 
     ``latent_head_type="full"`` (the LH ablation): the same layout with a d -> d projector and no PCA; the
@@ -144,11 +146,19 @@ class GapLatentHead(nn.Module):
         init.zeros_(self.down.weight)
 
     @torch.no_grad()
-    def set_pca(self, mean, components, eigenvalues, *, reset_projector=True, atol=1e-4):
+    def set_pca(self, mean, components, eigenvalues, *, reset_projector=True, h_bar_norm=None, atol=1e-4):
         """Install a fitted PCA basis (paper Eq. 5-6) and, by default, re-initialise the head from it.
 
         mean: (d,), components: (k, d) with orthonormal rows, eigenvalues: (k,) >= 0, descending.
         Works under DeepSpeed ZeRO-3 (partitioned parameters are gathered, written on rank 0, re-scattered).
+
+        The projector starts as ``alpha * P_k`` (App. F: initialised from the PCA basis), bias ``-alpha * P_k mu``.
+        `h_bar_norm` is the expected norm of the head's input h_bar (for a final RMSNorm with weight gamma,
+        ||gamma||); with it, ``alpha = sqrt(sum(eigenvalues) * d / k) / h_bar_norm``, so that at init the
+        coefficients c have the spread of the targets' PCA coefficients (E||c||^2 = sum of the eigenvalues) rather
+        than of h_bar. Unscaled (alpha = 1, `h_bar_norm=None`), the first latents are P_k h_bar: as far from the
+        vision embeddings' norm as h_bar is (the norm mismatch of paper Sec. 3; 35x in the tiny demo model),
+        and the first steps' latent loss and gradients are dominated by shrinking them.
         """
         if self.head_type != "pca":
             raise ValueError("set_pca() applies to `latent_head_type='pca'` only; this head is 'full' (no PCA).")
@@ -187,8 +197,11 @@ class GapLatentHead(nn.Module):
             self.pca_components.copy_(components.to(self.pca_components.device, torch.float32))
             self.pca_eigenvalues.copy_(eigenvalues.clamp_min(0).to(self.pca_eigenvalues.device, torch.float32))
             if reset_projector:
-                self.proj.weight.copy_(self.pca_components)
-                self.proj.bias.copy_(-(self.pca_components @ self.pca_mean))
+                alpha = 1.0
+                if h_bar_norm is not None:
+                    alpha = math.sqrt(float(self.pca_eigenvalues.sum()) * d / k) / float(h_bar_norm)
+                self.proj.weight.copy_(alpha * self.pca_components)
+                self.proj.bias.copy_(-alpha * (self.pca_components @ self.pca_mean))
                 self.down.weight.zero_()
 
     # -- math ---------------------------------------------------------------------------------------------
@@ -883,8 +896,9 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 mean_row = weight[:n_known_tokens].float().mean(0)
                 weight[new_ids.to(weight.device)] = mean_row.to(weight.dtype)
             _init_head_from_scratch(model.latent_head, config)
-            if pca is not None:
-                model.latent_head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])
+            if pca is not None:  # h_bar = RMSNorm_final(h): its norm is that of the norm's weight
+                h_bar_norm = model.model.language_model.norm.weight.float().norm()
+                model.latent_head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"], h_bar_norm=h_bar_norm)
         model.generation_config = base.generation_config
         model.eval() if not base.training else model.train()
         return model, tokenizer

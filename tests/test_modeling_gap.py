@@ -133,6 +133,37 @@ def test_head_at_init_is_the_pca_projection():
     torch.testing.assert_close(head(h_bar), expected @ pca["components"] + pca["mean"], rtol=1e-5, atol=1e-5)
 
 
+def test_head_at_init_given_the_h_bar_norm_writes_latents_with_the_targets_spread_not_h_bars():
+    pca = synthetic_pca(64, 8, seed=3)
+    config = GapConfig(pca_num_components=8, latent_adapter_size=16,
+                       text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=32, vocab_size=50))
+    head = GapLatentHead(config)
+    h_bar = torch.nn.functional.rms_norm(torch.randn(4000, 64), (64,)) * 2.5  # a final RMSNorm with gamma = 2.5
+    head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"], h_bar_norm=2.5 * 8)
+    spread = (head.coefficients(h_bar) - head.coefficients(h_bar).mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(spread, pca["eigenvalues"].sum(), rtol=0.1, atol=0.0)
+    # still the PCA projection, scaled: the same directions
+    alpha = head.proj.weight.norm() / pca["components"].norm()
+    torch.testing.assert_close(head.proj.weight, alpha * pca["components"])
+    head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])  # unscaled: h_bar's own spread
+    unscaled = (head.coefficients(h_bar) - head.coefficients(h_bar).mean(0)).pow(2).sum(-1).mean()
+    assert unscaled > 10 * pca["eigenvalues"].sum()
+
+
+def test_converted_head_starts_near_the_targets_norm():
+    from gap_pipeline.tiny import build_tiny_gap_model
+
+    model, _ = build_tiny_gap_model(seed=0, latent_tokens_per_span=4, pca_num_components=16)
+    head = model.latent_head
+    gamma = model.model.language_model.norm.weight.float()
+    h_bar = torch.nn.functional.rms_norm(torch.randn(2000, gamma.numel()), (gamma.numel(),)) * gamma
+    with torch.no_grad():
+        spread = (head(h_bar) - head.pca_mean).norm(dim=-1).mean()
+    target = head.pca_eigenvalues.sum().sqrt()
+    assert 0.5 * target < spread < 2 * target
+
+
 # 3. Position alignment ------------------------------------------------------------------------------------
 
 
