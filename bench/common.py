@@ -137,9 +137,9 @@ def write_results(name: str, payload: dict) -> Path:
 
 
 def print_table(title: str, rows: list[dict]):
-    """rows: {"metric", "value", "goal", "met", "detail"}"""
+    """rows: {"metric", "value", "goal", "met" (True, False or None: no goal), "detail"}"""
     print(f"\n{title}")
     print(f"{'metric':<58} {'value':>9} {'goal':>9}  met  detail")
     for row in rows:
-        met = "yes" if row["met"] else "NO"
+        met = "-" if row["met"] is None else "yes" if row["met"] else "NO"
         print(f"{row['metric']:<58} {row['value']:>9.3f} {row['goal']:>9}  {met:<4} {row.get('detail', '')}")

@@ -1,13 +1,16 @@
 """Latent decoding benchmarks (issue: benchmarks), each ratio measured side by side in one run.
 
 1. latent step vs text step within the same generation           goal <= 1.05
-2. KV-cached K=36 span after a 512-token prompt vs a loop that
-   re-encodes the whole prefix every step (COCONUT-style)          goal >= 10x faster
+2. a K=36 span, KV-cached vs a loop that re-encodes the whole
+   prefix every step (COCONUT-style), at prompt lengths 256..4096: the span's steps alone (O(1) cached steps
+   against O(n) re-encodings, so the ratio grows linearly with n; the slope of a linear fit is reported) and the
+   whole call with its prefill
 3. throughput at batch 8 vs batch 1, rows opening spans at
    different steps                                                 goal >= 4x
 4. `suppress` vs stock Qwen2.5-VL `generate` on the same weights   goal >= 0.95x
 
     python bench/decode.py                 # CPU default size (hidden 512, 8 layers)
+    python bench/decode.py --parts cache --cache-lengths 256 512 1024
     python bench/decode.py --size 7b --device cuda --dtype bfloat16
 """
 
@@ -17,6 +20,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 from common import SIZES, build_models, print_table, spread, sync, timed, write_results
 from transformers import LogitsProcessor, StoppingCriteria
@@ -98,45 +102,90 @@ def bench_step_ratio(gap, args):
 
 
 @torch.no_grad()
-def recompute_span(gap, input_ids, mask, K):
-    """COCONUT-style: every step re-encodes the whole prefix (no cache) and feeds all latents so far."""
+def recompute_span(gap, input_ids, mask, K, device="cpu"):
+    """COCONUT-style: every step re-encodes the whole prefix (no cache) and feeds all latents so far.
+
+    Returns (sequence, seconds after the first forward): the first forward reads the prompt alone, as the prefill of
+    a cached decoder does once; the K + 1 forwards after it are the span's steps.
+    """
     start, pad, end = gap.config.latent_token_ids
     latents = []
     sequence, attention = input_ids, mask
-    tokens = [start] + [pad] * K + [end]
-    for token in tokens:
+    after_prefill = None
+    for token in [start] + [pad] * K + [end]:
         out = gap(input_ids=sequence, attention_mask=attention,
                   latent_embeds=torch.stack(latents) if latents else None, use_cache=False, logits_to_keep=1)
-        if token == pad or (token == end and len(latents) < K):
-            pass
-        new = torch.full((sequence.shape[0], 1), token, dtype=sequence.dtype, device=sequence.device)
         if sequence[0, -1].item() in (start, pad) and len(latents) < K:
             latents.append(out.next_latent[0].to(gap.dtype))
+        new = torch.full((sequence.shape[0], 1), token, dtype=sequence.dtype, device=sequence.device)
         sequence = torch.cat([sequence, new], dim=1)
         attention = torch.cat([attention, torch.ones_like(new)], dim=1)
-    return sequence
+        if after_prefill is None:
+            sync(device)
+            after_prefill = time.perf_counter()
+    sync(device)
+    return sequence, time.perf_counter() - after_prefill
+
+
+def cached_span(gap, input_ids, mask, K, device="cpu"):
+    """`generate` opening a span at once: (sequence, seconds after the prefill), the K + 1 cached span steps."""
+    start, pad, end = gap.config.latent_token_ids
+    opener = OpenSpanEvery(start, end, 10**6, torch.zeros(input_ids.shape[0], dtype=torch.long), input_ids.shape[1])
+    clock = StepClock(pad, device)
+    sequence = gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=K + 2, logits_processor=[opener],
+                            stopping_criteria=[clock])
+    return sequence, sum(clock.latent) + sum(clock.text)
+
+
+def cache_vs_recompute(gap, prompt_length, repeats, device="cpu", seed=1):
+    """A K-latent span after a `prompt_length`-token prompt, KV-cached vs recomputed, interleaved `repeats` times
+    after one warm-up. Ratios: the span's steps alone (the prefix already encoded: O(1) cached steps against O(n)
+    re-encodings, so the ratio grows linearly with n) and the whole call with its prefill."""
+    start, _, _ = gap.config.latent_token_ids
+    K = gap.config.latent_tokens_per_span
+    input_ids, mask = random_prompts(1, [prompt_length], start - 20, seed=seed)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    times = {"cached_s": [], "cached_steps_s": [], "recompute_s": [], "recompute_steps_s": []}
+    for repeat in range(repeats + 1):
+        t_cache, (out, cached_steps) = timed(lambda: cached_span(gap, input_ids, mask, K, device), device)
+        t_loop, (seq, recompute_steps) = timed(lambda: recompute_span(gap, input_ids, mask, K, device), device)
+        if repeat:
+            for key, value in zip(times, (t_cache, cached_steps, t_loop, recompute_steps)):
+                times[key].append(value)
+    # Every span token is forced (start by the opener, pads and end by the span processor), in any precision.
+    assert torch.equal(out[0, prompt_length:], seq[0, prompt_length:]), "both paths must produce the same span"
+    median = {key: statistics.median(value) for key, value in times.items()}
+    return {"prompt_length": prompt_length, "latent_tokens_per_span": K,
+            "steps_ratio": median["recompute_steps_s"] / median["cached_steps_s"],
+            "call_ratio": median["recompute_s"] / median["cached_s"],
+            **{key: spread(value) for key, value in times.items()}}
+
+
+def linear_fit(xs, ys):
+    """(slope, intercept, R^2) of a least-squares line."""
+    slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    residual = np.asarray(ys) - (slope * np.asarray(xs) + intercept)
+    total = np.asarray(ys) - np.mean(ys)
+    return float(slope), float(intercept), float(1.0 - (residual @ residual) / max(total @ total, 1e-300))
 
 
 def bench_cache_vs_recompute(gap, args):
-    start, pad, end = gap.config.latent_token_ids
-    K = gap.config.latent_tokens_per_span
-    input_ids, mask = random_prompts(1, [512], start - 20, seed=1)
-    input_ids, mask = input_ids.to(args.device), mask.to(args.device)
-    opener = OpenSpanEvery(start, end, 10**6, torch.zeros(1, dtype=torch.long), input_ids.shape[1])
-    cached, recomputed = [], []
-    for repeat in range(args.repeats + 1):
-        t_cache, out = timed(lambda: gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=K + 2,
-                                                  logits_processor=[opener]), args.device)
-        t_loop, seq = timed(lambda: recompute_span(gap, input_ids, mask, K), args.device)
-        if repeat:
-            cached.append(t_cache)
-            recomputed.append(t_loop)
-    assert (out[0, 512:] == seq[0, 512:]).all(), "both paths must produce the same span"
-    ratio = statistics.median(recomputed) / statistics.median(cached)
-    return {"metric": f"K={K} span after 512 tokens: recompute loop / KV cache", "value": ratio, "goal": ">= 10",
-            "met": ratio >= 10,
-            "detail": f"{statistics.median(recomputed):.2f} s vs {statistics.median(cached):.2f} s"}, {
-        "cached_s": spread(cached), "recompute_s": spread(recomputed)}
+    """The cached/recompute ratio against prompt length: one row per length and the slope of a linear fit."""
+    runs = [cache_vs_recompute(gap, n, args.cache_repeats, args.device) for n in args.cache_lengths]
+    rows = []
+    for run in runs:
+        K, n = run["latent_tokens_per_span"], run["prompt_length"]
+        rows.append({"metric": f"K={K} span after {n} tokens: recompute / KV cache (span steps)", "value": run["steps_ratio"],
+                     "goal": "-", "met": None,
+                     "detail": f"{run['recompute_steps_s']['median']:.2f} s vs {run['cached_steps_s']['median']:.3f} s; "
+                               f"with the prefill {run['call_ratio']:.1f}x ({run['recompute_s']['median']:.2f} s vs "
+                               f"{run['cached_s']['median']:.2f} s)"})
+    lengths = [run["prompt_length"] for run in runs]
+    slope, intercept, r2 = linear_fit(lengths, [run["steps_ratio"] for run in runs])
+    rows.append({"metric": f"span-steps ratio growth per 1k prompt tokens ({lengths[0]}-{lengths[-1]})",
+                 "value": slope * 1000, "goal": "linear", "met": len(runs) >= 3 and r2 >= 0.95,
+                 "detail": f"ratio = {intercept:.2f} + {slope * 1000:.2f} x n/1000, R^2 = {r2:.3f}"})
+    return rows, {"runs": runs, "fit": {"slope_per_token": slope, "intercept": intercept, "r2": r2}}
 
 
 def bench_batching(gap, args):
@@ -202,18 +251,25 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=96, help="new tokens per generation (parts 1, 3, 4)")
+    parser.add_argument("--cache-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
+                        help="prompt lengths of part 2")
+    parser.add_argument("--cache-repeats", type=int, default=3, help="repeats of part 2 (its long prompts are slow)")
+    parser.add_argument("--parts", nargs="+", choices=["step", "cache", "batch", "suppress"],
+                        default=["step", "cache", "batch", "suppress"])
     args = parser.parse_args(argv)
     gap, stock = build_models(args.size, dtype=getattr(torch, args.dtype), device=args.device)
+    benches = {"step": lambda: bench_step_ratio(gap, args), "cache": lambda: bench_cache_vs_recompute(gap, args),
+               "batch": lambda: bench_batching(gap, args), "suppress": lambda: bench_suppress_vs_stock(gap, stock, args)}
     rows, raw = [], {}
-    for name, run in [("step", lambda: bench_step_ratio(gap, args)),
-                      ("cache", lambda: bench_cache_vs_recompute(gap, args)),
-                      ("batch", lambda: bench_batching(gap, args)),
-                      ("suppress", lambda: bench_suppress_vs_stock(gap, stock, args))]:
-        row, detail = run()
-        rows.append(row)
+    for name in args.parts:
+        new_rows, detail = benches[name]()
+        new_rows = new_rows if isinstance(new_rows, list) else [new_rows]
+        rows.extend(new_rows)
         raw[name] = detail
-        print(f"  {row['metric']}: {row['value']:.3f} ({row['detail']})", flush=True)
-    print_table(f"decode benchmarks — size {args.size}, {args.device}, {args.dtype}, median of {args.repeats}", rows)
+        for row in new_rows:
+            print(f"  {row['metric']}: {row['value']:.3f} ({row['detail']})", flush=True)
+    print_table(f"decode benchmarks — size {args.size}, {args.device}, {args.dtype}, median of {args.repeats} "
+                f"(part 2: {args.cache_repeats})", rows)
     path = write_results(f"decode_{args.size}_{args.device}", {"args": vars(args), "rows": rows, "raw": raw})
     print(f"wrote {path}")
     return rows
