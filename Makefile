@@ -4,6 +4,8 @@
 # make test-harness  install the lmms-eval plugin's packages (install-harness), run the harness tests
 # make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
+# make wheels   fetch the wheels a GPU machine without network needs (into wheels/; see bench/wheels.py)
+# make gpu-check  on a CUDA GPU: install from wheels/ what differs there, then bench/gpu_check.py (~3 min)
 #
 # The install runs once and again only when setup.cfg or pyproject.toml change (stamp file).
 # torch is installed first, pinned, when the venv cannot import it: the pinned CPU build
@@ -13,6 +15,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+
+# The GPU machine's Python (the one with its CUDA torch), the wheels folder, the Python it runs and the compiled
+# wheels it may lack (small ones; numpy, pyarrow, pandas, ... must be there already)
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+WHEELS ?= wheels
+WHEELS_PYTHON ?= 3.12
+WHEELS_BINARY ?= pydantic-core hf-xet regex
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gap-vl-installed
@@ -24,7 +34,7 @@ LMMS_EVAL_VERSION ?= 0.7.3
 # runs without torchvision. With a CUDA torch, `pip install -e ".[lmms-eval]"` installs everything instead.
 LMMS_EVAL_DEPS := loguru evaluate sacrebleu pytz tenacity jsonlines pytablewriter "filelock<4"
 
-.PHONY: install install-harness test test-harness demo demo-full bench
+.PHONY: install install-harness test test-harness demo demo-full bench wheels gpu-check
 
 install: $(STAMP)
 
@@ -44,6 +54,14 @@ demo-full: $(STAMP)
 
 bench: $(STAMP)
 	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) pca_fit.py && ../$(PY) audit.py
+
+wheels: $(STAMP)
+	$(PY) bench/wheels.py download --dest $(WHEELS) --python-version $(WHEELS_PYTHON) --binary $(WHEELS_BINARY)
+
+# No network needed: installs only from $(WHEELS) (when the folder is there), and only what differs.
+gpu-check:
+	@if [ -d $(WHEELS) ]; then $(GPU_PYTHON) bench/wheels.py install --wheels $(WHEELS); fi
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
