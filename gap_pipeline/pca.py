@@ -49,8 +49,21 @@ class PcaError(GapError):
 
 
 # ----------------------------------------------------------------------------------------
-# Devices and conversion
+# Chunk conversion and x^T x
 # ----------------------------------------------------------------------------------------
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of an (n, d) float64 matrix.
+
+    On the CPU through NumPy: its matmul computes the product of one buffer with its own transpose as a BLAS
+    symmetric rank-k update (syrk, one triangle: half the multiply-adds of a general product), which torch does
+    not expose. Elsewhere (a GPU) torch's general product.
+    """
+    if x.device.type != "cpu":
+        return x.T @ x
+    a = x.numpy()
+    return torch.from_numpy(a.T @ a)
 
 
 def _as_float64_matrix(chunk: Any, device: torch.device) -> torch.Tensor:
@@ -71,8 +84,8 @@ def _as_float64_matrix(chunk: Any, device: torch.device) -> torch.Tensor:
             )
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise PcaError(f"chunk has dtype {arr.dtype}; expected a real floating-point dtype")
-        # np.array copies: memory-mapped slices are read-only and torch.from_numpy would warn.
-        t = torch.from_numpy(np.array(arr, copy=True)).to(device=device).to(torch.float64)
+        # One copy, widened on the way (a memory-mapped slice is read-only: torch.from_numpy would warn).
+        t = torch.from_numpy(np.array(arr, dtype=np.float64, copy=True)).to(device=device)
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
@@ -172,8 +185,7 @@ class StreamingPCA:
             )
         mean_b = x.mean(dim=0)
         xc = x - mean_b
-        m2_b = xc.T @ xc
-        self._merge(n_b, mean_b, m2_b)
+        self._merge(n_b, mean_b, _gram(xc))
         self.num_chunks += 1
         return self
 
