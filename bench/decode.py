@@ -53,14 +53,14 @@ class OpenSpanEvery(LogitsProcessor):
 class StepClock(StoppingCriteria):
     """Time between consecutive calls = one full generation step; classified by the token that step read."""
 
-    def __init__(self, pad_id, device):
-        self.pad_id, self.device = pad_id, device
+    def __init__(self, pad_id, device, clock=time.perf_counter):
+        self.pad_id, self.device, self.clock = pad_id, device, clock
         self.last = None
         self.latent, self.text = [], []
 
     def __call__(self, input_ids, scores, **kwargs):
         sync(self.device)
-        now = time.perf_counter()
+        now = self.clock()
         if self.last is not None:  # the first call closes the prefill step: not counted
             read = input_ids[0, -2].item()
             (self.latent if read == self.pad_id else self.text).append(now - self.last)
@@ -102,7 +102,7 @@ def bench_step_ratio(gap, args):
 
 
 @torch.no_grad()
-def recompute_span(gap, input_ids, mask, K, device="cpu"):
+def recompute_span(gap, input_ids, mask, K, device="cpu", clock=time.perf_counter):
     """COCONUT-style: every step re-encodes the whole prefix (no cache) and feeds all latents so far.
 
     Returns (sequence, seconds after the first forward): the first forward reads the prompt alone, as the prefill of
@@ -122,33 +122,35 @@ def recompute_span(gap, input_ids, mask, K, device="cpu"):
         attention = torch.cat([attention, torch.ones_like(new)], dim=1)
         if after_prefill is None:
             sync(device)
-            after_prefill = time.perf_counter()
+            after_prefill = clock()
     sync(device)
-    return sequence, time.perf_counter() - after_prefill
+    return sequence, clock() - after_prefill
 
 
-def cached_span(gap, input_ids, mask, K, device="cpu"):
+def cached_span(gap, input_ids, mask, K, device="cpu", clock=time.perf_counter):
     """`generate` opening a span at once: (sequence, seconds after the prefill), the K + 1 cached span steps."""
     start, pad, end = gap.config.latent_token_ids
     opener = OpenSpanEvery(start, end, 10**6, torch.zeros(input_ids.shape[0], dtype=torch.long), input_ids.shape[1])
-    clock = StepClock(pad, device)
+    steps = StepClock(pad, device, clock)
     sequence = gap.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=K + 2, logits_processor=[opener],
-                            stopping_criteria=[clock])
-    return sequence, sum(clock.latent) + sum(clock.text)
+                            stopping_criteria=[steps])
+    return sequence, sum(steps.latent) + sum(steps.text)
 
 
-def cache_vs_recompute(gap, prompt_length, repeats, device="cpu", seed=1):
+def cache_vs_recompute(gap, prompt_length, repeats, device="cpu", seed=1, clock=time.perf_counter, warmup=True):
     """A K-latent span after a `prompt_length`-token prompt, KV-cached vs recomputed, interleaved `repeats` times
-    after one warm-up. Ratios: the span's steps alone (the prefix already encoded: O(1) cached steps against O(n)
-    re-encodings, so the ratio grows linearly with n) and the whole call with its prefill."""
+    (after one untimed warm-up of each unless `warmup=False`). Ratios: the span's steps alone (the prefix already
+    encoded: O(1) cached steps against O(n) re-encodings, so the ratio grows linearly with n) and the whole call
+    with its prefill. `clock`: `time.perf_counter` (wall) or `time.process_time` (CPU time, CPU only)."""
     start, _, _ = gap.config.latent_token_ids
     K = gap.config.latent_tokens_per_span
     input_ids, mask = random_prompts(1, [prompt_length], start - 20, seed=seed)
     input_ids, mask = input_ids.to(device), mask.to(device)
     times = {"cached_s": [], "cached_steps_s": [], "recompute_s": [], "recompute_steps_s": []}
-    for repeat in range(repeats + 1):
-        t_cache, (out, cached_steps) = timed(lambda: cached_span(gap, input_ids, mask, K, device), device)
-        t_loop, (seq, recompute_steps) = timed(lambda: recompute_span(gap, input_ids, mask, K, device), device)
+    for repeat in range(0 if warmup else 1, repeats + 1):
+        t_cache, (out, cached_steps) = timed(lambda: cached_span(gap, input_ids, mask, K, device, clock), device, clock)
+        t_loop, (seq, recompute_steps) = timed(lambda: recompute_span(gap, input_ids, mask, K, device, clock), device,
+                                               clock)
         if repeat:
             for key, value in zip(times, (t_cache, cached_steps, t_loop, recompute_steps)):
                 times[key].append(value)
@@ -171,7 +173,10 @@ def linear_fit(xs, ys):
 
 def bench_cache_vs_recompute(gap, args):
     """The cached/recompute ratio against prompt length: one row per length and the slope of a linear fit."""
-    runs = [cache_vs_recompute(gap, n, args.cache_repeats, args.device) for n in args.cache_lengths]
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    # one warm-up, before the first length: the later ones run on warm kernels and allocator
+    runs = [cache_vs_recompute(gap, n, args.cache_repeats, args.device, clock=clock, warmup=i == 0)
+            for i, n in enumerate(args.cache_lengths)]
     rows = []
     for run in runs:
         K, n = run["latent_tokens_per_span"], run["prompt_length"]
@@ -256,7 +261,13 @@ def main(argv=None):
     parser.add_argument("--cache-repeats", type=int, default=3, help="repeats of part 2 (its long prompts are slow)")
     parser.add_argument("--parts", nargs="+", choices=["step", "cache", "batch", "suppress"],
                         default=["step", "cache", "batch", "suppress"])
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="part 2's clock: wall time, or this process's CPU time (CPU device; with --threads 1 it "
+                             "is steady on a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gap, stock = build_models(args.size, dtype=getattr(torch, args.dtype), device=args.device)
     benches = {"step": lambda: bench_step_ratio(gap, args), "cache": lambda: bench_cache_vs_recompute(gap, args),
                "batch": lambda: bench_batching(gap, args), "suppress": lambda: bench_suppress_vs_stock(gap, stock, args)}
@@ -270,7 +281,8 @@ def main(argv=None):
             print(f"  {row['metric']}: {row['value']:.3f} ({row['detail']})", flush=True)
     print_table(f"decode benchmarks — size {args.size}, {args.device}, {args.dtype}, median of {args.repeats} "
                 f"(part 2: {args.cache_repeats})", rows)
-    path = write_results(f"decode_{args.size}_{args.device}", {"args": vars(args), "rows": rows, "raw": raw})
+    name = f"decode_{args.size}_{args.device}" + ("" if len(args.parts) == len(benches) else "_" + "_".join(args.parts))
+    path = write_results(name, {"args": vars(args), "rows": rows, "raw": raw})
     print(f"wrote {path}")
     return rows
 
