@@ -372,17 +372,10 @@ def trainer_arguments(output_dir: str, spec: Spec, ctx: Namespace, **overrides) 
                 dataloader_num_workers=0, gradient_checkpointing=True, disable_tqdm=True, seed=0, **overrides)
 
 
-def gap_config(**arguments):
-    """GAP's training arguments (an `SFTConfig`)."""
-    from trl import SFTConfig
-
-    return SFTConfig(**arguments)
-
-
 def gap_trainer(model, processor, dataset, args, callbacks=()):
-    """The trainer `train_sft.py` builds."""
+    """The trainer `train_sft.py` builds (`args`: a `GapSFTConfig`)."""
     from gap_pipeline.collator import GapDataCollator
-    from train_sft import GapSFTTrainer
+    from gap_pipeline.trainer import GapSFTTrainer
 
     return GapSFTTrainer(model, args=args, data_collator=GapDataCollator(processor), train_dataset=dataset,
                          processing_class=processor, callbacks=list(callbacks))
@@ -392,6 +385,7 @@ def part_train(ctx: Namespace) -> tuple[list, dict]:
     """GapSFTTrainer vs SFTTrainer: the same weights, rows and step count, interleaved rounds of `Trainer.train`."""
     from datasets import Dataset
     from gap_pipeline.collator import GapDataCollator
+    from gap_pipeline.trainer import GapSFTConfig
     from trl import SFTConfig, SFTTrainer
 
     spec, device = ctx.spec, ctx.device
@@ -406,8 +400,8 @@ def part_train(ctx: Namespace) -> tuple[list, dict]:
     meters = {"gap": StepMeter(device), "stock": StepMeter(device)}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            "gap": gap_trainer(ctx.gap, ctx.processor, dataset, gap_config(**trainer_arguments(tmp + "/gap", spec, ctx)),
-                               [meters["gap"]]),
+            "gap": gap_trainer(ctx.gap, ctx.processor, dataset,
+                               GapSFTConfig(**trainer_arguments(tmp + "/gap", spec, ctx)), [meters["gap"]]),
             "stock": SFTTrainer(ctx.stock, args=SFTConfig(**trainer_arguments(
                 tmp + "/stock", spec, ctx, dataset_kwargs={"skip_prepare_dataset": True})),
                 data_collator=stock_collator, train_dataset=dataset, processing_class=ctx.processor,
@@ -492,6 +486,7 @@ def zero3_worker(work: str, spec: Spec, device: str, dtype: torch.dtype, attn: s
     import deepspeed
     from datasets import Dataset
     from deepspeed.utils import safe_get_full_fp32_param
+    from gap_pipeline.trainer import GapSFTConfig
     from modeling_gap import GapForConditionalGeneration
     from safetensors.torch import save_file
 
@@ -511,7 +506,7 @@ def zero3_worker(work: str, spec: Spec, device: str, dtype: torch.dtype, attn: s
     if device == "cpu":  # DeepSpeed's process group before `zero.Init` (gloo on CPUs, as train_sft.py does)
         deepspeed.init_distributed(dist_backend="gloo")
     # The DeepSpeed config is live while `args` exists: from_pretrained partitions the model under zero.Init.
-    args = gap_config(**trainer_arguments(str(Path(work, "out")), small, ctx, deepspeed=ds_config))
+    args = GapSFTConfig(**trainer_arguments(str(Path(work, "out")), small, ctx, deepspeed=ds_config))
     model = GapForConditionalGeneration.from_pretrained(init, dtype=dtype)
     trainer = gap_trainer(model, processor, Dataset.from_list(rows), args)
     trainer.train()
