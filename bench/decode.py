@@ -258,7 +258,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=96, help="new tokens per generation (parts 1, 3, 4)")
     parser.add_argument("--cache-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
                         help="prompt lengths of part 2")
-    parser.add_argument("--cache-repeats", type=int, default=3, help="repeats of part 2 (its long prompts are slow)")
+    parser.add_argument("--cache-repeats", type=int, default=1,
+                        help="timed repeats of part 2 per length (its long prompts are slow; 5 lengths make the fit)")
     parser.add_argument("--parts", nargs="+", choices=["step", "cache", "batch", "suppress"],
                         default=["step", "cache", "batch", "suppress"])
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
