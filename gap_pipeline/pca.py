@@ -116,8 +116,6 @@ class StreamingPCA:
     already of the size of the spread (delta is the difference of two means, small once the
     running mean has settled), so nothing cancels; the result equals the two-pass
     covariance of Eq. 5 up to float64 rounding, and does not depend on the chunking.
-
-    ``sum`` (= count * mean) is exposed for callers that want the raw first moment.
     """
 
     def __init__(self, dim: int | None = None, device: str | torch.device | None = "cpu"):
@@ -139,11 +137,6 @@ class StreamingPCA:
     def mean(self) -> torch.Tensor:
         self._require_data()
         return self._mean.clone()
-
-    @property
-    def sum(self) -> torch.Tensor:
-        self._require_data()
-        return self._mean * self.count
 
     def covariance(self) -> torch.Tensor:
         """Population covariance (1/N) sum (v - mu)(v - mu)^T (Eq. 5), symmetrised."""
@@ -187,17 +180,6 @@ class StreamingPCA:
         xc = x - mean_b
         self._merge(n_b, mean_b, _gram(xc))
         self.num_chunks += 1
-        return self
-
-    def merge(self, other: StreamingPCA) -> StreamingPCA:
-        """Merges another accumulator's statistics (e.g. from another worker); returns self."""
-        if other.count == 0:
-            return self
-        if self.dim is not None and other.dim != self.dim:
-            raise PcaError(f"cannot merge accumulators with d={self.dim} and d={other.dim}")
-        self.dim = other.dim
-        self._merge(other.count, other._mean.to(self.device), other._m2.to(self.device))
-        self.num_chunks += other.num_chunks
         return self
 
     def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
@@ -591,17 +573,28 @@ def _progress(total: int | None, unit: str, enabled: bool, desc: str):
 
 
 def iter_npy_vectors(path: str | os.PathLike, progress: bool = False) -> Iterator[np.ndarray]:
-    """Memory-mapped ``.npy`` of shape (N, d) (leading axes flattened), in slices."""
-    arr = np.load(str(path), mmap_mode="r")
+    """A ``.npy`` of shape (N, d) (leading axes flattened), in blocks of 4096 vectors.
+
+    The blocks are read from the file rather than sliced from a memory map: the pages of a map stay in the process's
+    resident memory after the fit has passed them (until the kernel reclaims them), so a mapped file shows up as
+    O(N) memory, while read blocks keep it at one block. A Fortran-order file is sliced from its map.
+    """
+    arr = np.load(str(path), mmap_mode="r")  # the header: shape, dtype and where the data begin
     if arr.ndim < 2:
         raise PcaError(f"{path}: expected an array of shape (N, d), got {arr.shape}")
-    mat = arr.reshape(-1, arr.shape[-1])
+    d = arr.shape[-1]
+    n = math.prod(arr.shape[:-1])
     step = 4096
-    with _progress(mat.shape[0], "vec", progress, "fit-pca") as bar:
-        for start in range(0, mat.shape[0], step):
-            block = mat[start : start + step]
+    with _progress(n, "vec", progress, "fit-pca") as bar, open(path, "rb") as f:
+        f.seek(arr.offset)
+        for start in range(0, n, step):
+            rows = min(step, n - start)
+            if arr.flags.c_contiguous:
+                block = np.fromfile(f, dtype=arr.dtype, count=rows * d).reshape(rows, d)
+            else:
+                block = arr.reshape(-1, d)[start : start + rows]
             yield block
-            bar.update(block.shape[0])
+            bar.update(rows)
 
 
 def _row_matrix(value: Any, row_index: int, column: str) -> np.ndarray | None:

@@ -164,17 +164,6 @@ def test_low_precision_and_mixed_inputs():
     assert half.n == 240 and half.d == 8
 
 
-def test_merge_equals_single_pass():
-    x = synthetic(n=300, d=9, seed=7)
-    a, b = StreamingPCA(), StreamingPCA()
-    a.update(x[:100])
-    b.update(x[100:170]).update(x[170:])
-    merged = a.merge(b).fit()
-    single = fit_pca([x])
-    np.testing.assert_allclose(merged.eigenvalues.numpy(), single.eigenvalues.numpy(), rtol=1e-10)
-    np.testing.assert_allclose(a.sum.numpy(), x.sum(0), rtol=1e-12)
-
-
 def test_width_mismatch_between_chunks_is_an_error():
     acc = StreamingPCA()
     acc.update(np.zeros((3, 4)))
@@ -355,6 +344,20 @@ def test_cli_npy_fixed_k_and_errors(tmp_path):
                "--no-progress", cwd=tmp_path)
     assert bad.returncode == 2 and "(0, 1]" in bad.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_npy_targets_are_read_whole_in_any_layout(tmp_path):
+    """A .npy is read in blocks (not memory-mapped); every vector arrives once, in order, in C or Fortran order
+    and with leading axes flattened."""
+    rng = np.random.default_rng(11)
+    cases = {"c": rng.standard_normal((9000, 7)).astype(np.float32),
+             "fortran": np.asfortranarray(rng.standard_normal((5000, 6))),
+             "spans": rng.standard_normal((30, 300, 5)).astype(np.float16)}
+    for name, x in cases.items():
+        np.save(tmp_path / f"{name}.npy", x)
+        blocks = list(iter_target_vectors(tmp_path / f"{name}.npy"))
+        assert max(len(b) for b in blocks) == 4096
+        np.testing.assert_array_equal(np.concatenate(blocks), x.reshape(-1, x.shape[-1]))
 
 
 def test_write_report(tmp_path):
