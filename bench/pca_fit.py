@@ -1,7 +1,7 @@
 """PCA fit benchmark: the streaming fit (`gap fit-pca`) vs a NumPy `eigh` PCA on the same N x d vectors.
 
-Each fit runs in a fresh process reading the same memory-mapped `.npy` file; we report wall time and peak
-resident memory above the process's baseline (after imports). Goals: the streaming fit is at least as fast,
+Each fit runs in a fresh process reading the same `.npy` file (NumPy memory-maps it, the streaming fit reads it in
+blocks); we report wall time, CPU time and peak resident memory above the process's memory after its imports. Goals: the streaming fit is at least as fast,
 and its memory does not grow with N (it holds O(d^2) statistics and one chunk), while the NumPy PCA holds the
 N x d matrix in float64.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,11 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, print_table, spread, write_results
+from common import REPO, current_rss_mb, peak_rss_mb, print_table, reset_peak_rss, spread, write_results
 
 
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def baseline_mb() -> float:
+    """Resident memory now, with the peak reset to it: the peak of what follows is measured above this (the peak
+    of the imports before it, often higher, would otherwise hide it)."""
+    reset_peak_rss()
+    return current_rss_mb()
 
 
 def cpu_seconds():
@@ -40,12 +42,12 @@ def worker(method: str, path: str) -> dict:
 
         from gap_pipeline.pca import fit_pca, iter_target_vectors
 
-        base = rss_mb()
+        base = baseline_mb()
         start, cpu_start = time.perf_counter(), cpu_seconds()
         fit = fit_pca(iter_target_vectors(path), chunk_size=4096)
         eigenvalues = fit.eigenvalues.numpy()
     else:
-        base = rss_mb()
+        base = baseline_mb()
         start, cpu_start = time.perf_counter(), cpu_seconds()
         x = np.load(path, mmap_mode="r").astype(np.float64)
         mean = x.mean(axis=0)
@@ -53,7 +55,7 @@ def worker(method: str, path: str) -> dict:
         covariance = x.T @ x / x.shape[0]
         eigenvalues = np.linalg.eigh(covariance)[0][::-1]
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": rss_mb() - base, "top_eigenvalue": float(eigenvalues[0]),
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_rss_mb() - base, "top_eigenvalue": float(eigenvalues[0]),
             "trace": float(eigenvalues.sum())}
 
 
