@@ -5,7 +5,7 @@
 # make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
 # make wheels   fetch the wheels a GPU machine without network needs (into wheels/; see bench/wheels.py)
-# make gpu-check  on a CUDA GPU: install from wheels/ what differs there, then bench/gpu_check.py (~3 min)
+# make gpu-check  on a CUDA GPU: install from wheels/ what differs there, then bench/gpu_check.py (~3 min estimated, not yet timed)
 #
 # The install runs once and again only when setup.cfg or pyproject.toml change (stamp file).
 # torch is installed first, pinned, when the venv cannot import it: the pinned CPU build

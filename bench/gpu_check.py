@@ -20,7 +20,7 @@ Every ratio is measured side by side (interleaved, same weights, same inputs). A
 its error and the others still run; the exit status is 1 then. Results: bench/results/gpu_<device>.json and a
 markdown table on stdout (the README's table).
 
-    python bench/gpu_check.py                         # CUDA GPU, ~3 minutes for the default 8 layers
+    python bench/gpu_check.py                         # CUDA GPU, ~3 minutes (estimated) for 8 layers
     python bench/gpu_check.py --layers 28 --vision-depth 32 --parts numerics generation
     python bench/gpu_check.py --tiny                  # the same code paths on CPU with a tiny config, in seconds
 """
