@@ -133,7 +133,9 @@ class GapLatentHead(nn.Module):
     def init_weights(self):
         """Initialise so that, at init, the head *is* the PCA projection (or a random d->d map for `full`).
 
-        Uses `transformers.initialization`, which skips tensors already loaded from a checkpoint.
+        Uses `transformers.initialization`, which skips tensors already loaded from a checkpoint. The PCA buffers
+        are zero until a basis is installed; conversion installs it with `set_pca`, which also scales the
+        projector to the targets' spread (this unscaled copy only serves a checkpoint that lacks the projector).
         """
         if self.head_type == "pca":
             init.copy_(self.proj.weight, self.pca_components)
