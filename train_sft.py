@@ -161,13 +161,13 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         path, revision=revision, dtype=model_args.dtype or "auto",
         attn_implementation=model_args.attn_implementation, **gap_options,
     )
-    train_dataset = load_targets_dataset(script_args.dataset_path, model.config)
+    train_dataset = load_targets_dataset(script_args.dataset_path, model.config, vision_tower=path)
     datasets = [script_args.dataset_path]
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.eval_dataset_path is None:
             raise TrainingError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
-        eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config)
+        eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config, vision_tower=path)
         datasets.append(script_args.eval_dataset_path)
     K, tau = model.config.latent_tokens_per_span, script_args.difficulty_threshold
     collator = GapDataCollator(processor, difficulty_threshold=tau, max_length=training_args.max_length,

@@ -112,7 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        status = args._run(args)
+        if hasattr(args, "max_image_pixels"):  # a command that reads images (data.add_max_image_pixels_argument)
+            from .data import max_image_pixels
+
+            with max_image_pixels(args.max_image_pixels):
+                status = args._run(args)
+        else:
+            status = args._run(args)
     except GapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,10 +34,11 @@ import io
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -51,6 +52,7 @@ __all__ = [
     "LATENT_PLACEHOLDER",
     "RowProblem",
     "accuracy_problem",
+    "add_max_image_pixels_argument",
     "aux_count_problem",
     "check_image_paths",
     "check_rows",
@@ -60,6 +62,7 @@ __all__ = [
     "image_count_problem",
     "load_image",
     "load_jsonl",
+    "max_image_pixels",
     "messages_problem",
     "row_name",
     "strip_latent_placeholders",
@@ -221,6 +224,32 @@ def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
     return None if os.path.commonpath([root, resolved]) == root else str(image)
 
 
+def add_max_image_pixels_argument(parser) -> None:
+    """``--max-image-pixels`` of a command that reads images (the `gap` CLI applies it around the command's run with
+    `max_image_pixels`)."""
+    from PIL import Image
+
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=Image.MAX_IMAGE_PIXELS, metavar="N",
+        help="decompression-bomb guard: an image over 2N pixels is refused naming its row, one over N warned about "
+        f"(PIL's Image.MAX_IMAGE_PIXELS; default {Image.MAX_IMAGE_PIXELS}); 0 turns the guard off")
+
+
+@contextmanager
+def max_image_pixels(limit: int | None) -> Iterator[None]:
+    """Inside the block PIL's decompression-bomb limit is `limit` pixels (0 or None: no limit); afterwards as it was."""
+    from PIL import Image
+
+    if limit is not None and limit < 0:
+        raise GapDataError(f"--max-image-pixels must be >= 0 (0 = no limit), got {limit}")
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit or None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def load_image(image: Any, image_dir: str | os.PathLike | None = None):
     """A PIL image from a PIL image, a path (relative to `image_dir`) or a ``{"bytes", "path"}`` dict."""
     from PIL import Image
@@ -254,7 +283,7 @@ def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | Non
         with load_image(image, image_dir) as opened:
             opened.verify()
     except Image.DecompressionBombError as error:
-        return f"is too large to decode safely ({error}); shrink the image"
+        return f"is too large to decode safely ({error}); shrink the image, or raise --max-image-pixels if it is trusted"
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         return f"cannot be read as an image ({error})"
     except TypeError as error:

@@ -58,6 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from . import GapError
 from .answers import gold_answer
+from .data import add_max_image_pixels_argument, undecoded_images
 from .inference import check_model_folder, dataset_base_dir, encode_prompts, load_rows, prompt_of_row
 from .plugins import import_object
 
@@ -444,6 +445,7 @@ def estimate_difficulty(
     # Rows are read without the columns no question needs (aux images, latent targets, pixels): they are large.
     heavy = [name for name in HEAVY_COLUMNS if name in dataset.column_names]
     view = dataset.remove_columns(heavy) if heavy else dataset
+    view = undecoded_images(view, [images_column])  # opened by prompt_of_row, so a bad image names its row
     text_columns = [name for name in (messages_column, answer_column) if name in view.column_names]
     text_view = view.select_columns(text_columns)
     golds = {}
@@ -651,6 +653,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "last assistant turn (default: answer)")
     parser.add_argument("--messages-column", default="messages", help="column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="column of the images (default: images)")
+    add_max_image_pixels_argument(parser)
     parser.add_argument("--allow-outside-image-dir", action="store_true",
                         help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
     parser.add_argument("--id-column", default=None,

@@ -41,6 +41,7 @@ from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
 from .datasets_io import utf8_lines
+from .data import add_max_image_pixels_argument, undecoded_images
 from .inference import RowError, encode_prompts
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
@@ -199,7 +200,8 @@ def load_dataset_items(path: str | Path, split: str | None = None, *,
     from .answers import AnswerError, gold_answer
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
-    dataset = load_rows(path, split, allow_outside_image_dir=allow_outside_image_dir)
+    # images stay undecoded until prompt_of_row opens them, so a bad image is a problem naming its row
+    dataset = undecoded_images(load_rows(path, split, allow_outside_image_dir=allow_outside_image_dir), ["images"])
     base_dir = dataset_base_dir(path)
     items, problems = [], []
     seen: dict[str, str] = {}
@@ -539,6 +541,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
                         help="a row without image/answer or with bad base64: report and skip it, or stop")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    add_max_image_pixels_argument(parser)
     parser.add_argument("--allow-outside-image-dir", action="store_true",
                         help="accept image paths outside the data's folder ('..', absolute paths); off by default")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")

@@ -144,12 +144,15 @@ def open_image(value: Any, base_dir: str | os.PathLike | None = None, where: str
     Reads with :func:`gap_pipeline.data.load_image`; a missing or unreadable image raises :class:`RowError`
     naming `where`.
     """
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     from .data import load_image
 
     try:
         return load_image(value, base_dir).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise RowError(f"{where}: too large to decode safely ({exc}); shrink the image, or raise --max-image-pixels if "
+                       "it is trusted") from None
     except FileNotFoundError as exc:
         raise RowError(
             f"{where}: image file {exc.filename} does not exist (relative paths are resolved against {base_dir})"

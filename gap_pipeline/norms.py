@@ -74,6 +74,7 @@ import torch
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
+from .data import add_max_image_pixels_argument
 from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, encode_prompts
 
 FORMAT_NAME = "gap-norm-profile"
@@ -463,6 +464,7 @@ def dataset_samples(
 ):
     """``(samples, n)``: the question (turns before the first assistant turn, and its images) of each row; image
     paths stay inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
+    from .data import undecoded_images
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     dataset = load_rows(path, split=split, image_columns=(images_column,),
@@ -472,6 +474,7 @@ def dataset_samples(
                          "name the conversation column with --messages-column")
     # Only the question's columns: aux images and latent targets are large and never needed here.
     dataset = dataset.select_columns([c for c in (messages_column, images_column) if c in dataset.column_names])
+    dataset = undecoded_images(dataset, [images_column])  # opened by prompt_of_row, so a bad image names its row
     n = len(dataset) if limit is None else min(limit, len(dataset))
     base_dir = dataset_base_dir(path)
 
@@ -626,6 +629,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split to use when --dataset is a DatasetDict")
     parser.add_argument("--messages-column", default="messages", help="dataset column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="dataset column of the images (default: images)")
+    add_max_image_pixels_argument(parser)
     parser.add_argument("--allow-outside-image-dir", action="store_true",
                         help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
     parser.add_argument("--max-samples", type=int, default=64, help="profile at most this many prompts (default: 64)")

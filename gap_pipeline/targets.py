@@ -13,18 +13,23 @@ bfloat16 and stored as float32, since Arrow and numpy have no bfloat16), written
 Read it memory-mapped with ``load_from_disk(dir).with_format("numpy")`` (or ``"torch"``).
 
 Metadata: ``dataset.info.description`` is a JSON object whose ``"gap_targets"`` entry records the format,
-K, sqrt(K), d, the storage dtype, the encoder, the image-processor settings and the counts. It travels
+K, sqrt(K), d, the storage dtype, the encoder (its folder and `vision_tower_sha256`, a hash of the tower's
+weights), the image-processor settings and the counts. It travels
 with the dataset (``save_to_disk`` / ``load_from_disk``, ``map``, ``select``); `targets_metadata` reads
 it and `check_targets_compatible` refuses targets whose K or d disagree with a model config.
 
 Command line::
 
     gap targets --data train.jsonl [--image-dir imgs/] --model runs/gap-7b --output-dir data/train_targets
+
+Rows are encoded in shards (``--rows-per-shard``), each committed into ``.<output-dir>.cache`` when done; a rerun
+of a killed run with the same inputs and settings continues after the last committed shard (`claim_partial_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -43,7 +48,9 @@ from configuration_gap import check_latent_budget
 
 from . import GapError
 from .datasets_io import atomic_output_dir, load_dataset_folder
+from .data import add_max_image_pixels_argument
 from .inference import check_model_folder, resolve_device
+from .provenance import data_fingerprint, record_differences, write_record
 
 __all__ = [
     "FORMAT_NAME",
@@ -52,6 +59,9 @@ __all__ = [
     "TARGETS_COLUMN",
     "TargetsError",
     "check_targets_compatible",
+    "check_targets_encoder",
+    "claim_partial_dir",
+    "committed_shards",
     "compute_latent_targets",
     "encode_images",
     "image_processor_settings",
@@ -59,6 +69,8 @@ __all__ = [
     "pool_latent_grid",
     "targets_for_images",
     "targets_metadata",
+    "vision_tower_sha256",
+    "vision_tower_state",
 ]
 
 TARGETS_COLUMN = "latent_targets"
@@ -66,6 +78,8 @@ METADATA_KEY = "gap_targets"
 FORMAT_NAME = "gap-latent-targets"
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+DEFAULT_ROWS_PER_SHARD = 1000  # rows committed together: what a killed `gap targets` loses at most
+RESUME_RECORD = "resume.json"  # in the partial folder: the inputs and settings its shards come from
 _IMAGE_PROCESSOR_KEYS = (
     "image_processor_type",
     "size",
@@ -128,7 +142,6 @@ def load_vision_tower(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     Reads the ``vision_config`` of ``config.json`` and the ``model.visual.*`` (or legacy ``visual.*``)
     tensors of the safetensors shards, so the language model is never loaded.
     """
-    from safetensors import safe_open
     from transformers import Qwen2_5_VLConfig
     from transformers import initialization as init
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -141,6 +154,23 @@ def load_vision_tower(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     if "vision_config" not in config_dict:
         raise TargetsError(f"{config_file} has no vision_config: not a Qwen2.5-VL / GAP checkpoint.")
     vision_config = Qwen2_5_VLConfig(vision_config=config_dict["vision_config"]).vision_config
+    state = vision_tower_state(path)
+    with init.no_init_weights():
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TargetsError(f"{path}: vision-tower weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    tower = tower.to(device=device, dtype=dtype).eval()
+    tower.requires_grad_(False)
+    return tower
+
+
+def vision_tower_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The vision-tower tensors (``model.visual.*`` or legacy ``visual.*``, prefix removed) of a checkpoint folder's
+    safetensors files, as stored."""
+    from safetensors import safe_open
+
+    path = Path(path)
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise TargetsError(f"{path} holds no *.safetensors weights.")
@@ -154,14 +184,17 @@ def load_vision_tower(path: str | os.PathLike, dtype: torch.dtype = torch.float3
                         break
     if not state:
         raise TargetsError(f"{path}: no vision-tower weights (model.visual.* / visual.*) in its safetensors files.")
-    with init.no_init_weights():
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise TargetsError(f"{path}: vision-tower weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-    tower = tower.to(device=device, dtype=dtype).eval()
-    tower.requires_grad_(False)
-    return tower
+    return state
+
+
+def vision_tower_sha256(path: str | os.PathLike) -> str:
+    """A content hash of a checkpoint folder's vision-tower weights: names, shapes and values as float32, so the same
+    tower stored in bfloat16 or float32 (a converted GAP checkpoint, its base) hashes the same."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vision_tower_state(path).items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def tower_dtype(model_dtype: str, device: torch.device) -> str:
@@ -249,10 +282,12 @@ def _load(dataset_or_dir):
     return dataset_or_dir, "the dataset"
 
 
-def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str | None = None):
+def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str | None = None, *,
+                         vision_tower: str | os.PathLike | None = None):
     """The dataset folder `path` written by `gap targets` (memory-mapped; a DatasetDict narrowed to `split`),
     checked against the K and d of a GAP model's `config` when one is given (`check_targets_compatible`, then
-    `check_targets_finite`)."""
+    `check_targets_finite`), and against the vision tower of the checkpoint folder `vision_tower` when one is given
+    (`check_targets_encoder`)."""
     if not Path(path).is_dir():
         raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
     dataset = load_dataset_folder(
@@ -260,8 +295,36 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
     )
     if config is not None:
         check_targets_compatible(dataset, config, where=str(path))
+    if vision_tower is not None:
+        check_targets_encoder(dataset, vision_tower, where=str(path))
+    if config is not None:
         check_targets_finite(dataset, path)
     return dataset
+
+
+def check_targets_encoder(dataset_or_dir, model_path: str | os.PathLike, where: str | None = None) -> None:
+    """Refuse latent targets computed by another vision tower than the one in the checkpoint folder `model_path`
+    (their recorded ``encoder_sha256`` against `vision_tower_sha256`); targets written before the hash was recorded,
+    and a model that is not a local folder, only get a warning, since nothing can be compared."""
+    from transformers.utils import logging
+
+    metadata = targets_metadata(dataset_or_dir)
+    where = where or (str(dataset_or_dir) if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset")
+    stored = metadata.get("encoder_sha256")
+    if stored is None or not Path(model_path).is_dir():
+        reason = ("they do not record their vision tower (written by an older `gap targets`)" if stored is None else
+                  f"{model_path} is not a local folder")
+        logging.get_logger(__name__).warning(
+            f"{where}: cannot check that the latent targets come from the vision tower of {model_path}: {reason}; "
+            f"rerun `gap targets --model {model_path}` to have it checked.")
+        return
+    actual = vision_tower_sha256(model_path)
+    if stored != actual:
+        raise TargetsError(
+            f"{where}: the latent targets come from another vision tower (sha256 {stored[:16]}, of "
+            f"{metadata.get('encoder')}) than the model's ({actual[:16]}, of {model_path}); rerun "
+            f"`gap targets --model {model_path}` or train the model whose tower made them."
+        )
 
 
 def check_targets_finite(dataset, where: Any = "the dataset", batch_size: int = 256) -> None:
@@ -345,6 +408,11 @@ class _BatchTargets:
     def __init__(self, encoder, image_processor, latent_tokens_per_span: int, d: int, storage_dtype: str, has_ids: bool):
         self.encoder, self.image_processor = encoder, image_processor
         self.K, self.d, self.storage_dtype, self.has_ids = latent_tokens_per_span, d, storage_dtype, has_ids
+        self.start_shard(0)
+
+    def start_shard(self, offset: int) -> None:
+        """Fresh statistics for the shard whose first row is row `offset` of the whole dataset."""
+        self.offset = offset
         self.stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}
 
     def _aux_images(self, indices, ids_batch, messages_batch, aux_batch):
@@ -363,7 +431,10 @@ class _BatchTargets:
             for k, image in enumerate(aux):
                 try:
                     images.append(load_image(image))
-                except (OSError, TypeError, ValueError, DecompressionBombError) as error:
+                except DecompressionBombError as error:
+                    raise TargetsError(f"{name}: aux image {k} is too large to decode safely ({error}); shrink it, or "
+                                       "raise --max-image-pixels if it is trusted.") from None
+                except (OSError, TypeError, ValueError) as error:
                     raise TargetsError(f"{name}: aux image {k} cannot be loaded ({error}).") from None
                 names.append(f"{name}, aux image {k}")
                 owners.append(row_index)
@@ -371,6 +442,7 @@ class _BatchTargets:
 
     def __call__(self, messages_batch, aux_batch, *rest):
         ids_batch, indices = (rest[0], rest[1]) if self.has_ids else ([None] * len(rest[0]), rest[0])
+        indices = [self.offset + index for index in indices]
         names, images, owners, row_names = self._aux_images(indices, ids_batch, messages_batch, aux_batch)
         pooled = targets_for_images(self.encoder, self.image_processor, images, self.K, names) if images else []
         out, stats = [], self.stats
@@ -394,7 +466,8 @@ class _BatchTargets:
         return {TARGETS_COLUMN: out}
 
 
-def _targets_record(stats, latent_tokens_per_span, d, storage_dtype, encoder_name, image_processor) -> dict[str, Any]:
+def _targets_record(stats, latent_tokens_per_span, d, storage_dtype, encoder_name, image_processor,
+                    encoder_sha256) -> dict[str, Any]:
     """The ``gap_targets`` metadata record of a computed dataset (see the module docstring)."""
     return {
         "format": FORMAT_NAME,
@@ -405,6 +478,7 @@ def _targets_record(stats, latent_tokens_per_span, d, storage_dtype, encoder_nam
         "hidden_size": d,
         "storage_dtype": storage_dtype,
         "encoder": encoder_name,
+        "encoder_sha256": encoder_sha256,
         "image_processor": image_processor_settings(image_processor),
         "num_rows": stats["rows"],
         "num_rows_with_spans": stats["rows_with_spans"],
@@ -424,15 +498,22 @@ def compute_latent_targets(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     source: str | None = None,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    encoder_sha256: str | None = None,
 ):
     """Add the ``latent_targets`` column (and its metadata) to `dataset`; return it and a summary dict.
 
     `dataset` rows follow `gap_pipeline.data` (``aux_images`` as PIL images, paths or ``{"bytes", "path"}``
     dicts; one per ``<latent>`` placeholder). `encoder` is the frozen vision tower or a whole model (see
-    `encode_images`). The aux images of `batch_size` rows go through the tower together. Results are
-    written to an Arrow file in `cache_dir` (default: a fresh temporary folder), so memory stays flat.
+    `encode_images`); `encoder_sha256` (`vision_tower_sha256` of its folder) is recorded so training can refuse
+    targets of another tower. The aux images of `batch_size` rows go through the tower together. Results are
+    written to Arrow files in `cache_dir` (default: a fresh temporary folder), so memory stays flat: one per
+    `rows_per_shard` rows, committed by renaming it to ``shard-NNNNN.arrow`` when complete. Committed shards already
+    in `cache_dir` are reused rather than recomputed (a killed run resumes): give a folder that `claim_partial_dir`
+    checked against this run's inputs and settings, or an empty one.
     """
-    from datasets import Array2D, Features
+    from datasets import Array2D, Dataset, Features, concatenate_datasets
+    from tqdm.auto import tqdm
 
     from .data import undecoded_images
     from .datasets_io import datasets_progress_bars
@@ -440,8 +521,8 @@ def compute_latent_targets(
     check_latent_budget(latent_tokens_per_span)
     if storage_dtype not in STORAGE_DTYPES:
         raise TargetsError(f"storage dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
-    if batch_size < 1:
-        raise TargetsError(f"batch size must be >= 1, got {batch_size}.")
+    if batch_size < 1 or rows_per_shard < 1:
+        raise TargetsError(f"batch size and rows per shard must be >= 1, got {batch_size} and {rows_per_shard}.")
     d = _hidden_size(encoder)
     np_dtype = "float32" if storage_dtype == "bfloat16" else storage_dtype
     dataset = undecoded_images(dataset)
@@ -455,34 +536,55 @@ def compute_latent_targets(
         dataset = dataset.remove_columns(TARGETS_COLUMN)
     own_cache = cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="gap-targets-") if own_cache else cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    shards, stats, resumed = [], {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}, 0
     try:
-        with datasets_progress_bars(progress):
-            result = dataset.map(
-                compute,
-                input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
-                with_indices=True,
-                batched=True,
-                batch_size=batch_size,
-                features=features,
-                cache_file_name=str(cache_dir / f"latent-targets-{uuid.uuid4().hex}.arrow"),
-                new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a stale cache
-                load_from_cache_file=False,
-                desc="latent targets",
-            )
+        with datasets_progress_bars(False), tqdm(total=len(dataset), desc="latent targets", unit="row",
+                                                 disable=not progress, dynamic_ncols=True) as bar:
+            for number, start in enumerate(range(0, max(len(dataset), 1), rows_per_shard)):
+                stop = min(start + rows_per_shard, len(dataset))
+                arrow, shard_stats = _shard_files(cache_dir, number)
+                if arrow.is_file() and shard_stats.is_file():
+                    resumed += stop - start
+                else:
+                    compute.start_shard(start)
+                    work = cache_dir / f"shard-{number:05d}.work.arrow"
+                    dataset.select(range(start, stop)).map(
+                        compute,
+                        input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
+                        with_indices=True,
+                        batched=True,
+                        batch_size=batch_size,
+                        features=features,
+                        cache_file_name=str(work),
+                        new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a cache
+                        load_from_cache_file=False,
+                    )
+                    with open(work, "rb") as f:
+                        os.fsync(f.fileno())
+                    write_record(shard_stats, compute.stats)
+                    os.replace(work, arrow)  # the commit: a shard is done once its Arrow file has its final name
+                shards.append(Dataset.from_file(str(arrow)))
+                done = json.loads(shard_stats.read_text(encoding="utf-8"))
+                for key in ("rows", "rows_with_spans", "spans", "norm_sum"):
+                    stats[key] += done[key]
+                stats["norm_max"] = max(stats["norm_max"], done["norm_max"])
+                bar.update(stop - start)
     except BaseException:
         if own_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
+    result = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     elapsed = time.perf_counter() - started
-    stats = compute.stats
     metadata = _targets_record(stats, latent_tokens_per_span, d, storage_dtype, source or type(encoder).__name__,
-                               image_processor)
+                               image_processor, encoder_sha256)
     _write_metadata(result, metadata)
     n_vectors = metadata["num_vectors"]
     summary = {
         **metadata,
         "seconds": elapsed,
+        "resumed_rows": resumed,
         "mean_target_norm": stats["norm_sum"] / n_vectors if n_vectors else float("nan"),
         "max_target_norm": stats["norm_max"],
         "bytes": n_vectors * d * np.dtype(np_dtype).itemsize,
@@ -490,6 +592,49 @@ def compute_latent_targets(
         "own_cache": own_cache,
     }
     return result, summary
+
+
+def _shard_files(cache_dir: Path, number: int) -> tuple[Path, Path]:
+    """The committed Arrow file of shard `number` and its statistics (written first: the Arrow file commits)."""
+    return cache_dir / f"shard-{number:05d}.arrow", cache_dir / f"shard-{number:05d}.json"
+
+
+def committed_shards(cache_dir: str | os.PathLike) -> list[Path]:
+    """The committed shard files in `cache_dir` (those a rerun reuses)."""
+    cache_dir = Path(cache_dir)
+    return sorted(arrow for arrow in cache_dir.glob("shard-*.arrow")
+                  if not arrow.name.endswith(".work.arrow") and arrow.with_suffix(".json").is_file())
+
+
+def claim_partial_dir(cache_dir: str | os.PathLike, record: dict[str, Any]) -> str | None:
+    """Make `cache_dir` hold only what this run may reuse; return a line for the user, or None.
+
+    When ``cache_dir/resume.json`` equals `record` (this run's inputs and settings, JSON-normalised) the committed
+    shards stay and everything else there (a shard cut short, `datasets`' temporary files) goes; otherwise the
+    folder is emptied and `record` written, so shards of other inputs are never mixed in.
+    """
+    cache_dir = Path(cache_dir)
+    path = cache_dir / RESUME_RECORD
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if stored is not None and not record_differences(stored, record):
+        keep = {path, *committed_shards(cache_dir)}
+        keep |= {arrow.with_suffix(".json") for arrow in keep}
+        for leftover in cache_dir.iterdir():
+            if leftover not in keep:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        shards = committed_shards(cache_dir)
+        return f"resuming from {cache_dir}: {len(shards)} shard(s) of an earlier run of the same inputs are done"
+    if stored is not None:
+        note = (f"{cache_dir} holds part of a run of other inputs or settings "
+                f"({'; '.join(record_differences(stored, record))}): starting fresh")
+    elif cache_dir.exists():
+        note = f"removing {cache_dir}, left by an unfinished earlier run without {RESUME_RECORD}: starting fresh"
+    else:
+        note = None
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+    write_record(path, record)
+    return note
 
 
 def format_summary(summary: dict[str, Any], output_dir: str | None = None) -> str:
@@ -507,10 +652,12 @@ def format_summary(summary: dict[str, Any], output_dir: str | None = None) -> st
         f"  width d         {summary['hidden_size']}; stored as {summary['storage_dtype']} "
         f"({summary['bytes'] / 2**20:.1f} MiB), column '{summary['column']}'",
         f"  target norm     mean {summary['mean_target_norm']:.3f}, max {summary['max_target_norm']:.3f}",
-        f"  encoder         {summary['encoder']}",
+        f"  encoder         {summary['encoder']}"
+        + (f" (vision tower sha256 {summary['encoder_sha256'][:16]})" if summary.get("encoder_sha256") else ""),
         f"  image processor {settings.get('image_processor_type')}: patch {settings.get('patch_size')}, merge "
         f"{settings.get('merge_size')}, pixels {pixels}",
-        f"  time            {summary['seconds']:.1f} s",
+        f"  time            {summary['seconds']:.1f} s"
+        + (f" ({summary['resumed_rows']} rows resumed from an earlier run)" if summary.get("resumed_rows") else ""),
     ]
     return "\n".join(lines)
 
@@ -552,6 +699,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows whose aux images are encoded together (default 8)")
+    parser.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                        help="rows committed together; a killed run resumes after the last committed shard "
+                        f"(default {DEFAULT_ROWS_PER_SHARD})")
+    add_max_image_pixels_argument(parser)
     parser.add_argument("--no-check-images", action="store_true", help="skip opening every image during validation")
     parser.add_argument("--allow-outside-image-dir", action="store_true",
                         help="accept image paths outside the image folder ('..', absolute paths); off by default")
@@ -584,31 +735,64 @@ def _load_data(args):
 def run(args: argparse.Namespace) -> int:
     """Run ``gap targets``: validate the data, encode the aux images, save the dataset, print a summary.
 
-    The dataset is written beside --output-dir and renamed into place when complete; an existing output is
-    replaced only then. Temporary folders are removed on failure, and those of a killed run on the next run.
+    Shards of rows are committed into ``.<output-dir>.cache`` beside --output-dir as they are done, and a rerun of
+    the same inputs and settings continues after the last committed one (`claim_partial_dir`). The dataset is
+    written beside --output-dir and renamed into place when complete; an existing output is replaced only then.
+    The partial folder is removed once the output is in place; after a failure it is kept only when it holds
+    committed shards. The final write's temporary folder is removed on failure, and a killed run's on the next run.
     """
     check_model_folder(args.model, "--model", TargetsError)
-    model_dir = Path(args.model)
     output_dir = Path(args.output_dir)
-    cache_dir = _fresh_cache_dir(output_dir)
-    try:
-        return _run(args, model_dir, output_dir, cache_dir)
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-
-
-def _fresh_cache_dir(output_dir: Path) -> Path:
-    """The Arrow cache folder beside `output_dir`, emptied of what a killed earlier run left there."""
-    for stale in [output_dir.with_name(f".{output_dir.name}.cache"), *output_dir.parent.glob(f".{output_dir.name}.tmp-*")]:
-        if stale.exists():
-            print(f"gap targets: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
-            shutil.rmtree(stale)
+    for stale in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        print(f"gap targets: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
+        shutil.rmtree(stale)
     cache_dir = output_dir.with_name(f".{output_dir.name}.cache")
-    cache_dir.mkdir(parents=True)
-    return cache_dir
+    try:
+        _run(args, Path(args.model), output_dir, cache_dir)
+    except BaseException:
+        done = committed_shards(cache_dir) if cache_dir.is_dir() else []
+        if done:
+            print(f"gap targets: {len(done)} committed shard(s) kept in {cache_dir}; rerun the same command to continue",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return 0
 
 
-def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> int:
+def _aux_files_sha256(dataset) -> str:
+    """A hash of the name, size and modification time of every aux image file the rows point to (images stored in
+    the data itself are covered by the data's own hash)."""
+    from .data import undecoded_images
+
+    digest = hashlib.sha256()
+    column = undecoded_images(dataset.select_columns(["aux_images"]), ["aux_images"])
+    for batch in column.iter(batch_size=1000):
+        for images in batch["aux_images"]:
+            for image in images or []:
+                path = image.get("path") if isinstance(image, dict) and image.get("bytes") is None else image
+                if isinstance(path, str):
+                    stat = os.stat(path) if os.path.exists(path) else None
+                    digest.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _resume_record(args, model_dir: Path, K: int, device, model_dtype: str, dataset, image_processor,
+                   tower_sha256: str) -> dict[str, Any]:
+    """What a killed run's committed shards must share with this run to be reused: the model's vision tower, the
+    data (and the aux image files it points to), and every setting that changes a stored value or a shard."""
+    return {
+        "model": {"path": str(model_dir.resolve()), "vision_tower_sha256": tower_sha256},
+        "data": {**data_fingerprint(args.data), "aux_files_sha256": _aux_files_sha256(dataset),
+                 "image_dir": str(Path(args.image_dir).resolve()) if args.image_dir else None},
+        "settings": {"latent_tokens_per_span": K, "dtype": args.dtype, "model_dtype": model_dtype,
+                     "device": device.type, "batch_size": args.batch_size, "rows_per_shard": args.rows_per_shard,
+                     "image_processor": image_processor_settings(image_processor)},
+    }
+
+
+def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> None:
     from transformers import AutoImageProcessor
 
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
@@ -619,12 +803,19 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
         check_latent_budget(K, name="--latent-tokens-per-span")
     except ValueError as exc:
         raise TargetsError(str(exc)) from None
+    if args.rows_per_shard < 1:
+        raise TargetsError(f"--rows-per-shard must be >= 1, got {args.rows_per_shard}.")
     device = resolve_device(args.device)
     model_dtype = tower_dtype(args.model_dtype, device)
     dataset = _load_data(args)
     tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
+    tower_sha256 = vision_tower_sha256(model_dir)
     image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
     print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
+    record = _resume_record(args, model_dir, K, device, model_dtype, dataset, image_processor, tower_sha256)
+    note = claim_partial_dir(cache_dir, record)
+    if note:
+        print(f"gap targets: {note}", file=sys.stderr)
     result, summary = compute_latent_targets(
         dataset,
         tower,
@@ -635,9 +826,10 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
         progress=not args.no_progress,
         cache_dir=cache_dir,
         source=str(model_dir),
+        rows_per_shard=args.rows_per_shard,
+        encoder_sha256=tower_sha256,
     )
     with atomic_output_dir(output_dir) as staging:
         result.save_to_disk(str(staging))
     del result
     print(format_summary(summary, str(output_dir)))
-    return 0

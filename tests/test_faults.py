@@ -2,6 +2,7 @@
 ends in a correct result or in one error naming the problem, with earlier outputs intact."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -32,7 +33,7 @@ def _targets_args(data, model, out, *extra):
 
 
 def test_targets_overwrite_keeps_the_old_output_when_the_new_write_fails(tmp_path, rows_jsonl, tiny_base_dir,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     out = tmp_path / "targets"
     assert gap_main(_targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", str(K))) == 0
     before = sorted(p.name for p in out.iterdir())
@@ -42,22 +43,193 @@ def test_targets_overwrite_keeps_the_old_output_when_the_new_write_fails(tmp_pat
         real_save(self, path, *args, **kwargs)  # half the files are there when the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        gap_main(_targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", "1", "--overwrite"))
+    new = _targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", "1", "--overwrite")
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "save_to_disk", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            gap_main(new)
     assert sorted(p.name for p in out.iterdir()) == before
     assert targets_metadata(out)["latent_tokens_per_span"] == K  # the old targets, readable
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "targets"]  # no temporary folder left
+    # the encoded rows are kept for the rerun; the half-written output folder is gone
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".targets.cache", "data", "targets"]
+    assert gap_main(new) == 0  # once there is room: nothing is encoded again
+    assert "(2 rows resumed from an earlier run)" in capsys.readouterr().out
+    assert targets_metadata(out)["latent_tokens_per_span"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "targets"]
 
 
 def test_targets_temporary_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path, rows_jsonl, tiny_base_dir,
                                                                                 capsys):
     out = tmp_path / "targets"
-    (tmp_path / ".targets.cache").mkdir()  # what `kill -9` during encoding leaves
+    (tmp_path / ".targets.cache").mkdir()  # what `kill -9` before the first commit leaves
     (tmp_path / ".targets.tmp-x1").mkdir()  # ... and during the final write
     assert gap_main(_targets_args(rows_jsonl, tiny_base_dir, out, "--latent-tokens-per-span", str(K))) == 0
-    assert "left by an unfinished earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ".targets.tmp-x1, left by an unfinished earlier run" in err
+    assert ".targets.cache, left by an unfinished earlier run without resume.json: starting fresh" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "targets"]
+
+
+@pytest.fixture()
+def five_rows(tmp_path, tiny_image):
+    """Five rows with one latent span each (one aux image per row); images beside the JSONL."""
+    folder = tmp_path / "five"
+    folder.mkdir()
+    tiny_image(seed=0, size=(112, 112)).save(folder / "q.png")
+    rows = []
+    for i in range(5):
+        tiny_image(seed=10 + i, size=(112, 112)).save(folder / f"a{i}.png")
+        rows.append({"id": f"r{i}", "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": "A <latent> B"}], "images": ["q.png"], "aux_images": [f"a{i}.png"]})
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _same_targets(a, b):
+    import numpy as np
+
+    left, right = datasets.load_from_disk(str(a)), datasets.load_from_disk(str(b))
+    assert left["id"] == right["id"]
+    for x, y in zip(left.with_format("numpy")["latent_targets"], right.with_format("numpy")["latent_targets"]):
+        np.testing.assert_array_equal(x, y)
+    assert targets_metadata(left) == targets_metadata(right)
+
+
+def test_a_failed_targets_run_resumes_after_its_last_committed_shard(tmp_path, five_rows, tiny_base_dir, monkeypatch,
+                                                                     capsys):
+    import gap_pipeline.targets as targets
+
+    args = _targets_args(five_rows, tiny_base_dir, tmp_path / "targets", "--latent-tokens-per-span", str(K),
+                         "--batch-size", "1", "--rows-per-shard", "2")
+    assert gap_main(_targets_args(five_rows, tiny_base_dir, tmp_path / "reference", "--latent-tokens-per-span", str(K),
+                                  "--batch-size", "1", "--rows-per-shard", "2")) == 0
+    encoded, failed = [], []
+    real = targets.targets_for_images
+
+    def fails_once_at_row_3(encoder, image_processor, images, K, names):
+        if names[0].startswith("row 3 ") and not failed:
+            failed.append(names[0])
+            raise RuntimeError("CUDA out of memory")  # any failure mid-run
+        encoded.append(names[0].split(" (")[0])
+        return real(encoder, image_processor, images, K, names)
+
+    monkeypatch.setattr(targets, "targets_for_images", fails_once_at_row_3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gap_main(args)
+    assert "1 committed shard(s) kept in" in capsys.readouterr().err  # rows 0-1; row 2's shard was cut short
+    encoded.clear()
+    assert gap_main(args) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert encoded == ["row 2", "row 3", "row 4"]  # row 2 again: its shard was not committed
+    _same_targets(tmp_path / "targets", tmp_path / "reference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five", "reference", "targets"]
+
+
+def test_a_targets_rerun_with_other_inputs_starts_fresh_and_says_why(tmp_path, five_rows, tiny_base_dir, monkeypatch,
+                                                                     capsys):
+    import gap_pipeline.targets as targets
+
+    out = tmp_path / "targets"
+    args = _targets_args(five_rows, tiny_base_dir, out, "--latent-tokens-per-span", str(K), "--rows-per-shard", "2")
+    real = targets.targets_for_images
+
+    def fails_at_row_4(encoder, image_processor, images, K, names):
+        if names[0].startswith("row 4 "):
+            raise KeyboardInterrupt  # Ctrl-C in the last shard
+        return real(encoder, image_processor, images, K, names)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(targets, "targets_for_images", fails_at_row_4)
+        with pytest.raises(KeyboardInterrupt):
+            gap_main(args + ["--dtype", "float32"])
+    capsys.readouterr()
+    assert gap_main(args) == 0  # float16 now: the float32 shards must not be mixed in
+    err = capsys.readouterr().err
+    assert "holds part of a run of other inputs or settings (settings.dtype was 'float32', now 'float16'): " \
+           "starting fresh" in err
+    assert targets_metadata(out)["storage_dtype"] == "float16"
+    assert datasets.load_from_disk(str(out)).features["latent_targets"].dtype == "float16"
+
+
+_KILLED_RUN = """
+import sys, time
+from pathlib import Path
+
+import datasets
+
+import gap_pipeline.targets as targets
+from gap_pipeline.cli import main
+
+point, reached = sys.argv[1], Path(sys.argv[2])
+
+
+def wait_for_the_kill():
+    reached.touch()
+    time.sleep(600)
+
+
+if point == "encoding":  # while row 3 is encoded: shard 0 (rows 0-1) is committed, shard 1 holds row 2
+    encode = targets.targets_for_images
+
+    def hook(encoder, image_processor, images, K, names):
+        if names[0].startswith("row 3 "):
+            wait_for_the_kill()
+        return encode(encoder, image_processor, images, K, names)
+
+    targets.targets_for_images = hook
+else:  # "final write": every shard committed, the output half written into its temporary folder
+    save = datasets.Dataset.save_to_disk
+
+    def hook(self, path, *args, **kwargs):
+        save(self, path, *args, **kwargs)
+        wait_for_the_kill()
+
+    datasets.Dataset.save_to_disk = hook
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["encoding", "final write"])
+def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, five_rows, tiny_base_dir,
+                                                                                  capsys, point):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def args(out):
+        return _targets_args(five_rows, tiny_base_dir, tmp_path / out, "--latent-tokens-per-span", str(K),
+                             "--batch-size", "1", "--rows-per-shard", "2")
+
+    assert gap_main(args("reference")) == 0
+    (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
+    reached = tmp_path / "reached"
+    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_run.py"), point, str(reached), *args("targets")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else "timed out"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "targets").exists()
+    committed = ["shard-00000.arrow"] if point == "encoding" else ["shard-00000.arrow", "shard-00001.arrow",
+                                                                    "shard-00002.arrow"]
+    assert sorted(p.name for p in (tmp_path / ".targets.cache").glob("shard-*.arrow")
+                  if not p.name.endswith(".work.arrow")) == committed
+    capsys.readouterr()
+    assert gap_main(args("targets")) == 0
+    assert "resuming from" in capsys.readouterr().err
+    _same_targets(tmp_path / "targets", tmp_path / "reference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five", "killed_run.py", "reached", "reference", "targets"]
 
 
 def test_targets_k_zero_is_an_error_not_the_default(tmp_path, rows_jsonl, tiny_base_dir, capsys):
@@ -340,6 +512,39 @@ def test_a_decompression_bomb_image_is_named_by_row(tmp_path, tiny_image, monkey
         load_jsonl(folder / "rows.jsonl")
 
 
+@pytest.mark.parametrize("command", ["targets", "evaluate", "difficulty"])
+def test_the_decompression_bomb_limit_is_set_with_max_image_pixels(tmp_path, tiny_image, tiny_base_dir, two_gap_dirs,
+                                                                   capsys, command):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tiny_image(seed=0, size=(112, 112)).save(folder / "q.png")
+    Image.new("1", (200, 200)).save(folder / "big.png")  # 40000 pixels: a bomb once the limit is 15000 (x 2)
+    column = "aux_images" if command == "targets" else "images"
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                                         {"role": "assistant", "content": "A <latent> B"}],
+             "images": ["q.png"], "aux_images": ["q.png"], "answer": "A", column: [image]}
+            for i, image in enumerate(["q.png", "big.png"])]
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    if command == "targets":
+        args = _targets_args(data, tiny_base_dir, out, "--latent-tokens-per-span", str(K))
+    elif command == "evaluate":
+        args = _evaluate_args(two_gap_dirs[0], data, out, "--on-bad-row", "error")
+    else:
+        (tmp_path / "echo.py").write_text(_ECHO_SAMPLER)
+        args = ["difficulty", "--dataset", str(data), "--output-dir", str(out), "--num-samples", "2", "--sampler",
+                f"{tmp_path / 'echo.py'}:Echo", "--no-progress"]
+    default = Image.MAX_IMAGE_PIXELS
+    assert gap_main(args + ["--max-image-pixels", "15000"]) == 2
+    err = capsys.readouterr().err
+    assert "row 1" in err and "exceeds limit of 30000 pixels" in err and "raise --max-image-pixels" in err
+    assert Image.MAX_IMAGE_PIXELS == default  # the limit holds for the command only
+    assert gap_main(args) == 0  # PIL's default limit lets the 200 x 200 image through
+
+
 def test_nan_targets_are_found_before_training_starts(work, tmp_path):  # noqa: F811
     import math
 
@@ -354,6 +559,41 @@ def test_nan_targets_are_found_before_training_starts(work, tmp_path):  # noqa: 
     argv[argv.index("--dataset_path") + 1] = str(tmp_path / "data")
     with pytest.raises(TargetsError, match=r"row 3 \(id='row3'\) hold non-finite \(NaN or inf\) latent targets"):
         train_sft.main(*_parse(argv), argv=argv)
+
+
+def test_training_refuses_targets_from_another_vision_tower_and_warns_on_unrecorded_ones(
+        work, tmp_path, caplog):  # noqa: F811
+    from transformers import AutoImageProcessor
+
+    import train_sft
+    from gap_pipeline.targets import (TARGETS_COLUMN, TargetsError, compute_latent_targets, load_vision_tower,
+                                      vision_tower_sha256)
+    from gap_pipeline.tiny import save_tiny_base_checkpoint
+
+    rows = datasets.load_from_disk(str(work.data)).remove_columns(TARGETS_COLUMN)
+    other = save_tiny_base_checkpoint(tmp_path / "other-base", seed=1)  # another tower of the same width
+
+    def targets_of(model_dir, name):
+        data, _ = compute_latent_targets(rows, load_vision_tower(model_dir), AutoImageProcessor.from_pretrained(
+            model_dir), latent_tokens_per_span=K, progress=False, source=str(model_dir),
+            encoder_sha256=vision_tower_sha256(model_dir))
+        data.save_to_disk(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    def train(data):
+        argv = _cli_argv(work, tmp_path / f"out-{Path(data).name}", "--max_steps", "1")
+        argv[argv.index("--dataset_path") + 1] = data
+        return train_sft.main(*_parse(argv), argv=argv)
+
+    ours, theirs = vision_tower_sha256(work.gap), vision_tower_sha256(other)
+    assert ours == vision_tower_sha256(work.base) != theirs  # conversion keeps the tower; the other one differs
+    with pytest.raises(TargetsError, match=f"another vision tower \\(sha256 {theirs[:16]}, of .*other-base\\) than "
+                                           f"the model's \\({ours[:16]}, of "):
+        train(targets_of(other, "other-targets"))
+    assert train(targets_of(work.base, "base-targets")).state.global_step == 1  # the base's tower is the GAP model's
+    assert "cannot check" not in caplog.text
+    train(str(work.data))  # targets written before the tower was recorded: trained, with a warning
+    assert "do not record their vision tower (written by an older `gap targets`)" in caplog.text
 
 
 def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):  # noqa: F811
