@@ -158,12 +158,6 @@ class GapProcessor(Qwen2_5_VLProcessor):
         start, pad, end = LATENT_TOKENS
         return start + pad * k + end
 
-    def expand_latent_placeholders(self, text):
-        """Replace every ``<latent>`` in `text` (a string or a list of strings) by a latent span."""
-        if isinstance(text, str):
-            return text.replace(LATENT_PLACEHOLDER, self.latent_span_text())
-        return [sample.replace(LATENT_PLACEHOLDER, self.latent_span_text()) for sample in text]
-
     def _expand_latents_with_offsets(self, text):
         span = self.latent_span_text()
         expanded, offsets = [], []

@@ -1,4 +1,4 @@
-"""Batches for GAP training: `GapDataCollator` and `prepare_dataset`.
+"""Batches for GAP training: `GapDataCollator`.
 
 The collator turns rows of the GAP schema (`gap_pipeline.data`) plus their precomputed ``latent_targets``
 (`gap targets`) into the inputs of `GapForConditionalGeneration.forward`:
@@ -9,8 +9,8 @@ The collator turns rows of the GAP schema (`gap_pipeline.data`) plus their preco
 * ``labels``: the token ids on assistant content and each assistant turn's closing ``<|im_end|>`` (latent
   start/end tokens included), -100 on the prompt, padding and ``<|latent_pad|>`` tokens.
 * ``mm_token_type_ids``: 1 on ``<|image_pad|>`` tokens, 0 elsewhere (latent tokens are text for M-RoPE).
-* ``pixel_values``, ``image_grid_thw``: when any row has images; taken from a row's precomputed columns
-  (`prepare_dataset`) when present, from the image processor otherwise.
+* ``pixel_values``, ``image_grid_thw``: when any row has images; taken from a row's precomputed columns (the
+  image processor's output for its images) when present, from the image processor otherwise.
 * ``latent_embeds``: (n_latent, d) float32, the targets of every kept span, concatenated in the row-major
   order of the ``<|latent_pad|>`` tokens; present when any row keeps latents.
 
@@ -48,7 +48,7 @@ from .data import (
     strip_latent_spans,
 )
 
-__all__ = ["GapDataCollator", "count_latent_positions", "prepare_dataset"]
+__all__ = ["GapDataCollator"]
 
 
 
@@ -132,7 +132,7 @@ class GapDataCollator:
 
     Rows are dicts with ``messages`` and, as needed, ``images``, ``aux_images``, ``accuracy``,
     ``latent_targets`` ((n_spans * K, d) or (n_spans, K, d)), ``pixel_values`` / ``image_grid_thw``
-    (precomputed by `prepare_dataset`) and ``id``.
+    (the image processor's output for the row's images, precomputed) and ``id``.
     """
 
     def __init__(
@@ -234,14 +234,14 @@ class GapDataCollator:
         pixel_values = grid = images = None
         if _present(row, "pixel_values") or _present(row, "image_grid_thw"):
             if not (_present(row, "pixel_values") and _present(row, "image_grid_thw")):
-                raise GapDataError(f"{name}: has only one of 'pixel_values' / 'image_grid_thw'; rerun prepare_dataset.")
+                raise GapDataError(f"{name}: has only one of 'pixel_values' / 'image_grid_thw'; precompute both with the image processor.")
             pixel_values = _to_tensor(row["pixel_values"], torch.float32)
             grid = _to_tensor(row["image_grid_thw"], torch.long).reshape(-1, 3)
             if grid.shape[0] != n_image_entries or pixel_values.shape[0] != int(grid.prod(-1).sum()):
                 raise GapDataError(
                     f"{name}: precomputed 'image_grid_thw' describes {grid.shape[0]} image(s) / "
                     f"{int(grid.prod(-1).sum())} patches but the row has {n_image_entries} image entries and "
-                    f"{pixel_values.shape[0]} patch rows; rerun prepare_dataset."
+                    f"{pixel_values.shape[0]} patch rows; precompute them again with the image processor."
                 )
         else:
             images = list(row.get("images") or [])
@@ -364,68 +364,3 @@ class GapDataCollator:
                 )
         return batch
 
-
-def count_latent_positions(batch: dict) -> int:
-    """Number of latent positions (``<|latent_pad|>`` tokens with a target) of a collated batch.
-
-    Sum it over ranks and accumulation steps for `GapForConditionalGeneration`'s ``num_latent_items_in_batch``.
-    """
-    latent_embeds = batch.get("latent_embeds")
-    return 0 if latent_embeds is None else int(latent_embeds.shape[0])
-
-
-def prepare_dataset(dataset, processor, *, batch_size: int = 16, num_proc: int | None = None, dtype: str = "float32"):
-    """Run the image processor once over ``images`` and store ``pixel_values`` / ``image_grid_thw`` columns.
-
-    The collator uses these columns when a row has them, so a training step does no PIL work. The image
-    columns are kept, typed as undecoded `datasets.Image` (paths/bytes), so reading a row does not decode them.
-    `dtype` is the storage dtype of ``pixel_values`` (``float32`` reproduces on-the-fly processing exactly;
-    ``float16`` halves the size). Disk cost: about 4.7 k values per merged vision token (19 KB in float32),
-    i.e. roughly 20 MB per 1000-token image: use it for datasets whose pixels fit on disk.
-
-    Returns the dataset formatted so that these columns (and ``latent_targets``) come back as numpy arrays.
-    """
-    from datasets import Array2D, Features
-
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"`dtype` must be 'float32' or 'float16', got {dtype!r}.")
-    image_processor = processor.image_processor
-    patch_dim = (
-        image_processor.temporal_patch_size * image_processor.patch_size**2 * 3
-    )  # channels x temporal patch x patch x patch
-    if "images" not in dataset.column_names:
-        raise ValueError("The dataset has no 'images' column: there is nothing to precompute.")
-    from .data import undecoded_images
-
-    dataset = undecoded_images(dataset)
-
-    def process(images_batch):
-        pixel_values, grids = [], []
-        for images in images_batch:
-            if not images:
-                pixel_values.append(np.zeros((0, patch_dim), dtype=dtype))
-                grids.append(np.zeros((0, 3), dtype=np.int64))
-                continue
-            out = image_processor(images=[load_image(im).convert("RGB") for im in images], return_tensors="np")
-            pixel_values.append(np.asarray(out["pixel_values"], dtype=dtype))
-            grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
-        return {"pixel_values": pixel_values, "image_grid_thw": grids}
-
-    features = Features(
-        {
-            **dataset.features,
-            "pixel_values": Array2D(shape=(None, patch_dim), dtype=dtype),
-            "image_grid_thw": Array2D(shape=(None, 3), dtype="int64"),
-        }
-    )
-    prepared = dataset.map(
-        process,
-        input_columns=["images"],
-        batched=True,
-        batch_size=batch_size,
-        num_proc=num_proc,
-        features=features,
-        desc="image processor",
-    )
-    numeric = [c for c in ("pixel_values", "image_grid_thw", "latent_targets") if c in prepared.column_names]
-    return prepared.with_format("numpy", columns=numeric, output_all_columns=True)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from gap_pipeline.collator import GapDataCollator, count_latent_positions, prepare_dataset
+from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.data import GapDataError
 from modeling_gap import IGNORE_INDEX
-from processing_gap import GapProcessor
+from processing_gap import LATENT_PLACEHOLDER, GapProcessor
 
 
 K = 4
@@ -59,7 +59,7 @@ def _expected_labels(processor, messages, answer_text):
     prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
     tokenizer = processor.tokenizer
     prompt_ids = tokenizer(prompt)["input_ids"]
-    answer_ids = tokenizer(processor.expand_latent_placeholders(answer_text) + "<|im_end|>")["input_ids"]
+    answer_ids = tokenizer(answer_text.replace(LATENT_PLACEHOLDER, processor.latent_span_text()) + "<|im_end|>")["input_ids"]
     tail = tokenizer("\n")["input_ids"]
     ids = prompt_ids + answer_ids + tail
     labels = [IGNORE_INDEX] * len(prompt_ids)
@@ -96,7 +96,7 @@ def test_labels_mask_prompt_padding_and_latent_pads_exactly(collator, processor,
     assert (batch["input_ids"][1, m:] == processor.tokenizer.pad_token_id).all()
     assert (batch["labels"][1, m:] == IGNORE_INDEX).all()
     assert torch.equal(batch["latent_embeds"], torch.from_numpy(row["latent_targets"]))
-    assert count_latent_positions(batch) == n_spans * K == int((batch["input_ids"] == pad).sum())
+    assert batch["latent_embeds"].shape[0] == n_spans * K == int((batch["input_ids"] == pad).sum())
 
 
 def test_collator_ids_and_labels_match_the_processors_assistant_mask(collator, processor, tiny_image):
@@ -130,7 +130,7 @@ def test_accuracy_at_tau_keeps_spans_and_just_above_strips_them_and_their_target
     start, pad, end = processor.latent_token_ids
     assert int((kept["input_ids"] == pad).sum()) == K and kept["latent_embeds"].shape == (K, D)
     assert torch.equal(missing["input_ids"], kept["input_ids"]) and "latent_embeds" in missing
-    assert "latent_embeds" not in stripped and count_latent_positions(stripped) == 0
+    assert "latent_embeds" not in stripped
     assert not torch.isin(stripped["input_ids"], torch.tensor([start, pad, end])).any()
     plain = collator([_text_row("Look so 3.")])
     assert torch.equal(stripped["input_ids"], plain["input_ids"])
@@ -188,33 +188,22 @@ def test_targets_may_come_as_lists_tensors_or_span_arrays(collator):
 # precomputed pixels ------------------------------------------------------------------------------------------
 
 
-def test_prepared_dataset_gives_the_same_batch_without_image_processing(collator, processor, tiny_image, tmp_path):
-    from datasets import Dataset, Image, List
-
-    paths = []
-    for seed, size in ((0, (112, 112)), (1, (150, 90))):
-        path = tmp_path / f"q{seed}.png"
-        tiny_image(seed=seed, size=size).save(path)
-        paths.append(str(path))
+def test_rows_with_precomputed_pixels_give_the_same_batch_without_image_processing(collator, processor, tiny_image):
+    images = [tiny_image(seed=0, size=(112, 112)), tiny_image(seed=1, size=(150, 90))]
     rows = [
-        _image_row(paths[0], "A <latent> B.", targets=_targets(1, seed=5)),
+        _image_row(images[0], "A <latent> B.", targets=_targets(1, seed=5)),
         _text_row("text only <latent>", targets=_targets(1, seed=6)),
-        _image_row(paths[1], "C.", accuracy=0.0),
+        _image_row(images[1], "C.", accuracy=0.0),
     ]
+    precomputed_rows = []
     for row in rows:
-        row.setdefault("images", [])
-        row.setdefault("aux_images", [])
-        row.setdefault("accuracy", None)
-        row["messages"] = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
-                           else m for m in row["messages"]]
-        row["latent_targets"] = row.get("latent_targets", np.zeros((0, D), np.float32)).tolist()
-    dataset = Dataset.from_list(rows).cast_column("images", List(Image())).cast_column("aux_images", List(Image()))
-    prepared = prepare_dataset(dataset, processor, batch_size=2)
-    assert {"pixel_values", "image_grid_thw"} <= set(prepared.column_names)
-    assert isinstance(prepared[0]["pixel_values"], np.ndarray) and prepared[1]["pixel_values"].shape == (0, 1176)
+        row = dict(row)
+        if row.get("images"):  # the image processor's output for the row's images, as numpy columns
+            out = processor.image_processor(images=row.pop("images"), return_tensors="np")
+            row["pixel_values"], row["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+        precomputed_rows.append(row)
 
-    on_the_fly = collator([dataset[i] for i in range(3)])
-    precomputed_rows = [prepared[i] for i in range(3)]
+    on_the_fly = collator(rows)
     calls = []
     original = processor.image_processor.__class__.__call__
     try:
