@@ -31,16 +31,15 @@ UTILS_TEMPLATE = '''"""lmms-eval task functions written by `gap lmms-task` for {
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from gap_pipeline.answers import load_checker
+from gap_pipeline.inference import open_image
 
 HERE = Path(__file__).resolve().parent
 CHECKER = load_checker({checker!r})
 
 
 def doc_to_visual(doc):
-    return [Image.open(HERE / path).convert("RGB") for path in doc["images"]]
+    return [open_image(path, HERE, where=f"doc {{doc['id']}}") for path in doc["images"]]
 
 
 def doc_to_text(doc):
