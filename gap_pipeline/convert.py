@@ -36,7 +36,8 @@ from . import GapError
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
-from .provenance import check_or_record, data_fingerprint, model_fingerprint, write_record
+from .datasets_io import write_json_file
+from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made from (see ensure_gap_checkpoint)
 
@@ -253,7 +254,7 @@ def ensure_gap_checkpoint(
     staging = tempfile.mkdtemp(prefix=".gap-init-", dir=target.absolute().parent)
     try:
         convert_checkpoint(base, staging, pca, overwrite=True, **options)
-        write_record(Path(staging) / CONVERSION_RECORD, record)
+        write_json_file(Path(staging) / CONVERSION_RECORD, record)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "atomic_files_into",
@@ -138,16 +140,15 @@ def datasets_progress_bars(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
-def write_json_file(path, payload, default_name):
-    """Write `payload` as indented JSON to `path`, or to ``path/default_name`` when `path` is not a ``.json`` file."""
-    import json
-    from pathlib import Path
-
+def write_json_file(path: str | os.PathLike, payload: Any, default_name: str | None = None) -> Path:
+    """Write `payload` as indented JSON to `path` (to ``path/default_name`` when `default_name` is given and `path`
+    is not a ``.json`` file), atomically: a reader sees the old file or the whole new one, also when processes of one
+    launch write it together. Returns the file's path."""
     p = Path(path)
-    if p.suffix != ".json":
+    if default_name is not None and p.suffix != ".json":
         p = p / default_name
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(p)
     return p

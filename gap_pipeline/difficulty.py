@@ -59,8 +59,10 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_max_image_pixels_argument, undecoded_images
+from .datasets_io import write_json_file
 from .inference import check_model_folder, dataset_base_dir, encode_prompts, load_rows, prompt_of_row
 from .plugins import import_object
+from .provenance import check_or_record
 
 __all__ = [
     "DifficultyError",
@@ -311,31 +313,10 @@ def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None)
     return merged
 
 
-def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
-    path = Path(output_dir) / RUN_FILENAME
-    wanted = {key: config.get(key) for key in RUN_KEYS}
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
-        different = {key: (recorded.get(key), wanted[key]) for key in RUN_KEYS if recorded.get(key) != wanted[key]}
-        if different:
-            detail = "; ".join(f"{key}: was {old!r}, now {new!r}" for key, (old, new) in different.items())
-            raise DifficultyError(
-                f"{output_dir} holds a difficulty run with other settings ({detail}). Resume with the same settings, "
-                "or use a new --output-dir"
-            )
-        return
-    _atomic_write_json(path, wanted)
+    check_or_record(output_dir, RUN_FILENAME, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
+                    has_results=False, fresh="resume with the same settings, or use a new --output-dir")
 
 
 # ----------------------------------------------------------------------------------------
@@ -581,7 +562,7 @@ def merge_results(
         tau=tau,
         replaced_columns=replaced,
     )
-    _atomic_write_json(output_dir / SUMMARY_FILENAME, report.to_dict())
+    write_json_file(output_dir / SUMMARY_FILENAME, report.to_dict())
     return report
 
 

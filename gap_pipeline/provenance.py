@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import GapError
+from .datasets_io import write_json_file
 
-__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint", "record_differences",
-           "write_record"]
+__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint", "record_differences"]
 
 _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -82,14 +82,6 @@ def record_differences(stored: dict[str, Any], record: dict[str, Any], prefix: s
     return out
 
 
-def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Write `record` as JSON to `path` atomically (a reader sees the old file or the whole new one)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of one launch may write it together
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, Any], *, what: str,
                     has_results: bool, fresh: str) -> None:
     """Resume `folder` only if ``folder/filename`` holds `record`; write `record` there otherwise.
@@ -114,4 +106,4 @@ def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, 
             f"{fresh}."
         )
     folder.mkdir(parents=True, exist_ok=True)
-    write_record(path, record)
+    write_json_file(path, record)

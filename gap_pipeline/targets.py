@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import atomic_output_dir, load_dataset_folder
+from .datasets_io import atomic_output_dir, load_dataset_folder, write_json_file
 from .data import add_max_image_pixels_argument
 from .inference import check_model_folder, resolve_device
-from .provenance import data_fingerprint, record_differences, write_record
+from .provenance import data_fingerprint, record_differences
 
 __all__ = [
     "FORMAT_NAME",
@@ -563,7 +563,7 @@ def compute_latent_targets(
                     )
                     with open(work, "rb") as f:
                         os.fsync(f.fileno())
-                    write_record(shard_stats, compute.stats)
+                    write_json_file(shard_stats, compute.stats)
                     os.replace(work, arrow)  # the commit: a shard is done once its Arrow file has its final name
                 shards.append(Dataset.from_file(str(arrow)))
                 done = json.loads(shard_stats.read_text(encoding="utf-8"))
@@ -633,7 +633,7 @@ def claim_partial_dir(cache_dir: str | os.PathLike, record: dict[str, Any]) -> s
         note = None
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.mkdir(parents=True)
-    write_record(path, record)
+    write_json_file(path, record)
     return note
 
 

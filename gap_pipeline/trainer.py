@@ -44,7 +44,8 @@ from modeling_gap import IGNORE_INDEX
 from . import GapError
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
-from .provenance import data_fingerprint, model_fingerprint, record_differences, write_record
+from .datasets_io import write_json_file
+from .provenance import data_fingerprint, model_fingerprint, record_differences
 
 __all__ = [
     "RUN_RECORD",
@@ -712,7 +713,7 @@ class RunRecordCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            write_record(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / RUN_RECORD, self.record)
+            write_json_file(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / RUN_RECORD, self.record)
 
 
 def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]) -> str:

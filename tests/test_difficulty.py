@@ -20,6 +20,7 @@ from gap_pipeline.difficulty import (
     results_path,
     shard_rows,
 )
+from gap_pipeline.provenance import ProvenanceError
 
 N = 4
 NUM_ROWS = 11
@@ -174,7 +175,7 @@ def test_a_row_without_gold_answer_fails_before_any_sampling(tmp_path):
 def test_restart_with_other_settings_is_refused(tmp_path, dataset):
     config = {"dataset": "d", "num_rows": NUM_ROWS, "num_samples": N, "temperature": 1.0, "seed": 0}
     _run(dataset, tmp_path, StubSampler(fail_after_rows=100), run_config=config)
-    with pytest.raises(DifficultyError, match=r"temperature: was 1.0, now 0.7"):
+    with pytest.raises(ProvenanceError, match=r"sampled answers of another run \(temperature was 1.0, now 0.7\)"):
         _run(dataset, tmp_path, StubSampler(), run_config={**config, "temperature": 0.7})
 
 
