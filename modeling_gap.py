@@ -845,7 +845,6 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         * stores the ids, K, k, lambda and the loss reduction in a `GapConfig`;
         * builds the latent head from `pca` (an object with `mean`, `components`, `eigenvalues`, a mapping with
           those keys, or a path to a `pca.safetensors`); required for `latent_head_type="pca"`.
-
         The base weights are reused, not copied, when `base` is an instance.
         """
         if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
@@ -898,9 +897,9 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 mean_row = weight[:n_known_tokens].float().mean(0)
                 weight[new_ids.to(weight.device)] = mean_row.to(weight.dtype)
             _init_head_from_scratch(model.latent_head, config)
-            if pca is not None:  # h_bar = RMSNorm_final(h): its norm is that of the norm's weight
-                h_bar_norm = model.model.language_model.norm.weight.float().norm()
-                model.latent_head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"], h_bar_norm=h_bar_norm)
+            if pca is not None:  # ||h_bar|| = ||gamma|| of the final RMSNorm
+                model.latent_head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"],
+                                          h_bar_norm=model.model.language_model.norm.weight.float().norm())
         model.generation_config = base.generation_config
         model.eval() if not base.training else model.train()
         return model, tokenizer
