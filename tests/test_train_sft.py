@@ -232,11 +232,11 @@ def test_logged_losses_of_two_accumulation_steps_equal_one_step_on_the_same_rows
 
 
 def test_tiny_model_overfits_eight_rows(work, tmp_path):
-    trainer = _trainer(work, tmp_path, per_device_train_batch_size=8, max_steps=20, learning_rate=3e-3,
-                       latent_head_learning_rate=1e-2)
+    trainer = _trainer(work, tmp_path, per_device_train_batch_size=8, max_steps=60, learning_rate=3e-3,
+                       latent_head_learning_rate=3e-3)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "lm_loss" in entry and "train_runtime" not in entry]
-    assert len(logs) == 20
+    assert len(logs) == 60
     assert all({"loss", "lm_loss", "latent_loss", "latent_norm_ratio", "mean_token_accuracy"} <= set(e) for e in logs)
     assert logs[-1]["latent_loss"] <= 0.5 * logs[0]["latent_loss"]
     assert logs[-1]["lm_loss"] < 0.7 * logs[0]["lm_loss"]
