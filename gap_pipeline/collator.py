@@ -10,7 +10,8 @@ The collator turns rows of the GAP schema (`gap_pipeline.data`) plus their preco
   start/end tokens included), -100 on the prompt, padding and ``<|latent_pad|>`` tokens.
 * ``mm_token_type_ids``: 1 on ``<|image_pad|>`` tokens, 0 elsewhere (latent tokens are text for M-RoPE).
 * ``pixel_values``, ``image_grid_thw``: when any row has images; taken from a row's precomputed columns (the
-  image processor's output for its images) when present, from the image processor otherwise.
+  image processor's output for its images) when present, from the image processor otherwise (with a
+  `feature_cache`, images whose features it holds have a grid and no pixels; see `GapDataCollator`).
 * ``latent_embeds``: (n_latent, d) float32, the targets of every kept span, concatenated in the row-major
   order of the ``<|latent_pad|>`` tokens; present when any row keeps latents.
 
@@ -27,8 +28,11 @@ Imports only torch, numpy, PIL and transformers (not TRL).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +52,7 @@ from .data import (
     strip_latent_spans,
 )
 
-__all__ = ["GapDataCollator"]
+__all__ = ["GapDataCollator", "ImageFeatureCache"]
 
 
 
@@ -105,6 +109,73 @@ def _cache_key(messages: list[dict], image_grid_thw: torch.Tensor | None) -> tup
     return text, () if image_grid_thw is None else tuple(image_grid_thw.flatten().tolist())
 
 
+def _image_key(image, settings: str) -> str | None:
+    """A digest of an image's content (its file's or entry's encoded bytes, or a PIL image's mode, size and pixels)
+    and of the image processor's `settings`; None when the file cannot be read (loading it then says why)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        data = f"{image.mode} {image.size}".encode() + image.tobytes()
+    elif isinstance(image, dict) and image.get("bytes") is not None:
+        data = bytes(image["bytes"])
+    else:
+        path = image.get("path") if isinstance(image, dict) else image
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return None
+    digest = hashlib.blake2b(settings.encode(), digest_size=16)
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _load_rgb(image, name: str):
+    """`image` (a path, a {"bytes", "path"} entry or a PIL image) as an RGB PIL image; `name` names it in the error."""
+    try:
+        return load_image(image).convert("RGB")
+    except (OSError, TypeError, ValueError) as error:
+        raise GapDataError(f"{name} cannot be loaded ({error}).") from None
+
+
+class ImageFeatureCache:
+    """The frozen vision tower's features of each image, with its ``image_grid_thw`` row, keyed by the image's content.
+
+    `GapSFTTrainer` fills it (the tower's output for every image it encodes) and lends it to its `GapDataCollator`
+    during `train()`; the collator then gives a known image no pixels and the trainer takes its features from here.
+    Valid only while the tower's weights do not change: the trainer uses it with a frozen tower only and empties it
+    when `train()` starts. Holds at most `max_bytes` of features (on the CPU); once full, new images are not added
+    and nothing is evicted, so a copy held by a dataloader worker never claims an image the trainer's cache lacks.
+    """
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"`max_bytes` must be an integer >= 0, got {max_bytes!r}.")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features, grid) of the image with content key `key`, or None."""
+        return self._entries.get(key)
+
+    def add(self, key: str, features: torch.Tensor, grid: torch.Tensor) -> None:
+        """Keep a CPU copy of `features` (the tower's output for one image) and its (3,) `grid`, if they fit."""
+        size = features.numel() * features.element_size()
+        if key in self._entries or self.nbytes + size > self.max_bytes:
+            return
+        self._entries[key] = features.detach().to("cpu", copy=True), grid.detach().to("cpu", copy=True)
+        self.nbytes += size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
 def _to_tensor(value, dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(dtype)
@@ -129,6 +200,12 @@ class GapDataCollator:
             up to this many tokens in all (16 bytes each: 128 MB at the default 2**23); 0 turns the cache off.
             With dataloader workers each worker holds its own cache (`dataloader_persistent_workers` keeps it
             across epochs).
+
+    `feature_cache` (an `ImageFeatureCache`, None by default; `GapSFTTrainer.train()` lends it its own): an image
+    whose features it holds gets no pixels (its grid comes from the cache), and the batch also holds ``image_keys`` (each image's
+    content key, None for precomputed pixels) and ``cached_images`` (bool per image: True when its features are to
+    be taken from the cache, so it has no rows in ``pixel_values``), which only `GapSFTTrainer` reads: such a batch is
+    for that trainer, the model alone would see no pixels for the cached images.
 
     Rows are dicts with ``messages`` and, as needed, ``images``, ``aux_images``, ``accuracy``,
     ``latent_targets`` ((n_spans * K, d) or (n_spans, K, d)), ``pixel_values`` / ``image_grid_thw``
@@ -160,6 +237,8 @@ class GapDataCollator:
         self.cache_tokens = cache_tokens
         self._token_cache: dict[tuple[str, tuple], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_tokens = 0
+        self.feature_cache: ImageFeatureCache | None = None
+        self._image_settings = self.processor.image_processor.to_json_string()  # part of every image's cache key
 
     # -- per row -----------------------------------------------------------------------------------------
     def keeps_latents(self, row: dict) -> bool:
@@ -215,9 +294,10 @@ class GapDataCollator:
         name = row_name(index, row.get("id"), where="batch row")
         messages = row.get("messages")
         # The row schema is the validator's (gap_pipeline.data); aux images may be gone once targets exist.
-        n_spans = count_latent_placeholders(messages) if messages_problem(messages) is None else 0
+        message_problem = messages_problem(messages)
+        n_spans = count_latent_placeholders(messages) if message_problem is None else 0
         for field, problem in (
-            ("messages", messages_problem(messages)),
+            ("messages", message_problem),
             ("accuracy", accuracy_problem(row.get("accuracy"))),
             ("aux_images", aux_count_problem(n_spans, len(row["aux_images"])) if _present(row, "aux_images") else None),
         ):
@@ -258,37 +338,45 @@ class GapDataCollator:
         }
 
     # -- batch -------------------------------------------------------------------------------------------
-    def _process_images(self, encoded: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Run the image processor once over the images of every row that has no precomputed pixels.
+    def _process_images(self, encoded: list[dict]) -> torch.Tensor | None:
+        """Run the image processor once over the images of every row that has no precomputed pixels, less those
+        whose features `feature_cache` holds (their grids come from it and they get no pixels).
 
-        Sets those rows' ``image_grid_thw`` (and ``pixel_values``, as views of the processor's output, when another
-        row of the batch brings precomputed pixels). When no row does, the processor's ``(pixel_values,
-        image_grid_thw)`` already are the batch's, in row order, and are returned; otherwise None.
+        Sets those rows' ``image_grid_thw``, ``image_keys`` and ``cached`` (and ``pixel_values``, as views of the
+        processor's output, when another row of the batch brings precomputed pixels). When no row does, the
+        processor's ``pixel_values`` already are the batch's, in row order, and are returned; otherwise None.
         """
         todo = [item for item in encoded if item["images"]]
-        if not todo:
-            return None
-        flat = []
+        settings = self._image_settings if self.feature_cache is not None else ""
+        flat, slots = [], []  # the images to process, and (row, grids of the row) for each
         for item in todo:
-            for k, image in enumerate(item["images"]):
-                try:
-                    flat.append(load_image(image).convert("RGB"))
-                except (OSError, TypeError, ValueError) as error:
-                    raise GapDataError(f"{item['name']}: image {k} cannot be loaded ({error}).") from None
-        out = self.processor.image_processor(images=flat, return_tensors="pt")
-        pixel_values, grids = out["pixel_values"], out["image_grid_thw"].to(torch.long)
+            grids = []
+            item["image_keys"] = [_image_key(image, settings) if settings else None for image in item["images"]]
+            for k, (image, key) in enumerate(zip(item["images"], item["image_keys"])):
+                hit = self.feature_cache.get(key) if key is not None else None
+                grids.append(None if hit is None else hit[1])
+                if hit is None:
+                    flat.append(_load_rgb(image, f"{item['name']}: image {k}"))
+                    slots.append((item, grids))
+            item["cached"] = [grid is not None for grid in grids]
+            item["image_grid_thw"] = grids
+        pixel_values = None
+        if flat:
+            out = self.processor.image_processor(images=flat, return_tensors="pt")
+            pixel_values, processed = out["pixel_values"], out["image_grid_thw"].to(torch.long)
+            for (item, grids), grid in zip(slots, processed):
+                grids[grids.index(None)] = grid
+        for item in todo:
+            item["image_grid_thw"] = torch.stack(item["image_grid_thw"])
         mixed = any(item["pixel_values"] is not None for item in encoded)
-        patches = grids.prod(-1).tolist()
-        image = patch = 0
-        for item in todo:
-            n = len(item["images"])
-            item["image_grid_thw"] = grids[image : image + n]
-            if mixed:
-                rows_patches = sum(patches[image : image + n])
-                item["pixel_values"] = pixel_values[patch : patch + rows_patches]
+        if mixed and pixel_values is not None:
+            patch = 0
+            for item in todo:
+                grids = item["image_grid_thw"][~torch.tensor(item["cached"])]
+                rows_patches = int(grids.prod(-1).sum())
+                item["pixel_values"] = pixel_values[patch : patch + rows_patches] if rows_patches else None
                 patch += rows_patches
-            image += n
-        return None if mixed else (pixel_values, grids)
+        return None if mixed else pixel_values
 
     def _tokens(self, messages: list[dict], image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, labels) of one conversation, kept for its next collation while `cache_tokens` allows."""
@@ -339,13 +427,21 @@ class GapDataCollator:
             "mm_token_type_ids": ((input_ids == self.image_token_id) & attention_mask.bool()).long(),
         }
 
-        if processed is not None:  # no precomputed pixels: the image processor's output is the batch's
-            batch["pixel_values"], batch["image_grid_thw"] = processed
-        else:
-            with_pixels = [item for item in encoded if item["pixel_values"] is not None and item["image_grid_thw"].numel()]
-            if with_pixels:
-                batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_pixels])
-                batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_pixels])
+        with_images = [item for item in encoded
+                       if item["image_grid_thw"] is not None and item["image_grid_thw"].numel()]
+        if with_images:
+            batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
+            with_pixels = [item["pixel_values"] for item in with_images if item["pixel_values"] is not None]
+            if processed is not None:  # no precomputed pixels: the image processor's output is the batch's
+                batch["pixel_values"] = processed
+            elif with_pixels:
+                batch["pixel_values"] = torch.cat(with_pixels)
+            if self.feature_cache is not None:  # rows with precomputed pixels have no key and are never cached
+                n_images = [len(item["image_grid_thw"]) for item in with_images]
+                batch["image_keys"] = [key for item, n in zip(with_images, n_images)
+                                       for key in item.get("image_keys") or [None] * n]
+                batch["cached_images"] = torch.tensor([hit for item, n in zip(with_images, n_images)
+                                                       for hit in item.get("cached") or [False] * n])
 
         targets = [item["latent_targets"] for item in encoded if item["latent_targets"] is not None]
         if targets:

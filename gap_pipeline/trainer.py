@@ -36,12 +36,15 @@ import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from modeling_gap import IGNORE_INDEX
 
 from . import GapError
+from .collator import GapDataCollator, ImageFeatureCache
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import write_json_file
@@ -95,6 +98,9 @@ class GapSFTConfig(SFTConfig):
             parameter groups; `None` uses `learning_rate`.
         freeze_vision_tower (`bool`, defaults to `True`): keep the vision tower frozen (a trainable tower collapsed
             under the latent loss). Must stay `True` with a PEFT config.
+        image_feature_cache_mb (`float`, defaults to `1024`): with a frozen vision tower and a `GapDataCollator`, the
+            tower's features of each image are kept (on the CPU, up to this many MB; then no more are added), so an
+            image seen again skips the image processor and the tower. 0 turns it off.
         scheduled_sampling_prob (`float`, defaults to `0.0`): scheduled sampling (App. F ablation; 0 = off). With
             p > 0 every training micro-batch runs a teacher-forced pass without gradients, then one where each latent
             span's inputs are, with probability p (seeded), the first pass's detached predictions; the loss is the
@@ -122,7 +128,18 @@ class GapSFTConfig(SFTConfig):
         },
     )
 
+    image_feature_cache_mb: float = field(
+        default=1024.0,
+        metadata={
+            "help": "With a frozen vision tower, keep each training image's tower features (CPU memory, up to this "
+            "many MB) so that later epochs skip its image processing and its tower forward (the features are the "
+            "same); 0 = off. Emptied when train() starts; not used with a trainable tower."
+        },
+    )
+
     def __post_init__(self):
+        if self.image_feature_cache_mb < 0:
+            raise TrainingError(f"`image_feature_cache_mb` must be >= 0, got {self.image_feature_cache_mb}.")
         if self.latent_head_learning_rate is not None and self.latent_head_learning_rate < 0:
             raise TrainingError(f"`latent_head_learning_rate` must be >= 0, got {self.latent_head_learning_rate}.")
         if not 0.0 <= self.scheduled_sampling_prob <= 1.0:
@@ -223,6 +240,12 @@ class GapSFTTrainer(SFTTrainer):
             del gap.forward
         if self.args.freeze_vision_tower:
             gap.model.visual.requires_grad_(False)
+        # The frozen tower's features of each image, lent to the collator during `train()` (known images get no pixels).
+        self._feature_cache = None
+        if self.args.freeze_vision_tower and self.args.image_feature_cache_mb > 0 and isinstance(
+            self.data_collator, GapDataCollator
+        ):
+            self._feature_cache = ImageFeatureCache(int(self.args.image_feature_cache_mb * 2**20))
         self._latent_pad_id = gap.config.latent_pad_token_id
         self._num_latent_items_in_batch = None
         # per mode, over the latent positions since the last log: (sum ||v_hat||/||v||, positions, sum ||v_hat - v||^2,
@@ -235,8 +258,47 @@ class GapSFTTrainer(SFTTrainer):
 
     @property
     def gap_model(self) -> PreTrainedModel:
-        """The `GapForConditionalGeneration` inside `self.model` (through a PEFT wrapper if any)."""
-        return self.model.get_base_model() if is_peft_model(self.model) else self.model
+        """The `GapForConditionalGeneration` inside `self.model` (through a PEFT wrapper if any).
+
+        Looked up once per `self.model` object: `is_peft_model` reads the installed packages' metadata on every call
+        (~10 ms), and the loss asks for the model every micro-batch.
+        """
+        return self._once_per_model("gap_model",
+                                    lambda model: model.get_base_model() if is_peft_model(model) else model)
+
+    def _once_per_model(self, name: str, compute):
+        """`compute(self.model)`, computed again only when `self.model` is another object."""
+        memo = self.__dict__.setdefault("_model_memo", {})
+        if name not in memo or memo[name][0] is not self.model:
+            memo[name] = self.model, compute(self.model)
+        return memo[name][1]
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """`Trainer.floating_point_ops` (6 x input tokens x non-embedding parameters, summed into `total_flos`), with
+        the parameters counted once: `num_parameters` walks every module, and this runs every micro-batch."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        return 6 * inputs[main_input].numel() * self._once_per_model(
+            "num_parameters", lambda model: model.num_parameters(exclude_embeddings=True)
+        )
+
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train`, with the image feature cache (if on) lent to the data collator for its duration.
+
+        The cache starts empty (the tower's weights may have been loaded or changed since the last run, e.g. by
+        `resume_from_checkpoint`), and the collator gets its own setting back afterwards, so that batches made
+        outside training always carry every image's pixels.
+        """
+        if self._feature_cache is None:
+            return super().train(*args, **kwargs)
+        self._feature_cache.clear()
+        collator, lent = self.data_collator, self.data_collator.feature_cache
+        collator.feature_cache = self._feature_cache
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            collator.feature_cache = lent
 
     # -- data -----------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -358,22 +420,54 @@ class GapSFTTrainer(SFTTrainer):
         """Run the vision tower before the forward, on every rank and every micro-batch.
 
         The features go to the model as `mm_encoder_outputs` (the precomputed-encoder path of Qwen2.5-VL's forward).
-        A micro-batch without images encodes a one-token dummy image instead and returns its features' sum times 0,
-        to be added to the loss, so that under ZeRO-3 every rank gathers the tower at the same point of the step.
-        Returns that zero term, or None.
+        With the image feature cache (a frozen tower), the features of the batch's `cached_images` come from it and
+        the tower runs on the others' pixels only, whose features it then keeps. A micro-batch whose images all come
+        from the cache, or that has none, encodes a one-token dummy image instead (under ZeRO-3 only, for the cached
+        case) and returns its features' sum times 0, to be added to the loss, so that under ZeRO-3 every rank gathers
+        the tower at the same point of the step. Returns that zero term, or None.
         """
         gap = self.gap_model
         visual = gap.model.visual
         pixel_values = inputs.pop("pixel_values", None)
+        keys, cached = inputs.pop("image_keys", None), inputs.pop("cached_images", None)
         trainable = any(parameter.requires_grad for parameter in visual.parameters())
+        cache = None if trainable else self._feature_cache
+        if cached is not None and bool(cached.any()) and cache is None:
+            raise TrainingError(
+                "The batch takes image features from the feature cache but the vision tower is trainable now: keep it "
+                "frozen during training, or set image_feature_cache_mb=0."
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            if pixel_values is not None:
-                image_outputs = gap.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)
-                inputs["mm_encoder_outputs"] = {"image": image_outputs}
-                return None
-            pixel_values, grid_thw = self._dummy_image(gap, inputs["input_ids"].device)
-            features = gap.model.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output
+            if pixel_values is not None or cached is not None:
+                grids = inputs["image_grid_thw"]
+                features = ()
+                if pixel_values is not None:
+                    fresh = grids if cached is None else grids[~cached.to(grids.device)]
+                    features = gap.model.get_image_features(pixel_values, fresh, return_dict=True).pooler_output
+                if cached is not None:
+                    features = self._merge_cached_features(cache, keys, cached.tolist(), features, grids)
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+                if pixel_values is not None or not is_deepspeed_zero3_enabled():
+                    return None
+            # The tower has not run on this micro-batch: a dummy image keeps the ranks' ZeRO-3 gathers in step.
+            dummy, grid_thw = self._dummy_image(gap, inputs["input_ids"].device)
+            features = gap.model.get_image_features(dummy, grid_thw, return_dict=True).pooler_output
             return torch.cat(features).float().sum() * 0.0
+
+    def _merge_cached_features(self, cache, keys, cached, computed, grids) -> tuple[torch.Tensor, ...]:
+        """Every image's features in batch order: from `cache` where `cached`, else the next of `computed` (the tower's
+        output for the other images, in order), which the cache (None: a trainable tower) keeps with its `grids` row."""
+        fresh = iter(computed)
+        features = []
+        for i, (key, hit) in enumerate(zip(keys, cached)):
+            if hit:
+                features.append(cache.get(key)[0].to(grids.device, non_blocking=True))
+                continue
+            feature = next(fresh)
+            if key is not None and cache is not None:
+                cache.add(key, feature, grids[i])
+            features.append(feature)
+        return tuple(features)
 
     @staticmethod
     def _dummy_image(gap, device):
@@ -392,31 +486,40 @@ class GapSFTTrainer(SFTTrainer):
         multiplied by the number of accumulation steps, so that their average over a logging window is comparable to
         the logged `loss` (= `lm_loss` + lambda * `latent_loss`). `latent_norm_ratio` is summed over the latent
         positions of all ranks and divided at logging time, so every latent position of the window counts once.
+        Every value goes into one tensor, gathered and read back once (one device synchronisation per micro-batch).
         """
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-        for name in ("lm_loss", "latent_loss"):
-            value = getattr(outputs, name).detach().float() * scale
-            metrics[name].append(gather(value).mean().item() * steps)
-
-        stats = torch.zeros(4, device=self.args.device)  # see `_latent_stats`
+        device = self.args.device
+        values = torch.zeros(9, device=device)  # lm, latent, the four `_latent_stats`, correct, supervised, tokens
+        values[0] = outputs.lm_loss.detach().float() * scale
+        values[1] = outputs.latent_loss.detach().float() * scale
         if outputs.latent_predictions is not None:
             predictions = outputs.latent_predictions.detach()
             targets = inputs["latent_embeds"].to(predictions.device, torch.float32)
             ratio = predictions.norm(dim=-1) / targets.norm(dim=-1).clamp_min(1e-12)
-            stats = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device),
-                                 (predictions - targets).pow(2).sum(), targets.pow(2).sum()]).to(stats.device)
-        self._latent_stats[mode] += gather(stats[None]).sum(0).double().cpu()
-
+            values[2] = ratio.sum()
+            values[3] = ratio.numel()
+            values[4] = (predictions - targets).pow(2).sum()
+            values[5] = targets.pow(2).sum()
         # With labels the model returns logits only at the supervised positions, and their target ids.
-        correct = (outputs.logits.argmax(-1) == outputs.supervised_labels).sum().float()
-        num_correct = gather(correct.to(self.args.device)).sum()
-        num_valid = gather(torch.tensor(float(outputs.supervised_labels.numel()), device=self.args.device)).sum()
-        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-        if mode == "train" and self.args.include_num_input_tokens_seen == "no":
+        values[6] = (outputs.logits.argmax(-1) == outputs.supervised_labels).sum()
+        values[7] = outputs.supervised_labels.numel()
+        count_tokens = mode == "train" and self.args.include_num_input_tokens_seen == "no"
+        if count_tokens:
+            values[8] = inputs["attention_mask"].sum()
+        gathered = self.accelerator.gather_for_metrics(values[None])
+        sums = gathered[:, 2:].sum(0)
+        accuracy = sums[4:5] / sums[5:6].clamp_min(1.0)  # 0 without supervised tokens
+        host = torch.cat([gathered[:, :2].mean(0), sums, accuracy]).cpu()
+        self._latent_stats[mode] += host[2:6].double()
+        lm_loss, latent_loss, tokens, accuracy = host[[0, 1, 8, 9]].tolist()
+        metrics = self._metrics[mode]
+        metrics["lm_loss"].append(lm_loss * steps)
+        metrics["latent_loss"].append(latent_loss * steps)
+        metrics["mean_token_accuracy"].append(accuracy)
+        if count_tokens:
             # TRL's `num_tokens`, kept in the Trainer's state (saved with each checkpoint, restored on resume); with
             # `include_num_input_tokens_seen` the Trainer counts it itself.
-            self.state.num_input_tokens_seen += int(gather(inputs["attention_mask"].sum()).sum().item())
+            self.state.num_input_tokens_seen += int(tokens)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, logits, labels) of an evaluation batch, teacher-forced; logits and labels in the Trainer's layout.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gap_pipeline.collator import GapDataCollator
+from gap_pipeline.collator import GapDataCollator, ImageFeatureCache
 from gap_pipeline.data import GapDataError
 from modeling_gap import IGNORE_INDEX
 from processing_gap import LATENT_PLACEHOLDER, GapProcessor
@@ -254,6 +254,56 @@ def test_a_cached_collation_equals_an_uncached_one_also_for_stripped_rows_and_ot
         batch = small(rows)
         for key in expected:
             assert torch.equal(batch[key], expected[key]), key
+
+
+# image feature cache ------------------------------------------------------------------------------------------
+
+
+def test_an_image_whose_features_are_cached_gets_its_grid_and_no_pixels(processor, tiny_image, tmp_path):
+    path = tmp_path / "a.png"
+    tiny_image(seed=0).save(path)
+    wide = tiny_image(seed=1, size=(150, 90))
+    encoded = tmp_path / "c.png"
+    tiny_image(seed=2).save(encoded)
+    rows = [
+        _image_row(str(path), "A <latent> B.", targets=_targets(1, seed=5)),
+        _image_row(wide, "C."),  # a PIL image
+        _text_row("text only."),
+        _image_row({"bytes": encoded.read_bytes(), "path": None}, "D."),
+    ]
+    expected = GapDataCollator(processor)(rows)
+    collator = GapDataCollator(processor)
+    collator.feature_cache = cache = ImageFeatureCache(2**20)
+    first = collator(rows)
+    keys = first.pop("image_keys")
+    assert len(set(keys)) == 3 and None not in keys and first.pop("cached_images").tolist() == [False] * 3
+    assert first.keys() == expected.keys() and all(torch.equal(first[k], expected[k]) for k in expected)
+
+    grids = expected["image_grid_thw"]
+    tokens = (grids.prod(-1) // processor.image_processor.merge_size**2).tolist()
+    for i in (0, 2):  # the trainer would store the tower's features of the first and the third image
+        cache.add(keys[i], torch.zeros(tokens[i], D), grids[i])
+    again = collator(rows)
+    assert again.pop("image_keys") == keys and again.pop("cached_images").tolist() == [True, False, True]
+    patches = grids.prod(-1).tolist()
+    assert torch.equal(again.pop("pixel_values"), expected["pixel_values"][patches[0] : patches[0] + patches[1]])
+    assert all(torch.equal(again[k], expected[k]) for k in again) and again.keys() == expected.keys() - {"pixel_values"}
+
+    cache.add(keys[1], torch.zeros(tokens[1], D), grids[1])
+    assert "pixel_values" not in collator(rows)  # every image known: no image processing at all
+    tiny_image(seed=3).save(path)  # the file changes: its content key changes, the stale features are not used
+    changed = collator(rows)
+    assert changed["image_keys"][0] != keys[0] and changed["cached_images"].tolist() == [False, True, True]
+    assert len(cache) == 3 and cache.nbytes == sum(tokens) * D * 4
+
+
+def test_the_image_feature_cache_stops_adding_when_full(tiny_image):
+    cache = ImageFeatureCache(2 * 16 * D * 4)
+    for key in "abc":
+        cache.add(key, torch.ones(16, D), torch.tensor([1, 8, 8]))
+    assert len(cache) == 2 and cache.get("c") is None and cache.get("a")[1].tolist() == [1, 8, 8]
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
 
 
 # 5. the model's loss on a collated batch equals the loss on hand-built inputs ----------------------------------

@@ -26,7 +26,7 @@ from gap_pipeline.targets import TARGETS_COLUMN, compute_latent_targets
 from gap_pipeline.tiny import build_tiny_base_model
 from modeling_gap import GapForConditionalGeneration
 from processing_gap import GapProcessor
-from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer, apply_global_batch_size
+from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer, TrainingError, apply_global_batch_size
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,6 +209,37 @@ def test_frozen_vision_tower_gets_no_gradient(work, tmp_path, freeze):
         assert all(p.grad is not None for p in tower) and any(p.grad.abs().sum() > 0 for p in tower)
     assert all(p.grad is not None for p in trainer.model.latent_head.parameters())
     assert trainer.model.model.language_model.embed_tokens.weight.grad is not None
+
+
+def test_cached_image_features_train_exactly_like_the_tower_and_skip_it_after_the_first_epoch(work, tmp_path):
+    runs = {}
+    for cache_mb in (1024.0, 0.0):  # the default, and off
+        trainer = _trainer(work, tmp_path / str(cache_mb), per_device_train_batch_size=4, max_steps=4,
+                           image_feature_cache_mb=cache_mb)  # 8 rows: two epochs of two steps
+        calls = []
+        handle = trainer.model.model.visual.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+        try:
+            trainer.train()
+        finally:
+            handle.remove()
+        runs[cache_mb] = trainer, calls
+    (cached, cached_calls), (plain, plain_calls) = runs[1024.0], runs[0.0]
+    assert plain._feature_cache is None and cached.data_collator.feature_cache is None  # lent during train() only
+    assert len(cached._feature_cache) == 6  # the six rows with an image
+    assert len(plain_calls) == 4 and cached_calls == plain_calls[:2]  # the second epoch took every feature from it
+    for key in ("loss", "lm_loss", "latent_loss", "grad_norm", "mean_token_accuracy", "latent_relse"):
+        assert [log.get(key) for log in cached.state.log_history] == [log.get(key) for log in plain.state.log_history]
+    plain_state = plain.model.state_dict()
+    assert all(torch.equal(value, plain_state[name]) for name, value in cached.model.state_dict().items())
+
+    assert "image_keys" not in _first_batch(cached)  # outside train() a batch is a plain one
+    cached.data_collator.feature_cache = cached._feature_cache  # as during train(): every image is known, no pixels
+    batch = _first_batch(cached)
+    assert "pixel_values" not in batch and batch["cached_images"].all()
+    cached.model.model.visual.requires_grad_(True)
+    with pytest.raises(TrainingError, match="vision tower is trainable"):
+        cached.compute_loss(cached.model, batch)
+    assert _trainer(work, tmp_path, rows=[0], freeze_vision_tower=False)._feature_cache is None
 
 
 # -- loss normalisation and logging --------------------------------------------------------------------------------
