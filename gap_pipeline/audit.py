@@ -139,6 +139,7 @@ class Source:
 
     path: Path
     label: str = ""
+    allow_outside_image_dir: bool = False  # image paths may leave the data's folder (`load_rows`' path rule)
 
     @property
     def is_tsv(self) -> bool:
@@ -148,23 +149,23 @@ class Source:
         return f"{self.label}:{row_id}" if self.label else str(row_id)
 
 
-def sources_of(paths: Iterable[str | Path], option: str) -> list[Source]:
+def sources_of(paths: Iterable[str | Path], option: str, allow_outside_image_dir: bool = False) -> list[Source]:
     """The inputs of one side; several files prefix their ids with the file name (the path if names repeat)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.exists():
             raise AuditError(f"{option} {path}: no such file or folder")
     if len(paths) == 1:
-        return [Source(paths[0])]
+        return [Source(paths[0], allow_outside_image_dir=allow_outside_image_dir)]
     names = [p.name for p in paths]
     if len(set(map(str, paths))) != len(paths):
         raise AuditError(f"{option} names {sorted({str(p) for p in paths if paths.count(p) > 1})} more than once")
-    return [Source(p, p.name if names.count(p.name) == 1 else str(p)) for p in paths]
+    return [Source(p, p.name if names.count(p.name) == 1 else str(p), allow_outside_image_dir) for p in paths]
 
 
 def _dataset_of(source: Source):
     with datasets_progress_bars(False):  # the audit's own bar counts rows
-        dataset = load_rows(source.path)
+        dataset = load_rows(source.path, allow_outside_image_dir=source.allow_outside_image_dir)
         columns = [c for c in ("id", "messages", "images") if c in dataset.column_names]
         if "messages" not in columns:
             raise AuditError(
@@ -452,6 +453,7 @@ def audit(
     question_threshold: float = DEFAULT_QUESTION_THRESHOLD,
     num_proc: int = 1,
     progress: bool = False,
+    allow_outside_image_dir: bool = False,
 ) -> AuditResult:
     """Fingerprint both sides and match them (see the module docstring)."""
     for name, value in (("--image-threshold", image_threshold), ("--question-threshold", question_threshold)):
@@ -461,7 +463,8 @@ def audit(
         raise AuditError(f"--num-proc must be >= 1, got {num_proc}")
     for module in ("imagehash", "datasketch", "faiss"):
         _require(module)
-    train_sources, eval_sources = sources_of(train_paths, "--train"), sources_of(eval_paths, "--eval")
+    train_sources = sources_of(train_paths, "--train", allow_outside_image_dir)
+    eval_sources = sources_of(eval_paths, "--eval", allow_outside_image_dir)
     started = time.perf_counter()
     with ProcessPoolExecutor(num_proc) if num_proc > 1 else contextlib.nullcontext() as pool:
         train = fingerprint_side(train_sources, pool, progress, "train")
@@ -621,6 +624,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report.html shows at most this many exact and this many near pairs (default 500)")
     parser.add_argument("--fail-on-exact", action="store_true",
                         help="exit with status 1 when any exact_image or exact_question pair is found")
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths that leave a dataset's folder ('..', absolute paths elsewhere)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -628,7 +633,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``gap audit``: fingerprint, match, write audit.json and report.html, print the summary line."""
     result = audit(
         args.train, args.eval, image_threshold=args.image_threshold, question_threshold=args.question_threshold,
-        num_proc=args.num_proc, progress=not args.no_progress,
+        num_proc=args.num_proc, progress=not args.no_progress, allow_outside_image_dir=args.allow_outside_image_dir,
     )
     output_dir = Path(args.output_dir)
     with atomic_files_into(output_dir) as staging:  # both files appear together, or neither changes

@@ -181,3 +181,17 @@ def test_bad_arguments_are_one_error_line(tmp_path, files, capsys):
     (tmp_path / "bench.parquet").write_text("not parquet")
     assert gap_main(base + ["--eval", str(tmp_path / "bench.parquet")]) == 2
     assert "bench.parquet: not a readable parquet dataset file" in capsys.readouterr().err
+
+
+def test_training_rows_with_images_outside_their_folder_are_refused_unless_allowed(tmp_path, files, capsys):
+    sub = tmp_path / "data"
+    sub.mkdir()
+    outside = project_row("o0", "What is in the outside picture?", str(files / "img" / "t0.png"))  # absolute, elsewhere
+    (sub / "train.jsonl").write_text(json.dumps(outside) + "\n")
+    base = ["audit", "--train", str(sub / "train.jsonl"), "--eval", str(files / "clean.tsv"), "--no-progress"]
+    assert gap_main(base + ["--output-dir", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "--allow-outside-image-dir" in error
+    assert not (tmp_path / "refused").exists()
+    assert gap_main(base + ["--output-dir", str(tmp_path / "allowed"), "--allow-outside-image-dir"]) == 0
+    assert json.loads((tmp_path / "allowed" / "audit.json").read_text())["pairs"] == []
