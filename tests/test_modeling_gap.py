@@ -118,12 +118,22 @@ def test_conversion_keeps_base_logits_without_latents(variant, tiny_base_dir, ti
 # 2. Head at init ------------------------------------------------------------------------------------------
 
 
+def _small_head_config() -> GapConfig:
+    """d = 64, k = 8: the head tests' model."""
+    return GapConfig(pca_num_components=8, latent_adapter_size=16,
+                     text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=32, vocab_size=50))
+
+
+def _coefficient_spread(head, h_bar) -> torch.Tensor:
+    """E||c - E c||^2 of the head's coefficients over the rows of `h_bar`."""
+    c = head.coefficients(h_bar)
+    return (c - c.mean(0)).pow(2).sum(-1).mean()
+
+
 def test_head_at_init_is_the_pca_projection():
     pca = synthetic_pca(64, 8, seed=3)
-    config = GapConfig(pca_num_components=8, latent_adapter_size=16,
-                       text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=32, vocab_size=50))
-    head = GapLatentHead(config)
+    head = GapLatentHead(_small_head_config())
     head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])
     head.gate.weight.data.normal_()  # the adapter's input side is random; its zero output projection silences it
     head.up.weight.data.normal_()
@@ -135,19 +145,16 @@ def test_head_at_init_is_the_pca_projection():
 
 def test_head_at_init_given_the_h_bar_norm_writes_latents_with_the_targets_spread_not_h_bars():
     pca = synthetic_pca(64, 8, seed=3)
-    config = GapConfig(pca_num_components=8, latent_adapter_size=16,
-                       text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=32, vocab_size=50))
-    head = GapLatentHead(config)
+    head = GapLatentHead(_small_head_config())
     h_bar = torch.nn.functional.rms_norm(torch.randn(4000, 64), (64,)) * 2.5  # a final RMSNorm with gamma = 2.5
     head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"], h_bar_norm=2.5 * 8)
-    spread = (head.coefficients(h_bar) - head.coefficients(h_bar).mean(0)).pow(2).sum(-1).mean()
+    spread = _coefficient_spread(head, h_bar)
     torch.testing.assert_close(spread, pca["eigenvalues"].sum(), rtol=0.1, atol=0.0)
     # still the PCA projection, scaled: the same directions
     alpha = head.proj.weight.norm() / pca["components"].norm()
     torch.testing.assert_close(head.proj.weight, alpha * pca["components"])
     head.set_pca(pca["mean"], pca["components"], pca["eigenvalues"])  # unscaled: h_bar's own spread
-    unscaled = (head.coefficients(h_bar) - head.coefficients(h_bar).mean(0)).pow(2).sum(-1).mean()
+    unscaled = _coefficient_spread(head, h_bar)
     assert unscaled > 10 * pca["eigenvalues"].sum()
 
 
