@@ -1,49 +1,15 @@
 """``gap audit``: the leakage audit of training data against evaluation benchmarks (paper App. I, App. B item 6).
 
-Every training row is compared with every evaluation row, through indexes rather than pairwise loops, for four
-kinds of duplicate:
-
-* ``exact_image``: a query image of the training row and one of the evaluation row have identical decoded pixels
-  (RGB, same size), whatever the file format or metadata. Found through a hash table of pixel digests.
-* ``exact_question``: the questions are identical after :func:`normalize_question` (Unicode NFKC, case folding,
-  every run of whitespace and punctuation collapsed to one space). Found through a hash table.
-* ``near_image``: the 64-bit perceptual hashes (DCT pHash, ``imagehash.phash``) of two query images differ in at
-  most ``64 * (1 - threshold)`` bits (default 0.9: 6 bits); ``score`` is the similarity ``1 - bits / 64``. Found
-  with a faiss binary index (a range search over the distinct hashes). A copy resized by 10 % and re-compressed
-  lands within 0-4 bits (6 at most in our tests); unrelated images are ~32 bits apart, and 1 pair in 10^7 of
-  random smooth colour fields comes within 6 bits. Plain diagrams (geometry, charts) come closer than photographs:
-  the report is for inspecting them.
-* ``near_question``: the Jaccard similarity of the questions' word sets (after normalisation) is at least the
-  threshold (default 0.7); ``score`` is that similarity. Candidates come from a MinHash LSH index (datasketch,
-  256 permutations) whose bands miss a pair at the threshold with probability at most 1e-3 (see `lsh_bands`);
-  each candidate's exact Jaccard similarity then decides.
-
-A pair reported as ``exact_image`` is not reported again as ``near_image``, nor ``exact_question`` as
-``near_question``. Only the *question* is compared: the messages before the first assistant turn (their text;
-their images are the query images) of a project row, the ``question`` column of a TSV (without hint and
-options). Auxiliary images are not audited: the model never sees them as input.
-
-Inputs (``--train`` and ``--eval``, one or more each): a project JSONL (:func:`gap_pipeline.data.load_jsonl`), a
-dataset folder or ``.json`` / ``.parquet`` file (:func:`gap_pipeline.inference.load_rows`), or a VLMEvalKit TSV
-with base64 images (:func:`gap_pipeline.evaluate.iter_tsv_records`). Rows are read one at a time (optionally in
-``--num-proc`` processes), so memory holds fingerprints, not images. A row that cannot be read (missing image,
-bad base64) is listed under ``unreadable`` and left out.
-
-Outputs in ``--output-dir``:
-
-* ``audit.json``: ``inputs`` (files, rows per file), ``thresholds``, ``counts`` per kind, ``unreadable`` rows and
-  ``pairs``: ``{"kind", "train_id", "eval_id", "score"}`` per pair, by kind, highest score first. Ids are the
-  rows' ``id`` (their position when they have none; TSV: ``index``), prefixed by ``FILE:`` (the file's name)
-  on a side given several files.
-* ``report.html``: one self-contained page (inline thumbnails) with the exact pairs and the near pairs side by
-  side, highest score first, for manual inspection (at most ``--html-max-pairs`` of each).
-
-Command line::
+Every training row is compared with every evaluation row through indexes, not pairwise loops, for four kinds of
+duplicate (the README's "Leakage audit" has the table and the outputs): ``exact_image`` (identical decoded RGB
+pixels: a hash table of `pixel_digest`), ``exact_question`` (equal after `normalize_question`: a hash table),
+``near_image`` (`perceptual_hash` at most ``64 * (1 - threshold)`` bits apart: a faiss binary range search) and
+``near_question`` (word-set Jaccard at least the threshold: MinHash LSH candidates, then the exact Jaccard). An exact
+pair is not repeated as a near pair of its modality. Only the question is compared: the turns before the first
+assistant turn and their (query) images; a TSV's ``question`` and ``image``. Rows are read one at a time, so memory
+holds fingerprints, not images; a row that cannot be read is listed under ``unreadable`` and left out.
 
     gap audit --train data/train.jsonl --eval bench/MathVista_MINI.tsv bench/MMStar.tsv --output-dir runs/audit
-    gap audit ... --fail-on-exact     # exit status 1 when any exact pair is found (for data-building CI)
-
-Needs the ``audit`` extra: ``pip install -e ".[audit]"`` (imagehash, datasketch, faiss-cpu).
 """
 
 from __future__ import annotations
@@ -76,12 +42,12 @@ HELP = "Audit training data against evaluation benchmarks: exact and near duplic
 
 KINDS = ("exact_image", "exact_question", "near_image", "near_question")
 HASH_BITS = 64  # imagehash.phash with hash_size 8
-DEFAULT_IMAGE_THRESHOLD = 0.9  # pHash similarity: at most 6 of 64 bits differ
+# pHash similarity: at most 6 of 64 bits differ. A copy resized by 10 % and re-compressed lands within 0-4 bits (6 at
+# most in our tests), unrelated images ~32 bits apart; 1 pair in 10^7 of random smooth colour fields comes within 6.
+DEFAULT_IMAGE_THRESHOLD = 0.9
 DEFAULT_QUESTION_THRESHOLD = 0.7  # Jaccard similarity of the normalised questions' word sets
 MINHASH_PERMUTATIONS = 256
-# The LSH bands are chosen so that a pair exactly at the question threshold is missed with at most this probability
-# (pairs above it less often); candidates are then checked with their exact Jaccard similarity.
-LSH_MAX_MISS = 1e-3
+LSH_MAX_MISS = 1e-3  # the most often a pair exactly at the question threshold may miss the LSH bands (`lsh_bands`)
 TSV_AUDIT_COLUMNS = ("index", "image", "question")
 THUMBNAIL_SIDE = 160
 EXTRA_HINT = "gap audit needs the 'audit' extra: pip install -e \".[audit]\" (imagehash, datasketch, faiss-cpu)"
@@ -163,18 +129,6 @@ def sources_of(paths: Iterable[str | Path], option: str, allow_outside_image_dir
     return [Source(p, p.name if names.count(p.name) == 1 else str(p), allow_outside_image_dir) for p in paths]
 
 
-def _dataset_of(source: Source):
-    with datasets_progress_bars(False):  # the audit's own bar counts rows
-        dataset = load_rows(source.path, allow_outside_image_dir=source.allow_outside_image_dir)
-        columns = [c for c in ("id", "messages", "images") if c in dataset.column_names]
-        if "messages" not in columns:
-            raise AuditError(
-                f"{source.path} has no 'messages' column (columns: {dataset.column_names}); audit data in the "
-                "project schema or a VLMEvalKit TSV"
-            )
-        return undecoded_images(dataset.select_columns(columns))
-
-
 def iter_rows(source: Source, positions: Iterable[int] | None = None) -> Iterator[tuple[int, str, tuple]]:
     """``(position, row id, job)`` for every row of `source` (or the given positions); `job` goes to `read_row`."""
     wanted = None if positions is None else set(positions)
@@ -183,7 +137,13 @@ def iter_rows(source: Source, positions: Iterable[int] | None = None) -> Iterato
             if wanted is None or position in wanted:
                 yield position, index, ("tsv", where, problem, (record.get("image") or "").strip(), record.get("question") or "")
         return
-    dataset = _dataset_of(source)
+    with datasets_progress_bars(False):  # the audit's own bar counts rows
+        dataset = load_rows(source.path, allow_outside_image_dir=source.allow_outside_image_dir)
+        columns = [c for c in ("id", "messages", "images") if c in dataset.column_names]
+        if "messages" not in columns:
+            raise AuditError(f"{source.path} has no 'messages' column (columns: {dataset.column_names}); audit data "
+                             "in the project schema or a VLMEvalKit TSV")
+        dataset = undecoded_images(dataset.select_columns(columns))
     base_dir = str(dataset_base_dir(source.path))
     order = range(len(dataset)) if wanted is None else sorted(wanted)
     rows = dataset if wanted is None else dataset.select(order)
@@ -277,58 +237,54 @@ def fingerprint_side(
 # --------------------------------------------------------------------------------------------- matching
 
 
+def _owners(values: list[list[Any]]) -> dict[Any, list[int]]:
+    """Each distinct value over all rows (in order of appearance) -> the rows holding it."""
+    owners: dict[Any, list[int]] = {}
+    for row, row_values in enumerate(values):
+        for value in set(row_values):
+            owners.setdefault(value, []).append(row)
+    return owners
+
+
+def _questions(texts: list[str]) -> list[list[str]]:
+    return [[text] if text else [] for text in texts]
+
+
 def exact_pairs(train_keys: list[list[str]], eval_keys: list[list[str]]) -> set[tuple[int, int]]:
     """(train row, eval row) pairs sharing a key, through a hash table of the training keys."""
-    table: dict[str, list[int]] = {}
-    for t, keys in enumerate(train_keys):
-        for key in set(keys):
-            table.setdefault(key, []).append(t)
-    pairs = set()
-    for e, keys in enumerate(eval_keys):
-        for key in set(keys):
-            pairs.update((t, e) for t in table.get(key, ()))
+    table = _owners(train_keys)
+    return {(t, e) for key, rows in _owners(eval_keys).items() for t in table.get(key, ()) for e in rows}
+
+
+def _row_pairs(scores: dict[tuple[int, int], float], train_owners: list[list[int]], eval_owners: list[list[int]]
+               ) -> dict[tuple[int, int], float]:
+    """(train row, eval row) -> the best score of the distinct (train value, eval value) pairs they hold."""
+    pairs: dict[tuple[int, int], float] = {}
+    for (i, j), score in scores.items():
+        for t in train_owners[i]:
+            for e in eval_owners[j]:
+                pairs[(t, e)] = max(score, pairs.get((t, e), -1.0))
     return pairs
 
 
-def _distinct(values: list[list[Any]]) -> tuple[list[Any], list[list[int]]]:
-    """The distinct values over all rows, and for each the rows holding it."""
-    index: dict[Any, int] = {}
-    owners: list[list[int]] = []
-    for row, row_values in enumerate(values):
-        for value in set(row_values):
-            slot = index.setdefault(value, len(owners))
-            if slot == len(owners):
-                owners.append([])
-            owners[slot].append(row)
-    return list(index), owners
-
-
-def near_image_pairs(
-    train_hashes: list[list[bytes]], eval_hashes: list[list[bytes]], max_bits: int
-) -> dict[tuple[int, int], float]:
+def near_image_pairs(train_hashes: list[list[bytes]], eval_hashes: list[list[bytes]], max_bits: int
+                     ) -> dict[tuple[int, int], float]:
     """(train row, eval row) -> pHash similarity ``1 - bits / 64`` for images at most `max_bits` bits apart.
 
     A faiss ``IndexBinaryFlat`` over the distinct training hashes answers one range search per distinct
     evaluation hash (popcount in C++); rows sharing a hash are expanded afterwards.
     """
     faiss = _require("faiss")
-    train_distinct, train_owners = _distinct(train_hashes)
-    eval_distinct, eval_owners = _distinct(eval_hashes)
-    if not train_distinct or not eval_distinct:
+    train, evals = _owners(train_hashes), _owners(eval_hashes)
+    if not train or not evals:
         return {}
     index = faiss.IndexBinaryFlat(HASH_BITS)
-    index.add(np.frombuffer(b"".join(train_distinct), dtype=np.uint8).reshape(-1, HASH_BITS // 8))
-    queries = np.frombuffer(b"".join(eval_distinct), dtype=np.uint8).reshape(-1, HASH_BITS // 8)
+    index.add(np.frombuffer(b"".join(train), dtype=np.uint8).reshape(-1, HASH_BITS // 8))
+    queries = np.frombuffer(b"".join(evals), dtype=np.uint8).reshape(-1, HASH_BITS // 8)
     lims, distances, labels = index.range_search(queries, max_bits + 1)  # distances < max_bits + 1
-    pairs: dict[tuple[int, int], float] = {}
-    for j in range(len(eval_distinct)):
-        for i, bits in zip(labels[lims[j] : lims[j + 1]], distances[lims[j] : lims[j + 1]]):
-            score = 1.0 - float(bits) / HASH_BITS
-            for t in train_owners[i]:
-                for e in eval_owners[j]:
-                    if score > pairs.get((t, e), -1.0):
-                        pairs[(t, e)] = score
-    return pairs
+    scores = {(int(i), j): 1.0 - float(bits) / HASH_BITS
+              for j in range(len(evals)) for i, bits in zip(labels[lims[j]:lims[j + 1]], distances[lims[j]:lims[j + 1]])}
+    return _row_pairs(scores, list(train.values()), list(evals.values()))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
@@ -355,33 +311,27 @@ def near_question_pairs(
     candidate's exact Jaccard similarity is checked against `threshold`.
     """
     datasketch = _require("datasketch")
-    train_distinct, train_owners = _distinct([[t] if t else [] for t in train_texts])
-    eval_distinct, eval_owners = _distinct([[t] if t else [] for t in eval_texts])
-    if not train_distinct or not eval_distinct:
+    train, evals = _owners(_questions(train_texts)), _owners(_questions(eval_texts))
+    if not train or not evals:
         return {}
-    train_words = [frozenset(t.split()) for t in train_distinct]
-    eval_words = [frozenset(t.split()) for t in eval_distinct]
+    train_words, eval_words = [frozenset(t.split()) for t in train], [frozenset(t.split()) for t in evals]
 
     def minhashes(word_sets):
-        return datasketch.MinHash.generator(
-            ([w.encode("utf-8") for w in words] for words in word_sets), num_perm=num_perm, seed=seed
-        )
+        return datasketch.MinHash.generator(([w.encode() for w in words] for words in word_sets), num_perm=num_perm,
+                                            seed=seed)
 
     lsh = datasketch.MinHashLSH(num_perm=num_perm, params=lsh_bands(threshold, num_perm))
     with lsh.insertion_session() as session:
         for i, minhash in enumerate(minhashes(train_words)):
             session.insert(i, minhash, check_duplication=False)
-    pairs: dict[tuple[int, int], float] = {}
+    train_distinct, eval_distinct = list(train), list(evals)
+    scores = {}
     for j, minhash in enumerate(minhashes(eval_words)):
         for i in lsh.query(minhash):
-            if train_distinct[i] == eval_distinct[j]:
-                continue  # an exact_question pair
             score = jaccard(train_words[i], eval_words[j])
-            if score >= threshold:
-                for t in train_owners[i]:
-                    for e in eval_owners[j]:
-                        pairs[(t, e)] = score
-    return pairs
+            if score >= threshold and train_distinct[i] != eval_distinct[j]:  # equal: an exact_question pair
+                scores[(i, j)] = score
+    return _row_pairs(scores, list(train.values()), list(evals.values()))
 
 
 @dataclass
@@ -417,29 +367,17 @@ def max_hamming_bits(image_threshold: float) -> int:
     return int(np.floor((1.0 - image_threshold) * HASH_BITS + 1e-9))
 
 
-def match(
-    train: Side,
-    eval_side: Side,
-    image_threshold: float = DEFAULT_IMAGE_THRESHOLD,
-    question_threshold: float = DEFAULT_QUESTION_THRESHOLD,
-) -> AuditResult:
+def match(train: Side, eval_side: Side, image_threshold: float = DEFAULT_IMAGE_THRESHOLD,
+          question_threshold: float = DEFAULT_QUESTION_THRESHOLD) -> AuditResult:
     """All four kinds of pair between two fingerprinted sides."""
     started = time.perf_counter()
     exact_image = dict.fromkeys(exact_pairs(train.digests, eval_side.digests), 1.0)
-    exact_question = dict.fromkeys(
-        exact_pairs([[q] if q else [] for q in train.normalized], [[q] if q else [] for q in eval_side.normalized]), 1.0
-    )
-    near_image = {
-        pair: score
-        for pair, score in near_image_pairs(train.hashes, eval_side.hashes, max_hamming_bits(image_threshold)).items()
-        if pair not in exact_image
-    }
-    near_question = near_question_pairs(train.normalized, eval_side.normalized, question_threshold)
+    near_image = near_image_pairs(train.hashes, eval_side.hashes, max_hamming_bits(image_threshold))
     pairs = {
         "exact_image": exact_image,
-        "exact_question": exact_question,
-        "near_image": near_image,
-        "near_question": near_question,
+        "exact_question": dict.fromkeys(exact_pairs(_questions(train.normalized), _questions(eval_side.normalized)), 1.0),
+        "near_image": {pair: score for pair, score in near_image.items() if pair not in exact_image},
+        "near_question": near_question_pairs(train.normalized, eval_side.normalized, question_threshold),
     }
     return AuditResult(train, eval_side, pairs, image_threshold, question_threshold,
                        {"match": time.perf_counter() - started})
