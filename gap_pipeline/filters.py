@@ -1,38 +1,16 @@
 """``gap filter``: the quality filters of the paper's data curation (App. I).
 
 The paper removes rows whose auxiliary-image embedding is degenerate and rows whose ``<parser>`` text fails a
-length or coherence check (its third filter, difficulty, is ``gap difficulty`` + difficulty-aware loading). This
-step does the same with documented, configurable thresholds. A row is removed for the first reason below that it
-trips, in this order, and reported with that reason and the measured value:
+length or coherence check (its third filter, difficulty, is ``gap difficulty`` + difficulty-aware loading). A row is
+removed for the first of `REASONS` it trips; the README's "Quality filters" table gives each reason's rule and
+threshold flags, `FilterThresholds` their defaults. ``degenerate_aux`` needs the latent targets (``--targets``, or a
+``--data`` folder written by ``gap targets``); its query-distance check pools the query images with the vision
+tower of ``--model`` (not loaded when ``--min-query-distance`` is 0).
 
-``degenerate_aux`` (needs the latent targets: ``--targets``, or a ``--data`` folder written by ``gap targets``)
-    one of the row's latent spans (its K target vectors) holds a NaN or infinite value; or is nearly constant:
-    its variance (the mean squared distance of its K vectors from their mean) is below ``--min-span-variance-ratio``
-    (default 0.05) times the median span variance of the data set; or nearly repeats a query image: ``||T - Q|| /
-    ||Q||`` (Frobenius norms) is below ``--min-query-distance`` (default 0.05), Q being the query image pooled to
-    the same K x d grid by the vision tower of ``--model`` (the auxiliary image adds no evidence). 0 turns the
-    query check off, and the vision tower is then not loaded.
-``missing_parser``
-    a ``<latent>`` placeholder with no non-empty ``<parser>...</parser>`` block after it (before the next
-    placeholder or the end of its message), where the data uses parsers (``--parser-required auto``: some row
-    has a ``<parser>`` block; ``yes``; ``no``).
-``parser_length``
-    a ``<parser>`` text of fewer than ``--parser-min-tokens`` (default 3) or more than ``--parser-max-tokens``
-    (default 512) tokens of the ``--model`` tokenizer.
-``parser_incoherent``
-    a ``<parser>`` text dominated by repeated word n-grams: of its n-grams (n = ``--ngram-size``, default 3),
-    more than ``--max-repeated-ngrams`` (default 0.5) repeat an earlier one (``1 - distinct / total``, measured
-    when the text has at least 4 n-grams); or with little alphabetic content: fewer than ``--min-alpha`` (default
-    0.5) of its non-space characters are letters (any script).
-
-Outputs in ``--output-dir``: the kept rows in the input's format (a JSONL file keeps its name and its lines as
-they were, so its relative image paths still refer to the input's image folder: load it with that ``--image-dir``,
-recorded in the report; a dataset folder stays a dataset folder of the same name; the ``--targets`` folder too)
-and ``filter_report.json``: the thresholds, the counts per reason, which checks ran,
-percentiles of the measured values (to calibrate thresholds on your data) and the removed rows (index, id,
-reason, detail). The summary line prints kept / removed per reason.
-
-Command line::
+Outputs in ``--output-dir``: the kept rows in the input's format (a JSONL keeps its name and its lines as they
+were, so its relative image paths still refer to the input's image folder, recorded in the report as
+``image_dir``; a dataset folder, and the ``--targets`` folder, stay dataset folders of the same name) and
+``filter_report.json`` (thresholds, checks run, counts per reason, percentiles of the measured values, removed rows).
 
     gap filter --data train.jsonl --targets data/train_targets --model Qwen/Qwen2.5-VL-7B-Instruct-folder \\
         --output-dir data/filtered
@@ -153,15 +131,10 @@ class FilterResult:
 # ---------------------------------------------------------------------------------------------- parsers
 
 
-def parser_texts(text: str) -> list[str]:
-    """The contents of the ``<parser>...</parser>`` blocks of one message text, in order."""
-    return PARSER_BLOCK.findall(text)
-
-
 def spans_without_parser(text: str) -> list[int]:
     """Indices (within `text`) of the ``<latent>`` placeholders with no non-empty ``<parser>`` block after them."""
     segments = text.split(LATENT_PLACEHOLDER)[1:]
-    return [i for i, segment in enumerate(segments) if not any(p.strip() for p in parser_texts(segment))]
+    return [i for i, segment in enumerate(segments) if not any(p.strip() for p in PARSER_BLOCK.findall(segment))]
 
 
 def repeated_ngram_fraction(text: str, n: int) -> float | None:
@@ -188,7 +161,7 @@ def parser_problems(
     `assistant_texts` holds, per row, the text of each assistant message.
     """
     blocks: list[tuple[int, str]] = [
-        (row, block) for row, texts in enumerate(assistant_texts) for text in texts for block in parser_texts(text)
+        (row, block) for row, texts in enumerate(assistant_texts) for text in texts for block in PARSER_BLOCK.findall(text)
     ]
     uses_parsers = thresholds.parser_required == "yes" or (thresholds.parser_required == "auto" and bool(blocks))
     lengths: list[int] = []
@@ -203,7 +176,7 @@ def parser_problems(
             if missing:
                 problems[row] = ("missing_parser", f"latent span(s) {missing} of an assistant message have no <parser> text")
     t = thresholds
-    for number, ((row, block), length) in enumerate(zip(blocks, lengths)):
+    for (row, block), length in zip(blocks, lengths):
         repeated, alpha = repeated_ngram_fraction(block, t.ngram_size), alpha_fraction(block)
         measured["parser_tokens"].append(length)
         measured["alpha"].append(alpha)
@@ -212,20 +185,14 @@ def parser_problems(
         if row in problems:
             continue
         if not t.parser_min_tokens <= length <= t.parser_max_tokens:
-            problems[row] = (
-                "parser_length",
-                f"a <parser> text has {length} tokens, outside [{t.parser_min_tokens}, {t.parser_max_tokens}]",
-            )
+            problems[row] = ("parser_length", f"a <parser> text has {length} tokens, outside "
+                             f"[{t.parser_min_tokens}, {t.parser_max_tokens}]")
         elif repeated is not None and repeated > t.max_repeated_ngrams:
-            problems[row] = (
-                "parser_incoherent",
-                f"{repeated:.2f} of a <parser> text's word {t.ngram_size}-grams are repeats (> {t.max_repeated_ngrams})",
-            )
+            problems[row] = ("parser_incoherent", f"{repeated:.2f} of a <parser> text's word {t.ngram_size}-grams are "
+                             f"repeats (> {t.max_repeated_ngrams})")
         elif alpha < t.min_alpha:
-            problems[row] = (
-                "parser_incoherent",
-                f"{alpha:.2f} of a <parser> text's non-space characters are letters (< {t.min_alpha})",
-            )
+            problems[row] = ("parser_incoherent", f"{alpha:.2f} of a <parser> text's non-space characters are letters "
+                             f"(< {t.min_alpha})")
     return problems, uses_parsers, measured
 
 
@@ -336,21 +303,16 @@ def aux_problems(
     t = thresholds
     for row, ratio in ratios.items():
         distance = distances.get(row, np.full(len(ratio), np.inf))
-        for span, (r, q) in enumerate(zip(ratio, distance)):
-            if not np.isfinite(variances[row][span]):
-                problems[row] = ("degenerate_aux", f"span {span}: its targets hold NaN or infinite values")
+        for span, (variance, r, q) in enumerate(zip(variances[row], ratio, distance)):
+            if not np.isfinite(variance):
+                detail = "its targets hold NaN or infinite values"
             elif r < t.min_span_variance_ratio:
-                problems[row] = (
-                    "degenerate_aux",
-                    f"span {span}: variance {r:.3g} x the median span's (< {t.min_span_variance_ratio}): nearly constant",
-                )
+                detail = f"variance {r:.3g} x the median span's (< {t.min_span_variance_ratio}): nearly constant"
             elif q < t.min_query_distance:
-                problems[row] = (
-                    "degenerate_aux",
-                    f"span {span}: relative distance {q:.3g} to a query image's embeddings (< {t.min_query_distance})",
-                )
+                detail = f"relative distance {q:.3g} to a query image's embeddings (< {t.min_query_distance})"
             else:
                 continue
+            problems[row] = ("degenerate_aux", f"span {span}: {detail}")
             break
     measured = {
         "span_variance_ratio": [float(x) for r in ratios.values() for x in r if np.isfinite(x)],
@@ -488,17 +450,17 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
     """(rows, targets or None, base folder of relative image paths)."""
     from .data import check_rows, load_jsonl
     from .datasets_io import datasets_progress_bars, load_dataset_folder
-    from .targets import TARGETS_COLUMN
+    from .targets import TARGETS_COLUMN, load_targets_dataset
 
     data = Path(args.data)
-    not_a_dataset = "{path} is not a dataset folder written by save_to_disk ({exc}); pass a JSONL file or such a folder"
     with datasets_progress_bars(False):
         if data.is_file():
             base_dir = Path(args.image_dir) if args.image_dir else data.resolve().parent
             rows = load_jsonl(data, base_dir, check_images=False, allow_outside_image_dir=args.allow_outside_image_dir)
         elif data.is_dir():
             base_dir = Path(args.image_dir) if args.image_dir else None
-            rows = load_dataset_folder(data, None, FilterError, not_a_dataset)
+            rows = load_dataset_folder(data, None, FilterError, "{path} is not a dataset folder written by save_to_disk "
+                                       "({exc}); pass a JSONL file or such a folder")
             check_rows(rows.select_columns([c for c in rows.column_names if c != TARGETS_COLUMN]),
                        source=str(data), image_dir=base_dir, check_images=False,
                        allow_outside_image_dir=args.allow_outside_image_dir)
@@ -508,7 +470,7 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
         if args.targets:
             if data.is_dir() and TARGETS_COLUMN in rows.column_names:
                 raise FilterError(f"--data {data} holds the latent targets already; drop --targets")
-            targets = load_dataset_folder(Path(args.targets), None, FilterError, not_a_dataset)
+            targets = load_targets_dataset(args.targets)
         elif data.is_dir() and TARGETS_COLUMN in rows.column_names:
             targets = rows
     return rows, targets, base_dir
@@ -557,12 +519,9 @@ def run(args: argparse.Namespace) -> int:
         query_encoder = QueryEncoder(tower, processor.image_processor)
     result = filter_rows(rows, processor.tokenizer, thresholds, targets=targets, query_encoder=query_encoder,
                          base_dir=base_dir, batch_size=args.batch_size)
-    output_dir = Path(args.output_dir)
-    kept = result.kept
-    data = Path(args.data)
-    image_dir = (Path(args.image_dir) if args.image_dir else data.resolve().parent) if data.is_file() else args.image_dir
-    inputs = {"data": str(data), "image_dir": None if image_dir is None else str(image_dir), "targets": args.targets,
-              "model": str(args.model)}
+    output_dir, kept, data = Path(args.output_dir), result.kept, Path(args.data)
+    inputs = {"data": str(data), "image_dir": str(base_dir) if data.is_file() else args.image_dir,
+              "targets": args.targets, "model": str(args.model)}
     with datasets_progress_bars(False):
         if not data.is_file():
             with atomic_output_dir(outputs["data"]) as staging:
