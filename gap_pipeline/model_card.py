@@ -1,24 +1,9 @@
-"""The model card (README.md) of a GAP checkpoint folder.
+"""The model card (README.md) of a GAP checkpoint or LoRA adapter folder, and the remote code next to a Hub push.
 
-`render_model_card` writes what a reader of the Hub page needs: the base model, the method (the paper's
-sections), the GAP settings read from the `GapConfig` (K, k, d, lambda, the loss reduction, the head type, the
-latent token ids), tau and the datasets of the run, the exact training command with its hyperparameters, and how
-to load the folder with ``trust_remote_code`` and generate with latents and interventions. A card for a LoRA
-adapter folder also says how to load it onto its base and how to merge it (``gap merge-lora``).
-
-A card publishes no local absolute path (`published_run`): the base model and the datasets appear by Hub id or,
-for a local folder, by the folder's name; paths in the command and the hyperparameters are made relative to the
-working directory.
-
-The front matter carries the same facts machine-readably under ``gap:`` (settings, and the run under
-``gap.training``), so a later step (``gap merge-lora``, ``gap convert``) can write the card of the folder it
-derives from another one (`read_training_run`).
-
-Pushing is the Trainer's own (`Trainer.push_to_hub`, and the checkpoint pushes of `hub_strategy`): it uploads
-`output_dir` less `_*` and `checkpoint-*`. `GapSFTTrainer` writes the card there (TRL writes it before every
-checkpoint) and `RemoteCodeOnPush` puts the remote code next to the `config.json` the Trainer copies there, so the
-pushed repository loads with ``trust_remote_code``. GAP's resumable state is the Trainer's own too
-(`num_input_tokens_seen` in trainer_state.json).
+What the card holds, and that it publishes no local absolute path (`published_run`), is in the README ("Push to the
+Hub with a model card"). Its front matter carries the same facts under ``gap:`` (the run under ``gap.training``), so a
+later step (``gap merge-lora``) writes the card of a folder derived from another one (`read_training_run`). Pushing is
+the Trainer's own; `RemoteCodeOnPush` adds the remote code to the folder it uploads.
 """
 
 from __future__ import annotations
@@ -32,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.repocard import metadata_load
 from transformers import TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -83,38 +69,24 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class TrainingRun:
-    """What a model card says about the run that produced a checkpoint (every field optional).
+    """What a model card says about the run that produced a checkpoint (every field optional); a card publishes it
+    without local absolute paths (`published_run`)."""
 
-    base_model: what training started from, as given (`--model_name_or_path`: a Hub id or a folder).
-    base_model_id: the Hub id of the base model for the card's metadata, when `base_model` is a folder.
-    datasets: the training (and evaluation) data, as given.
-    command: the exact command line of the run.
-    (A card publishes these without local absolute paths: see `published_run`.)
-    world_size: the number of training processes.
-    difficulty_threshold: tau of Eq. 4.
-    scheduled_sampling_prob: the probability that a span's teacher-forced latents are replaced (0 = off).
-    hyperparameters: name -> value, listed as given.
-    lora: the LoRA settings (r, alpha, dropout, target modules, ...) when the run trained an adapter.
-    merged: True when the LoRA adapter has been merged into the weights of this folder.
-    """
-
-    base_model: str | None = None
-    base_model_id: str | None = None
-    datasets: list[str] = field(default_factory=list)
-    command: str | None = None
-    world_size: int | None = None
-    difficulty_threshold: float | None = None
-    scheduled_sampling_prob: float | None = None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    lora: dict[str, Any] | None = None
-    merged: bool = False
+    base_model: str | None = None  # what training started from, as given (`--model_name_or_path`: Hub id or folder)
+    base_model_id: str | None = None  # the base's Hub id for the card's metadata, when `base_model` is a folder
+    datasets: list[str] = field(default_factory=list)  # the training (and evaluation) data, as given
+    command: str | None = None  # the exact command line of the run
+    world_size: int | None = None  # the number of training processes
+    difficulty_threshold: float | None = None  # tau of Eq. 4
+    scheduled_sampling_prob: float | None = None  # the chance a span's teacher-forced latents are replaced (0 = off)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # name -> value, listed as given
+    lora: dict[str, Any] | None = None  # the LoRA settings (r, alpha, dropout, targets, ...) of an adapter run
+    merged: bool = False  # the LoRA adapter has been merged into the weights of this folder
 
 
 def _hub_id(value: str | None) -> str | None:
     """`value` if it reads as a Hub repository id (owner/name) and is not a local folder."""
-    if value and _HUB_ID.match(value) and not os.path.exists(value):
-        return value
-    return None
+    return value if value and _HUB_ID.match(value) and not os.path.exists(value) else None
 
 
 def public_name(value: str) -> str:
@@ -145,9 +117,7 @@ def published_run(run: TrainingRun) -> TrainingRun:
         base_model=None if run.base_model is None else public_name(run.base_model),
         datasets=[public_name(name) for name in run.datasets],
         command=None if run.command is None else public_command(run.command),
-        hyperparameters={
-            name: _relative(value) if isinstance(value, str) else value for name, value in run.hyperparameters.items()
-        },
+        hyperparameters={name: _relative(v) if isinstance(v, str) else v for name, v in run.hyperparameters.items()},
     )
 
 
@@ -178,24 +148,19 @@ def _plain(value):
 
 
 def _front_matter(settings, training, model_id, tags, adapter):
-    base_id = None
-    if training is not None:
-        base_id = training.base_model_id or _hub_id(training.base_model)
     metadata: dict[str, Any] = {
         "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": "image-text-to-text",
         "tags": sorted({"gap", "visual-latent-reasoning", "qwen2_5_vl", "custom_code", *(tags or [])}),
     }
-    if base_id is not None:
-        metadata["base_model"] = base_id
+    gap = dict(settings, **({} if model_id is None else {"model_id": model_id}))
     if training is not None:
+        base_id = training.base_model_id or _hub_id(training.base_model)
+        if base_id is not None:
+            metadata["base_model"] = base_id
         hub_datasets = [name for name in training.datasets if _hub_id(name)]
         if hub_datasets:
             metadata["datasets"] = hub_datasets
-    gap = dict(settings)
-    if model_id is not None:
-        gap["model_id"] = model_id
-    if training is not None:
         gap["training"] = dataclasses.asdict(training)
     metadata["gap"] = gap
     return "---\n" + yaml.safe_dump(_plain(metadata), sort_keys=False, allow_unicode=True) + "---\n"
@@ -379,14 +344,8 @@ def write_model_card(folder, config, **kwargs) -> Path:
 def read_training_run(folder) -> TrainingRun | None:
     """The `TrainingRun` recorded in `folder`/README.md's front matter (None without a GAP card)."""
     path = Path(folder) / CARD_NAME
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8")
-    match = re.match(r"^---\n(.*?)\n---\n", text, flags=re.DOTALL)
-    if match is None:
-        return None
-    metadata = yaml.safe_load(match.group(1)) or {}
-    recorded = (metadata.get("gap") or {}).get("training") if isinstance(metadata, dict) else None
+    gap = ((metadata_load(path) if path.is_file() else None) or {}).get("gap")
+    recorded = gap.get("training") if isinstance(gap, dict) else None
     if not isinstance(recorded, dict):
         return None
     names = {f.name for f in dataclasses.fields(TrainingRun)}
