@@ -1,22 +1,9 @@
-"""Convert a Qwen2.5-VL checkpoint folder into a GAP checkpoint folder (``gap convert``).
+"""Convert a Qwen2.5-VL checkpoint folder into a GAP checkpoint folder (``gap convert``; what the folder holds is in
+the README, "Convert a checkpoint"), and `ensure_gap_checkpoint`, the conversion ``train_sft.py`` runs on a plain base.
 
-Reads a Qwen2.5-VL folder (weights, tokenizer, processor) and, for the PCA head, the
-``pca.safetensors`` written by ``gap fit-pca``; writes a folder that loads anywhere with
-``AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)`` and
-``AutoProcessor.from_pretrained(out, trust_remote_code=True)``:
-
-* weights (``model.safetensors``): the base weights, the three latent-token rows of the embedding
-  (and of an untied LM head) set to the mean row, the latent head and the PCA buffers (fp32);
-* ``config.json``: a ``GapConfig`` with K (``latent_tokens_per_span``), k (``pca_num_components``),
-  lambda (``latent_loss_weight``), the loss reduction, the head type and the latent token ids, with
-  ``auto_map`` pointing at the code files;
-* the remote code: ``configuration_gap.py``, ``modeling_gap.py``, ``processing_gap.py``;
-* the processor: a ``GapProcessor`` (tokenizer with ``<|latent_start|>``, ``<|latent_pad|>``,
-  ``<|latent_end|>``, the base image processor, K, and the GAP chat template).
-
-The embedding matrix grows only when the new token ids do not fit into its rows (Qwen2.5-VL-7B has
-152,064 rows for 151,665 tokens, so it keeps its size); it never shrinks. With no latent tokens in the
-input, the converted model computes the base model's logits on the base tokenizer's vocabulary.
+The embedding matrix grows only when the new token ids do not fit into its rows (Qwen2.5-VL-7B has 152,064 rows for
+151,665 tokens, so it keeps its size); it never shrinks. With no latent tokens in the input, the converted model
+computes the base model's logits on the base tokenizer's vocabulary (`verify_conversion`).
 """
 
 from __future__ import annotations
@@ -33,11 +20,10 @@ from typing import Any
 from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 
 from . import GapError
-
-__all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
-
 from .datasets_io import write_json_file
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
+
+__all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
 CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made from (see ensure_gap_checkpoint)
 
@@ -62,15 +48,8 @@ def _check_output_dir(output_dir: Path, base: Path, overwrite: bool) -> None:
             )
 
 
-def _check_arguments(
-    base: Path,
-    pca: str | os.PathLike | None,
-    latent_tokens_per_span: int,
-    latent_head_type: str,
-    latent_adapter_size: int,
-    latent_loss_weight: float,
-    latent_loss_reduction: str,
-) -> None:
+def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_per_span: int, latent_head_type: str,
+                     latent_adapter_size: int, latent_loss_weight: float, latent_loss_reduction: str) -> None:
     """Refuse conversion arguments that cannot make a GAP checkpoint, before anything is loaded."""
     from configuration_gap import check_latent_budget
 
@@ -102,19 +81,18 @@ def _check_arguments(
         raise ConversionError(f"--base {base} holds a '{model_type}' model; a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') folder is needed")
 
 
-def _conversion_report(base: Path, output_dir: Path, pca, model, before: dict[str, Any], weights_dtype) -> ConversionReport:
-    """What `convert_checkpoint` wrote; `before`: the base tokenizer's size, embedding rows and latent tokens."""
+def _conversion_report(base: Path, output_dir: Path, pca, model, tokens_before: int, rows_before: int,
+                       had_tokens: list[str], weights_dtype) -> ConversionReport:
+    """What `convert_checkpoint` wrote; `*_before` and `had_tokens`: the base tokenizer's and embedding's."""
     from configuration_gap import LATENT_TOKENS
 
-    head_parameters = sum(p.numel() for p in model.latent_head.parameters())
     config = model.config
-    rows_before, had_tokens = before["rows"], before["had_tokens"]
     return ConversionReport(
         base=str(base),
         output_dir=str(output_dir),
         latent_token_ids=dict(zip(LATENT_TOKENS, config.latent_token_ids)),
         tokens_added=[token for token in LATENT_TOKENS if token not in had_tokens],
-        tokens_before=before["tokens"],
+        tokens_before=tokens_before,
         embedding_rows_before=rows_before,
         embedding_rows_after=int(config.text_config.vocab_size),
         grown=int(config.text_config.vocab_size) > rows_before,
@@ -127,7 +105,7 @@ def _conversion_report(base: Path, output_dir: Path, pca, model, before: dict[st
         latent_adapter_size=config.latent_adapter_size,
         latent_loss_weight=config.latent_loss_weight,
         latent_loss_reduction=config.latent_loss_reduction,
-        latent_head_parameters=int(head_parameters),
+        latent_head_parameters=int(sum(p.numel() for p in model.latent_head.parameters())),
         dtype=str(weights_dtype).replace("torch.", ""),
         tied_word_embeddings=bool(config.tie_word_embeddings),
         files=sorted(p.name for p in output_dir.iterdir() if p.is_file()),
@@ -184,13 +162,8 @@ def convert_checkpoint(
     weights_dtype = base_model.dtype
 
     model, tokenizer = GapForConditionalGeneration.from_qwen2_5_vl(
-        base_model,
-        tokenizer,
-        basis,
-        latent_tokens_per_span=latent_tokens_per_span,
-        latent_head_type=latent_head_type,
-        latent_adapter_size=latent_adapter_size,
-        latent_loss_weight=latent_loss_weight,
+        base_model, tokenizer, basis, latent_tokens_per_span=latent_tokens_per_span, latent_head_type=latent_head_type,
+        latent_adapter_size=latent_adapter_size, latent_loss_weight=latent_loss_weight,
         latent_loss_reduction=latent_loss_reduction,
     )
     del base_model
@@ -203,9 +176,7 @@ def convert_checkpoint(
                     if not (output_dir / name).is_file()]
     if missing_code:
         raise RuntimeError(f"saving did not write the remote-code files {missing_code} into {output_dir}")
-
-    before = {"tokens": tokens_before, "rows": rows_before, "had_tokens": had_tokens}
-    return _conversion_report(base, output_dir, pca, model, before, weights_dtype)
+    return _conversion_report(base, output_dir, pca, model, tokens_before, rows_before, had_tokens, weights_dtype)
 
 
 def is_gap_folder(path: str | os.PathLike) -> bool:
@@ -316,9 +287,7 @@ def format_summary(report: ConversionReport, seconds: float | None = None) -> st
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ command line
 
 HELP = "Convert a Qwen2.5-VL checkpoint folder (+ pca.safetensors) into a GAP checkpoint folder."
 
@@ -347,15 +316,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``gap convert``."""
     started = time.time()
     report = convert_checkpoint(
-        args.base,
-        args.output_dir,
-        args.pca,
-        latent_tokens_per_span=args.latent_tokens_per_span,
-        latent_head_type=args.head_type,
-        latent_adapter_size=args.latent_adapter_size,
-        latent_loss_weight=args.latent_loss_weight,
-        latent_loss_reduction=args.latent_loss_reduction,
-        dtype=args.dtype,
+        args.base, args.output_dir, args.pca, latent_tokens_per_span=args.latent_tokens_per_span,
+        latent_head_type=args.head_type, latent_adapter_size=args.latent_adapter_size,
+        latent_loss_weight=args.latent_loss_weight, latent_loss_reduction=args.latent_loss_reduction, dtype=args.dtype,
         overwrite=args.overwrite,
     )
     print(format_summary(report, time.time() - started))
