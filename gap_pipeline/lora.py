@@ -1,16 +1,8 @@
-"""LoRA on a GAP model: `configure_lora` sets a PEFT config up for training (``train_sft.py --use_peft``), and
-`merge_lora` merges the trained adapter into its GAP base (``gap merge-lora``).
-
-The adapter folder (the run's ``output_dir`` or one of its ``checkpoint-N`` folders) holds the LoRA weights of the
-language model, the whole latent head (``modules_to_save``) and the trained rows of the three latent tokens
-(``trainable_token_indices``). Merging loads the GAP base the adapter was trained on (``base_model_name_or_path``
-of ``adapter_config.json``, or ``--base``), applies the adapter with PEFT and `merge_and_unload`, and writes a
-normal GAP checkpoint folder: weights, ``config.json``, the remote code, the processor (the adapter folder's, else
-the base's) and a model card that keeps the run's record. The result loads with
-``AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)`` and generates latent spans.
-
-In Python: ``PeftModel.from_pretrained(GapForConditionalGeneration.from_pretrained(base), adapter)
-.merge_and_unload().save_pretrained(out)`` is the core of it.
+"""LoRA on a GAP model, in and out: `configure_lora` adapts a PEFT config for training (``train_sft.py
+--use_peft``) and `merge_lora` merges the trained adapter into its GAP base (``gap merge-lora``): README, "LoRA, then
+merge". The core of the merge is ``PeftModel.from_pretrained(GapForConditionalGeneration.from_pretrained(base),
+adapter).merge_and_unload().save_pretrained(out)``; the processor and a model card that keeps the run's record go
+with it.
 """
 
 from __future__ import annotations
@@ -38,17 +30,11 @@ class MergeError(GapError):
 
 
 def configure_lora(peft_config: Any, config: Any) -> Any:
-    """A copy of the PEFT LoRA config `peft_config` adapted to the GAP model whose config is `config`.
-
-    * LoRA goes on the language model only: `target_modules` None or "all-linear" becomes the decoder layers'
-      projections (`LORA_TARGET_MODULES`), a list of names is restricted to the decoder layers (the vision tower
-      and the latent head have layers of the same names); a string is a regular expression and is kept as given.
-    * `latent_head` joins `modules_to_save`: the whole head trains and is saved with the adapter.
-    * The rows of ``<|latent_start|>``, ``<|latent_pad|>`` and ``<|latent_end|>`` train
-      (`trainable_token_indices`): in the input embedding, and in the LM head when it is not tied to it (a tied
-      head follows the embedding), unless a layer is already in `modules_to_save` (trained whole). Without them
-      the model could never learn to open a span.
-    """
+    """A copy of the PEFT LoRA config `peft_config` adapted to the GAP model whose config is `config`: LoRA on the
+    decoder layers only (`target_modules` None or "all-linear": `LORA_TARGET_MODULES`; a list of names is restricted
+    to the decoder layers, since the vision tower and the latent head have layers of the same names; a string is a
+    regular expression kept as given), the whole `latent_head` in `modules_to_save`, and the three latent tokens'
+    rows in `trainable_token_indices` of the embedding and of an untied LM head (not of a layer trained whole)."""
     peft_config = copy.deepcopy(peft_config)
     start, pad, end = config.latent_token_ids
     modules_to_save = list(peft_config.modules_to_save or [])
@@ -57,28 +43,17 @@ def configure_lora(peft_config: Any, config: Any) -> Any:
     peft_config.modules_to_save = modules_to_save
 
     targets = peft_config.target_modules
-    if targets is None or targets == "all-linear":
-        names = LORA_TARGET_MODULES
-    elif isinstance(targets, str):
-        names = None
-    else:
-        names = sorted(targets)
-    if names is not None:
-        alternatives = "|".join(sorted(dict.fromkeys(names)))
+    if not isinstance(targets, str) or targets == "all-linear":
+        alternatives = "|".join(sorted(set(LORA_TARGET_MODULES if targets in (None, "all-linear") else targets)))
         peft_config.target_modules = rf"(?:.*\.)?language_model\.layers\.\d+\..*\.(?:{alternatives})"
 
     indices = peft_config.trainable_token_indices
-    if indices is None:
-        indices = {}
-    elif not isinstance(indices, dict):
-        indices = {"embed_tokens": list(indices)}
-    else:
-        indices = {layer: list(ids) for layer, ids in indices.items()}
-    layers = ["embed_tokens"] if config.tie_word_embeddings else ["embed_tokens", "lm_head"]
-    for layer in layers:
-        if layer in modules_to_save:
-            continue
-        indices[layer] = sorted(set(indices.get(layer, [])) | {start, pad, end})
+    if not isinstance(indices, dict):
+        indices = {} if indices is None else {"embed_tokens": indices}
+    indices = {layer: list(ids) for layer, ids in indices.items()}
+    for layer in ["embed_tokens"] if config.tie_word_embeddings else ["embed_tokens", "lm_head"]:
+        if layer not in modules_to_save:  # a layer trained whole needs no rows
+            indices[layer] = sorted(set(indices.get(layer, [])) | {start, pad, end})
     peft_config.trainable_token_indices = indices or None
     return peft_config
 
@@ -97,7 +72,7 @@ def _base_folder(adapter: Path, config: dict, base) -> Path:
     from gap_pipeline.inference import GAP_MODEL_TYPE, model_type_of
 
     given = base is not None
-    base = Path(base) if given else config.get("base_model_name_or_path")
+    base = base if given else config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{adapter}/adapter_config.json names no base model; pass --base (the GAP folder trained on)")
     base = Path(base)
@@ -166,9 +141,7 @@ def merge_lora(adapter, output_dir, base=None, *, dtype="auto", overwrite=False)
     }
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
