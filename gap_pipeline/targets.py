@@ -1,22 +1,16 @@
 """Latent targets, computed once (paper §4.1, App. F): ``gap targets``.
 
-For every auxiliary image of a row the *frozen* Qwen2.5-VL vision tower (of the base or the GAP model)
-gives its merged vision tokens (what would be scattered into ``<|image_pad|>`` positions, dimension d).
-They are reshaped to their grid (t, h/merge, w/merge) from ``image_grid_thw``, pooled with adaptive
-average pooling to sqrt(K) x sqrt(K), and read row-major: K x d targets per latent span. A merged grid
-smaller than sqrt(K) on either side is an error naming the row and the image.
+Each aux image's merged vision tokens from the *frozen* Qwen2.5-VL vision tower of the base or the GAP model (what
+would fill its ``<|image_pad|>`` positions, width d) are reshaped to their grid (t, h/merge, w/merge) from
+``image_grid_thw``, adaptive-average-pooled to sqrt(K) x sqrt(K) and read row-major: K x d targets per latent span.
 
-Output: the input dataset plus a column ``latent_targets`` holding, per row, an (n_spans * K, d) array
-(spans in placeholder order; a row without spans holds an empty (0, d) array), stored as
-``Array2D(shape=(None, d))`` in float16 by default (``float32``, or ``bfloat16``: values rounded to
-bfloat16 and stored as float32, since Arrow and numpy have no bfloat16), written with ``save_to_disk``.
-Read it memory-mapped with ``load_from_disk(dir).with_format("numpy")`` (or ``"torch"``).
-
-Metadata: ``dataset.info.description`` is a JSON object whose ``"gap_targets"`` entry records the format,
-K, sqrt(K), d, the storage dtype, the encoder (its folder and `vision_tower_sha256`, a hash of the tower's
-weights), the image-processor settings and the counts. It travels
-with the dataset (``save_to_disk`` / ``load_from_disk``, ``map``, ``select``); `targets_metadata` reads
-it and `check_targets_compatible` refuses targets whose K or d disagree with a model config.
+Output (``save_to_disk``): the input dataset plus a column ``latent_targets`` holding, per row, an (n_spans * K, d)
+array (spans in placeholder order; (0, d) for a row without spans), stored as ``Array2D(shape=(None, d))`` in float16
+by default (``float32``, or ``bfloat16``: values rounded to bfloat16 and stored as float32, since Arrow and numpy have
+no bfloat16). ``dataset.info.description`` is a JSON object whose ``"gap_targets"`` entry records the format, K,
+sqrt(K), d, the storage dtype, the encoder (its folder and `vision_tower_sha256`), the image-processor settings and
+the counts; it travels with the dataset (``load_from_disk``, ``map``, ``select``). `targets_metadata` reads it and
+`check_targets_compatible` refuses targets whose K or d disagree with a model config.
 
 Command line::
 
@@ -32,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -178,10 +173,8 @@ def vision_tower_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                for prefix in ("model.visual.", "visual."):
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = f.get_tensor(key)
-                        break
+                if prefix := re.match(r"(model\.)?visual\.", key):
+                    state[key[prefix.end() :]] = f.get_tensor(key)
     if not state:
         raise TargetsError(f"{path}: no vision-tower weights (model.visual.* / visual.*) in its safetensors files.")
     return state
@@ -204,22 +197,15 @@ def tower_dtype(model_dtype: str, device: torch.device) -> str:
     return model_dtype
 
 
-def _encoder_device_dtype(encoder):
-    parameter = next(encoder.parameters())
-    return parameter.device, parameter.dtype
-
-
 def _merge_size(encoder) -> int:
-    if hasattr(encoder, "spatial_merge_size"):
-        return int(encoder.spatial_merge_size)
-    return int(encoder.config.vision_config.spatial_merge_size)
+    """The spatial merge size of a vision tower, or of a whole model's."""
+    return int(getattr(encoder, "spatial_merge_size", None) or encoder.config.vision_config.spatial_merge_size)
 
 
 def _hidden_size(encoder) -> int:
+    """d: the width of the merged vision tokens (a whole model's text hidden size, a tower's ``out_hidden_size``)."""
     config = encoder.config
-    if hasattr(config, "text_config"):
-        return int(config.text_config.hidden_size)
-    return int(config.out_hidden_size)
+    return int(config.text_config.hidden_size if hasattr(config, "text_config") else config.out_hidden_size)
 
 
 @torch.no_grad()
@@ -229,9 +215,9 @@ def encode_images(encoder, pixel_values: torch.Tensor, image_grid_thw: torch.Ten
     `encoder` is a Qwen2.5-VL / GAP model (``get_image_features(...).pooler_output``) or its vision tower
     (``model.model.visual``, or `load_vision_tower`).
     """
-    device, dtype = _encoder_device_dtype(encoder)
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    image_grid_thw = image_grid_thw.to(device)
+    parameter = next(encoder.parameters())
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    image_grid_thw = image_grid_thw.to(parameter.device)
     if hasattr(encoder, "get_image_features"):
         return list(encoder.get_image_features(pixel_values, image_grid_thw).pooler_output)
     merged = encoder(pixel_values, grid_thw=image_grid_thw).pooler_output
@@ -264,22 +250,25 @@ def image_processor_settings(image_processor) -> dict[str, Any]:
     return settings
 
 
-def _write_metadata(dataset, metadata: dict) -> None:
+def _description(dataset) -> dict[str, Any]:
+    """``dataset.info.description`` as a JSON object (a plain-text description kept under ``"description"``)."""
     description = dataset.info.description or ""
     try:
         payload = json.loads(description) if description else {}
-        if not isinstance(payload, dict):
-            payload = {"description": description}
     except json.JSONDecodeError:
-        payload = {"description": description}
+        payload = None
+    return payload if isinstance(payload, dict) else {"description": description}
+
+
+def _write_metadata(dataset, metadata: dict) -> None:
+    payload = _description(dataset)
     payload[METADATA_KEY] = metadata
     dataset.info.description = json.dumps(payload, sort_keys=True)
 
 
-def _load(dataset_or_dir):
-    if isinstance(dataset_or_dir, (str, os.PathLike)):
-        return load_targets_dataset(dataset_or_dir), str(dataset_or_dir)
-    return dataset_or_dir, "the dataset"
+def _where(dataset_or_dir, where: str | None = None) -> str:
+    """What names the targets in messages: `where`, else the folder, else "the dataset"."""
+    return where or (str(dataset_or_dir) if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset")
 
 
 def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str | None = None, *,
@@ -309,7 +298,7 @@ def check_targets_encoder(dataset_or_dir, model_path: str | os.PathLike, where: 
     from transformers.utils import logging
 
     metadata = targets_metadata(dataset_or_dir)
-    where = where or (str(dataset_or_dir) if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset")
+    where = _where(dataset_or_dir, where)
     stored = metadata.get("encoder_sha256")
     if stored is None or not Path(model_path).is_dir():
         reason = ("they do not record their vision tower (written by an older `gap targets`)" if stored is None else
@@ -348,12 +337,9 @@ def check_targets_finite(dataset, where: Any = "the dataset", batch_size: int = 
 
 def targets_metadata(dataset_or_dir) -> dict[str, Any]:
     """The ``gap_targets`` record of a dataset (or folder) written by `gap targets`."""
-    dataset, where = _load(dataset_or_dir)
-    description = dataset.info.description or ""
-    try:
-        metadata = json.loads(description).get(METADATA_KEY) if description else None
-    except (json.JSONDecodeError, AttributeError):
-        metadata = None
+    where = _where(dataset_or_dir)
+    dataset = load_targets_dataset(dataset_or_dir) if isinstance(dataset_or_dir, (str, os.PathLike)) else dataset_or_dir
+    metadata = _description(dataset).get(METADATA_KEY)
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise TargetsError(
             f"{where} carries no latent-target metadata (dataset.info.description['{METADATA_KEY}']): it was not "
@@ -371,8 +357,7 @@ def check_targets_compatible(dataset_or_dir, config, where: str | None = None) -
     `where` names the data in the messages (default: the folder, or "the dataset").
     """
     metadata = targets_metadata(dataset_or_dir)
-    if where is None:
-        where = dataset_or_dir if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset"
+    where = _where(dataset_or_dir, where)
     K = getattr(config, "latent_tokens_per_span", None)
     text_config = getattr(config, "text_config", config)
     d = getattr(text_config, "hidden_size", None)
@@ -395,10 +380,18 @@ def check_targets_compatible(dataset_or_dir, config, where: str | None = None) -
 # --------------------------------------------------------------------------------------------- dataset
 
 
+def _array_dtype(storage_dtype: str) -> str:
+    """The dtype the column is stored in (bfloat16-rounded values are stored as float32)."""
+    return "float32" if storage_dtype == "bfloat16" else storage_dtype
+
+
 def _storage(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    if storage_dtype == "bfloat16":
-        return values.to(torch.bfloat16).to(torch.float32).numpy()
-    return values.to(getattr(torch, storage_dtype)).numpy()
+    return values.to(getattr(torch, storage_dtype)).to(getattr(torch, _array_dtype(storage_dtype))).numpy()
+
+
+def _new_stats() -> dict[str, Any]:
+    """Running statistics of computed targets (row, span counts; sum and max of the target norms)."""
+    return {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}
 
 
 class _BatchTargets:
@@ -413,7 +406,7 @@ class _BatchTargets:
     def start_shard(self, offset: int) -> None:
         """Fresh statistics for the shard whose first row is row `offset` of the whole dataset."""
         self.offset = offset
-        self.stats = {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}
+        self.stats = _new_stats()
 
     def _aux_images(self, indices, ids_batch, messages_batch, aux_batch):
         """(names, opened images, owning row index, row index -> row name) of the batch's aux images."""
@@ -512,11 +505,9 @@ def compute_latent_targets(
     in `cache_dir` are reused rather than recomputed (a killed run resumes): give a folder that `claim_partial_dir`
     checked against this run's inputs and settings, or an empty one.
     """
-    from datasets import Array2D, Dataset, Features, concatenate_datasets
-    from tqdm.auto import tqdm
+    from datasets import Array2D, Features, concatenate_datasets
 
     from .data import undecoded_images
-    from .datasets_io import datasets_progress_bars
 
     check_latent_budget(latent_tokens_per_span)
     if storage_dtype not in STORAGE_DTYPES:
@@ -524,79 +515,88 @@ def compute_latent_targets(
     if batch_size < 1 or rows_per_shard < 1:
         raise TargetsError(f"batch size and rows per shard must be >= 1, got {batch_size} and {rows_per_shard}.")
     d = _hidden_size(encoder)
-    np_dtype = "float32" if storage_dtype == "bfloat16" else storage_dtype
     dataset = undecoded_images(dataset)
     if "aux_images" not in dataset.column_names:
         raise TargetsError("The dataset has no 'aux_images' column: there is nothing to encode.")
-    has_ids = "id" in dataset.column_names
-    compute = _BatchTargets(encoder, image_processor, latent_tokens_per_span, d, storage_dtype, has_ids)
-
-    features = Features({**dataset.features, TARGETS_COLUMN: Array2D(shape=(None, d), dtype=np_dtype)})
+    compute = _BatchTargets(encoder, image_processor, latent_tokens_per_span, d, storage_dtype,
+                            has_ids="id" in dataset.column_names)
+    features = Features({**dataset.features,
+                         TARGETS_COLUMN: Array2D(shape=(None, d), dtype=_array_dtype(storage_dtype))})
     if TARGETS_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(TARGETS_COLUMN)
     own_cache = cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="gap-targets-") if own_cache else cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    shards, stats, resumed = [], {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}, 0
     try:
-        with datasets_progress_bars(False), tqdm(total=len(dataset), desc="latent targets", unit="row",
-                                                 disable=not progress, dynamic_ncols=True) as bar:
-            for number, start in enumerate(range(0, max(len(dataset), 1), rows_per_shard)):
-                stop = min(start + rows_per_shard, len(dataset))
-                arrow, shard_stats = _shard_files(cache_dir, number)
-                if arrow.is_file() and shard_stats.is_file():
-                    resumed += stop - start
-                else:
-                    compute.start_shard(start)
-                    work = cache_dir / f"shard-{number:05d}.work.arrow"
-                    dataset.select(range(start, stop)).map(
-                        compute,
-                        input_columns=["messages", "aux_images"] + (["id"] if has_ids else []),
-                        with_indices=True,
-                        batched=True,
-                        batch_size=batch_size,
-                        features=features,
-                        cache_file_name=str(work),
-                        new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a cache
-                        load_from_cache_file=False,
-                    )
-                    with open(work, "rb") as f:
-                        os.fsync(f.fileno())
-                    write_json_file(shard_stats, compute.stats)
-                    os.replace(work, arrow)  # the commit: a shard is done once its Arrow file has its final name
-                shards.append(Dataset.from_file(str(arrow)))
-                done = json.loads(shard_stats.read_text(encoding="utf-8"))
-                for key in ("rows", "rows_with_spans", "spans", "norm_sum"):
-                    stats[key] += done[key]
-                stats["norm_max"] = max(stats["norm_max"], done["norm_max"])
-                bar.update(stop - start)
+        shards, stats, resumed = _shards(dataset, compute, cache_dir, rows_per_shard, batch_size, features, progress)
     except BaseException:
         if own_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
     result = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
-    elapsed = time.perf_counter() - started
     metadata = _targets_record(stats, latent_tokens_per_span, d, storage_dtype, source or type(encoder).__name__,
                                image_processor, encoder_sha256)
     _write_metadata(result, metadata)
     n_vectors = metadata["num_vectors"]
     summary = {
         **metadata,
-        "seconds": elapsed,
+        "seconds": time.perf_counter() - started,
         "resumed_rows": resumed,
         "mean_target_norm": stats["norm_sum"] / n_vectors if n_vectors else float("nan"),
         "max_target_norm": stats["norm_max"],
-        "bytes": n_vectors * d * np.dtype(np_dtype).itemsize,
+        "bytes": n_vectors * d * np.dtype(_array_dtype(storage_dtype)).itemsize,
         "cache_dir": str(cache_dir),
         "own_cache": own_cache,
     }
     return result, summary
 
 
-def _shard_files(cache_dir: Path, number: int) -> tuple[Path, Path]:
-    """The committed Arrow file of shard `number` and its statistics (written first: the Arrow file commits)."""
-    return cache_dir / f"shard-{number:05d}.arrow", cache_dir / f"shard-{number:05d}.json"
+def _shards(dataset, compute: _BatchTargets, cache_dir: Path, rows_per_shard: int, batch_size: int, features,
+            progress: bool) -> tuple[list, dict[str, Any], int]:
+    """Every shard of `dataset` as a memory-mapped `Dataset`, their summed statistics, and the number of rows reused.
+
+    A shard already committed in `cache_dir` is reused. Any other is computed into a work file, its statistics
+    written, and then committed: it is done once its Arrow file has its final name.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from .datasets_io import datasets_progress_bars
+
+    shards, stats, resumed = [], _new_stats(), 0
+    with datasets_progress_bars(False), tqdm(total=len(dataset), desc="latent targets", unit="row",
+                                             disable=not progress, dynamic_ncols=True) as bar:
+        for number, start in enumerate(range(0, max(len(dataset), 1), rows_per_shard)):
+            stop = min(start + rows_per_shard, len(dataset))
+            arrow = cache_dir / f"shard-{number:05d}.arrow"
+            shard_stats, work = arrow.with_suffix(".json"), arrow.with_suffix(".work.arrow")
+            if arrow.is_file() and shard_stats.is_file():
+                resumed += stop - start
+            else:
+                compute.start_shard(start)
+                dataset.select(range(start, stop)).map(
+                    compute,
+                    input_columns=["messages", "aux_images"] + (["id"] if compute.has_ids else []),
+                    with_indices=True,
+                    batched=True,
+                    batch_size=batch_size,
+                    features=features,
+                    cache_file_name=str(work),
+                    new_fingerprint=uuid.uuid4().hex,  # the encoder is not hashable cheaply; never reuse a cache
+                    load_from_cache_file=False,
+                )
+                with open(work, "rb") as f:
+                    os.fsync(f.fileno())
+                write_json_file(shard_stats, compute.stats)
+                os.replace(work, arrow)
+            shards.append(Dataset.from_file(str(arrow)))
+            done = json.loads(shard_stats.read_text(encoding="utf-8"))
+            for key in ("rows", "rows_with_spans", "spans", "norm_sum"):
+                stats[key] += done[key]
+            stats["norm_max"] = max(stats["norm_max"], done["norm_max"])
+            bar.update(stop - start)
+    return shards, stats, resumed
 
 
 def committed_shards(cache_dir: str | os.PathLike) -> list[Path]:
@@ -735,11 +735,10 @@ def _load_data(args):
 def run(args: argparse.Namespace) -> int:
     """Run ``gap targets``: validate the data, encode the aux images, save the dataset, print a summary.
 
-    Shards of rows are committed into ``.<output-dir>.cache`` beside --output-dir as they are done, and a rerun of
-    the same inputs and settings continues after the last committed one (`claim_partial_dir`). The dataset is
-    written beside --output-dir and renamed into place when complete; an existing output is replaced only then.
-    The partial folder is removed once the output is in place; after a failure it is kept only when it holds
-    committed shards. The final write's temporary folder is removed on failure, and a killed run's on the next run.
+    The dataset is written beside --output-dir and renamed into place when complete; an existing output is replaced
+    only then. The partial folder ``.<output-dir>.cache`` is removed once the output is in place; after a failure it
+    is kept only when it holds committed shards. The final write's temporary folder is removed on failure, and a
+    killed run's on the next run.
     """
     check_model_folder(args.model, "--model", TargetsError)
     output_dir = Path(args.output_dir)
