@@ -1,19 +1,16 @@
-"""Streaming PCA of latent targets (paper App. C, Eq. 5-7; App. D, Table 7).
+"""Streaming PCA of latent targets (paper App. C, Eq. 5-7; App. D, Table 7): ``gap fit-pca``.
 
-The PCA basis (mean mu, top-k components P_k, eigenvalues) defines the subspace in which
-the GAP latent head predicts coefficients. It is fitted once, offline, from the latent
-targets (pooled auxiliary-image vision embeddings) that the targets step writes into a
-`datasets` dataset.
+The PCA basis (mean mu, top-k components P_k, eigenvalues) defines the subspace in which the GAP latent head
+predicts coefficients. It is fitted once, offline, from the latent targets that `gap targets` writes. The fit
+streams: it keeps the count, the mean and the centred sum of outer products in float64 (memory O(d^2), about
+100 MB at d = 3584) and never holds the N x d matrix.
 
-The fit streams: it keeps the count, the mean and the centred sum of outer products in
-float64 (memory O(d^2), about 100 MB at d = 3584) and never holds the N x d matrix.
+Command line::
 
-Command line (``gap-pipeline fit-pca`` / ``python -m gap_pipeline fit-pca``)::
+    gap fit-pca --targets data/train_targets --output-dir pca/ --variance 0.95
 
-    fit-pca --targets data/train_targets --output-dir pca/ --variance 0.95
-
-writes ``pca.safetensors`` (tensors ``mean`` (d), ``components`` (k x d, orthonormal rows),
-``eigenvalues`` (k), all fp32, plus string metadata) and ``pca_report.json``.
+writes ``pca.safetensors`` (tensors ``mean`` (d), ``components`` (k x d, orthonormal rows), ``eigenvalues`` (k),
+all fp32, plus string metadata) and ``pca_report.json``.
 """
 
 from __future__ import annotations
@@ -32,10 +29,11 @@ import torch
 from . import GapError
 from .datasets_io import atomic_files_into
 from .inference import resolve_device
+from .targets import TARGETS_COLUMN as DEFAULT_COLUMN
+from .targets import load_targets_dataset
 
 PCA_FILENAME = "pca.safetensors"
 REPORT_FILENAME = "pca_report.json"
-DEFAULT_COLUMN = "latent_targets"
 DEFAULT_VARIANCE = 0.95
 REPORT_TARGETS = (0.85, 0.90, 0.95)
 FORMAT_NAME = "gap-pca"
@@ -48,9 +46,7 @@ class PcaError(GapError):
     """Bad input to the PCA fit (shape, dtype, non-finite values, too few vectors, ...)."""
 
 
-# ----------------------------------------------------------------------------------------
-# Chunk conversion and x^T x
-# ----------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- Chunk conversion and x^T x
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +82,18 @@ def _as_float64_matrix(chunk: Any, device: torch.device) -> torch.Tensor:
             raise PcaError(f"chunk has dtype {arr.dtype}; expected a real floating-point dtype")
         # One copy, widened on the way (a memory-mapped slice is read-only: torch.from_numpy would warn).
         t = torch.from_numpy(np.array(arr, dtype=np.float64, copy=True)).to(device=device)
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2:
-        raise PcaError(f"chunk must have shape (n, d) or (d,), got {tuple(t.shape)}")
-    return t
+    return _matrix(t)
 
 
-# ----------------------------------------------------------------------------------------
-# The accumulator
-# ----------------------------------------------------------------------------------------
+def _matrix(x: ArrayLike) -> ArrayLike:
+    """`x` (numpy or torch) of shape (n, d), or of shape (d,) as one row; any other shape is an error."""
+    x = x.reshape(1, -1) if x.ndim == 1 else x
+    if x.ndim != 2:
+        raise PcaError(f"chunk must have shape (n, d) or (d,), got {tuple(x.shape)}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------- The accumulator
 
 
 class StreamingPCA:
@@ -128,27 +126,8 @@ class StreamingPCA:
             raise PcaError(f"dim must be >= 1, got {dim}")
         self.count = 0
         self.num_chunks = 0
-        self._mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None
-
-    # -- state ----------------------------------------------------------------------------
-
-    @property
-    def mean(self) -> torch.Tensor:
-        self._require_data()
-        return self._mean.clone()
-
-    def covariance(self) -> torch.Tensor:
-        """Population covariance (1/N) sum (v - mu)(v - mu)^T (Eq. 5), symmetrised."""
-        self._require_data()
-        cov = self._m2 / self.count
-        return 0.5 * (cov + cov.T)
-
-    def _require_data(self) -> None:
-        if self.count == 0:
-            raise PcaError("no vectors have been accumulated yet")
-
-    # -- updates --------------------------------------------------------------------------
+        self._mean: torch.Tensor | None = None  # mu, (d,)
+        self._m2: torch.Tensor | None = None  # M2 = sum (v - mu)(v - mu)^T, (d, d)
 
     def update(self, chunk: ArrayLike) -> StreamingPCA:
         """Adds a chunk of vectors, shape (n, d) (or (d,) for one vector); returns self."""
@@ -177,26 +156,18 @@ class StreamingPCA:
                 "(they usually come from an overflow in half precision)"
             )
         mean_b = x.mean(dim=0)
-        xc = x - mean_b
-        self._merge(n_b, mean_b, _gram(xc))
+        m2_b = _gram(x - mean_b)
+        if self.count == 0:
+            self._mean, self._m2 = mean_b, m2_b
+        else:  # the pairwise update above
+            n_a, n = self.count, self.count + n_b
+            delta = mean_b - self._mean
+            self._mean += delta * (n_b / n)
+            self._m2 += m2_b
+            self._m2 += torch.outer(delta, delta) * (n_a * n_b / n)
+        self.count += n_b
         self.num_chunks += 1
         return self
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if self.count == 0:
-            self.count = int(n_b)
-            self._mean = mean_b.clone()
-            self._m2 = m2_b.clone()
-            return
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self._mean
-        self._mean += delta * (n_b / n)
-        self._m2 += m2_b
-        self._m2 += torch.outer(delta, delta) * (n_a * n_b / n)
-        self.count = n
-
-    # -- fit ------------------------------------------------------------------------------
 
     def fit(self) -> PcaFit:
         """Eigen-decomposition of the covariance (Eq. 5) with ``torch.linalg.eigh``."""
@@ -205,7 +176,8 @@ class StreamingPCA:
                 f"need at least 2 vectors to fit a PCA, got N={self.count}; check that the "
                 "targets column is the right one and that rows with latent spans exist"
             )
-        cov = self.covariance()
+        cov = self._m2 / self.count  # population covariance (1/N) sum (v - mu)(v - mu)^T (Eq. 5), symmetrised
+        cov = 0.5 * (cov + cov.T)
         evals, evecs = torch.linalg.eigh(cov)  # ascending; columns are eigenvectors
         evals = evals.flip(0)
         comps = evecs.flip(1).T.contiguous()  # rows = components, descending eigenvalue
@@ -235,9 +207,7 @@ def _canonical_signs(components: torch.Tensor) -> torch.Tensor:
     return components * signs.unsqueeze(1)
 
 
-# ----------------------------------------------------------------------------------------
-# Fit result, choosing k, RelMSE
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- Fit result, choosing k, RelMSE
 
 
 def _check_variance(variance: float) -> float:
@@ -283,11 +253,8 @@ class PcaFit:
 
     def choose_k(self, variance: float = DEFAULT_VARIANCE) -> int:
         """The smallest k whose explained-variance ratio is >= ``variance`` (no tolerance)."""
-        v = _check_variance(variance)
-        ratios = self.cumulative_ratio()
-        hits = (ratios >= v).nonzero()
-        # r_d is exactly 1.0 by construction, so a target in (0, 1] always has a hit.
-        return int(hits[0, 0]) + 1
+        # r_k never decreases and r_d is exactly 1.0, so a target in (0, 1] is always reached.
+        return int(torch.searchsorted(self.cumulative_ratio(), _check_variance(variance))) + 1
 
     def _check_k(self, k: int) -> int:
         if isinstance(k, bool) or int(k) != k:
@@ -299,13 +266,9 @@ class PcaFit:
 
     def table(self, targets: Sequence[float] = REPORT_TARGETS) -> list[dict[str, float]]:
         """Rows shaped like the paper's Table 7: variance target, k, k/d, RelMSE(k)."""
-        rows = []
-        for t in targets:
-            k = self.choose_k(t)
-            rows.append(
-                {"variance": float(t), "k": k, "ratio": k / self.d, "relmse": self.relmse(k)}
-            )
-        return rows
+        ks = [self.choose_k(t) for t in targets]
+        return [{"variance": float(t), "k": k, "ratio": k / self.d, "relmse": self.relmse(k)}
+                for t, k in zip(targets, ks)]
 
     def resolve_k(
         self, variance: float | None = None, num_components: int | None = None
@@ -321,8 +284,7 @@ class PcaFit:
     def basis(self, k: int, metadata: Mapping[str, Any] | None = None) -> PcaBasis:
         """The fp32 top-k basis that ``save_pca`` writes."""
         k = self._check_k(k)
-        meta = {"N": self.n, "d": self.d, "k": k, "relmse": self.relmse(k)}
-        meta.update(metadata or {})
+        meta = {"N": self.n, "d": self.d, "k": k, "relmse": self.relmse(k), **(metadata or {})}
         return PcaBasis(
             mean=self.mean.to(torch.float32).contiguous(),
             components=self.components[:k].to(torch.float32).contiguous(),
@@ -342,7 +304,7 @@ class PcaFit:
         tgts = list(targets)
         if target is not None and all(abs(target - t) > 1e-12 for t in tgts):
             tgts = sorted(tgts + [target])
-        rep: dict[str, Any] = {
+        return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "N": self.n,
@@ -357,10 +319,8 @@ class PcaFit:
             "rank_limited": k > self.n - 1,
             "table": self.table(tgts),
             "eigenvalues": [float(x) for x in self.eigenvalues],
+            **(extra or {}),
         }
-        if extra:
-            rep.update(dict(extra))
-        return rep
 
 
 def _meta_str(value: Any) -> str:
@@ -371,9 +331,7 @@ def _meta_str(value: Any) -> str:
     return str(value)
 
 
-# ----------------------------------------------------------------------------------------
-# Saved basis
-# ----------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------- Saved basis
 
 
 @dataclass
@@ -405,9 +363,7 @@ class PcaBasis:
 
 def _pca_file(path: str | os.PathLike) -> Path:
     p = Path(path)
-    if p.suffix == ".safetensors":
-        return p
-    return p / PCA_FILENAME
+    return p if p.suffix == ".safetensors" else p / PCA_FILENAME
 
 
 def _validate_basis(mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor, where: str) -> None:
@@ -455,11 +411,9 @@ def save_pca(
     err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
     if err > 1e-4:
         raise PcaError(f"save_pca: components rows are not orthonormal (max |P P^T - I| = {err:.3g})")
-    meta: dict[str, str] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
-    for key, value in (metadata or {}).items():
-        meta[str(key)] = _meta_str(value)
-    meta["d"] = str(mean_t.numel())
-    meta["k"] = str(comp_t.shape[0])
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+            **{str(key): _meta_str(value) for key, value in (metadata or {}).items()},
+            "d": str(mean_t.numel()), "k": str(comp_t.shape[0])}
     out = _pca_file(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"mean": mean_t, "components": comp_t, "eigenvalues": eig_t}, str(out), metadata=meta)
@@ -532,9 +486,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Input sources
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------ Input sources
 
 
 def rechunk(matrices: Iterable[np.ndarray], chunk_size: int) -> Iterator[np.ndarray]:
@@ -553,12 +505,10 @@ def rechunk(matrices: Iterable[np.ndarray], chunk_size: int) -> Iterator[np.ndar
                 f"input block {i} has vectors of width d={m.shape[1]}, but earlier blocks have "
                 f"d={width}; every latent target must have the same width (the LLM hidden size)"
             )
-        start = 0
-        while start < m.shape[0]:
-            take = min(chunk_size - held, m.shape[0] - start)
-            buf.append(m[start : start + take])
-            held += take
-            start += take
+        while len(m):
+            buf.append(m[: chunk_size - held])
+            held += len(buf[-1])
+            m = m[len(buf[-1]) :]
             if held == chunk_size:
                 yield buf[0] if len(buf) == 1 else np.concatenate(buf, axis=0)
                 buf, held = [], 0
@@ -686,8 +636,6 @@ def iter_target_vectors(
         if p.suffix != ".npy":
             raise PcaError(f"{p}: expected a dataset directory or a .npy file")
         return iter_npy_vectors(p, progress=progress)
-    from .targets import load_targets_dataset
-
     ds = load_targets_dataset(p, split=split)
     return iter_dataset_vectors(ds, column=column, rows_per_batch=rows_per_batch, progress=progress)
 
@@ -695,15 +643,8 @@ def iter_target_vectors(
 def _to_numpy_matrix(v: ArrayLike) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
-        if v.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-            v = v.to(torch.float32)
-        v = v.numpy()
-    arr = np.asarray(v)
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    if arr.ndim != 2:
-        raise PcaError(f"expected matrices of shape (n, d), got {arr.shape}")
-    return arr
+        v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # numpy has no bfloat16; float32 holds it exactly
+    return _matrix(np.asarray(v))
 
 
 def fit_pca(
@@ -722,9 +663,7 @@ def fit_pca(
     return acc.fit()
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- Command line
 
 HELP = "Fit the PCA basis (mean, top-k components) of the latent targets, streaming."
 
