@@ -65,6 +65,7 @@ import argparse
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,8 +117,6 @@ class LogNormStats:
     def update(self, norms: torch.Tensor) -> None:
         """Add L2 norms (any shape); zero norms are clamped to 1e-30 before the log."""
         norms = norms.detach().reshape(-1).to(torch.float64)
-        if norms.numel() == 0:
-            return
         logs = norms.clamp_min(1e-30).log()
         self.count += int(norms.numel())
         self.sum_log += float(logs.sum())
@@ -162,29 +161,24 @@ def _final_norm_module(model):
         ) from None
 
 
-class _FinalNormTap:
-    """Forward hook on the final norm recording its input (pre-norm h^(L)) and output (h_bar) per call."""
+@contextmanager
+def _final_norm_tap(model, last_position_only: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A forward hook on the final norm for the block: yields the list of its (input = pre-norm h^(L), output = h_bar)
+    per call, or of their norms at the last position when `last_position_only`."""
+    calls = []
 
-    def __init__(self, module, last_position_only: bool):
-        self.module = module
-        self.last_position_only = last_position_only
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.handle = None
-
-    def _hook(self, module, args, output):
+    def hook(module, args, output):
         pre, post = args[0], output
-        if self.last_position_only:
-            self.calls.append((pre[:, -1].float().norm(dim=-1).cpu(), post[:, -1].float().norm(dim=-1).cpu()))
+        if last_position_only:
+            calls.append((pre[:, -1].float().norm(dim=-1).cpu(), post[:, -1].float().norm(dim=-1).cpu()))
         else:
-            self.calls.append((pre.detach(), post.detach()))
+            calls.append((pre.detach(), post.detach()))
 
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
+    handle = _final_norm_module(model).register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 class NormProfiler:
@@ -214,10 +208,8 @@ class NormProfiler:
         self.video_token_id = getattr(config, "video_token_id", None)
         self.latent_pad_id = getattr(config, "latent_pad_token_id", None)
         self.latent_start_id = getattr(config, "latent_start_token_id", None)
-        if self.with_latents:
-            self.latent_tokens_per_span = int(latent_tokens_per_span or config.latent_tokens_per_span)
-        else:
-            self.latent_tokens_per_span = None
+        K = latent_tokens_per_span or getattr(config, "latent_tokens_per_span", None)
+        self.latent_tokens_per_span = int(K) if self.with_latents else None
         self.layers = {m: [LogNormStats() for _ in range(self.num_layers + 1)] for m in MODALITIES}
         self.final = {m: LogNormStats() for m in MODALITIES}
         self.latent = LogNormStats()
@@ -225,15 +217,12 @@ class NormProfiler:
         self.latent_pre = LogNormStats()
         self.num_samples = 0
         self.num_spans = 0
-        tokenizer = getattr(processor, "tokenizer", processor)
-        tokenizer.padding_side = "left"  # generation appends at the end; left padding keeps rows aligned there
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"  # generation appends at the end; left padding keeps rows aligned there
 
     @property
     def device(self):
         return next(self.model.parameters()).device
-
-    def _encode(self, batch: Sequence[tuple[list[dict], list]]):
-        return encode_prompts(self.processor, batch, self.device)
 
     def _masks(self, input_ids, attention_mask):
         valid = attention_mask.bool()
@@ -251,17 +240,17 @@ class NormProfiler:
     @torch.no_grad()
     def add_batch(self, batch: Sequence[tuple[list[dict], list]]) -> None:
         """Profile one batch of ``(messages, images)`` prompts."""
-        inputs = self._encode(batch)
+        inputs = encode_prompts(self.processor, batch, self.device)
         masks = self._masks(inputs["input_ids"], inputs["attention_mask"])
-        with _FinalNormTap(_final_norm_module(self.model), last_position_only=False) as tap:
+        with _final_norm_tap(self.model, last_position_only=False) as calls:
             outputs = self.model(**inputs, output_hidden_states=True, use_cache=False)
         hidden = outputs.hidden_states
-        if len(hidden) != self.num_layers + 1 or len(tap.calls) != 1:
+        if len(hidden) != self.num_layers + 1 or len(calls) != 1:
             raise RuntimeError(
                 f"expected {self.num_layers + 1} hidden states and one final-norm call, got {len(hidden)} and "
-                f"{len(tap.calls)}; this transformers version returns hidden states differently"
+                f"{len(calls)}; this transformers version returns hidden states differently"
             )
-        pre_norm, final = tap.calls[0]
+        pre_norm, final = calls[0]
         for layer in range(self.num_layers + 1):
             state = pre_norm if layer == self.num_layers else hidden[layer]
             norms = state.float().norm(dim=-1)
@@ -285,8 +274,7 @@ class NormProfiler:
         forced["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(start)], dim=1)
         if "mm_token_type_ids" in inputs:
             forced["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(start)], dim=1)
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        with _FinalNormTap(_final_norm_module(self.model), last_position_only=True) as tap:
+        with _final_norm_tap(self.model, last_position_only=True) as calls:
             output = self.model.generate(
                 **forced,
                 do_sample=False,
@@ -295,7 +283,7 @@ class NormProfiler:
                 latent_intervention=self.latent_intervention,
                 latent_tokens_per_span=K,
                 return_dict_in_generate=True,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
         generated = output.sequences[:, forced["input_ids"].shape[1] :].cpu()
         is_pad = generated == self.latent_pad_id
@@ -308,7 +296,7 @@ class NormProfiler:
             self.latent.update(output.latent_norms[row])
         steps = [step for step in range(generated.shape[1]) if bool(is_pad[:, step].any())]
         for step in steps:  # the forward of call `step` decoded the latent fed at generated column `step`
-            pre, post = tap.calls[step]
+            pre, post = calls[step]
             rows = is_pad[:, step]
             self.latent_pre.update(pre[rows])
             self.latent_final.update(post[rows])
@@ -427,9 +415,7 @@ def profile_norms(
     return profiler.result()
 
 
-# ----------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------- Inputs
 
 
 def folder_samples(folder: str | os.PathLike, prompt: str, limit: int | None = None):
@@ -487,9 +473,7 @@ def dataset_samples(
     return generate(), n
 
 
-# ----------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------ Outputs
 
 
 def write_profile(profile: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -608,9 +592,7 @@ def format_summary(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- Command line
 
 HELP = "Profile layer-wise log L2 norms of text/vision hidden states and of generated latents (paper Fig. 2)."
 
