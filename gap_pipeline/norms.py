@@ -8,28 +8,19 @@ decoder states they were produced from.
 
 What the layer index means (transformers 5, Qwen2.5-VL; checked by the tests)
 ------------------------------------------------------------------------------
-``output_hidden_states=True`` returns L + 1 tensors for L decoder layers:
-
-* index 0 is the *input embeddings* of the decoder (``inputs_embeds`` after the vision tower's
-  merged tokens are scattered into the ``<|image_pad|>`` positions): at text positions the token
-  embeddings, at vision positions the vision embeddings v;
-* index l (1 <= l < L) is the residual stream after decoder layer l (pre-norm, unnormalised);
-* index L is **not** the output of layer L: transformers replaces it with ``last_hidden_state``,
-  which is the output of the backbone's *final RMSNorm* (h_bar, what the LM head and GAP's latent
-  head read).
-
-This profile therefore takes layers 0 .. L-1 from ``hidden_states`` and the *pre-norm* output of the
-last layer, h^(L), from a forward hook on the final norm's input; layer index L in the JSON is that
-pre-norm state, and the final-norm state h_bar is reported separately (``final_norm``).
+``output_hidden_states=True`` returns L + 1 tensors for L decoder layers: index 0 is the decoder's input
+embeddings (token embeddings at text positions, the vision tower's merged tokens v at ``<|image_pad|>`` positions),
+index l (1 <= l < L) the residual stream after decoder layer l, but index L is *not* the output of layer L:
+transformers replaces it with ``last_hidden_state``, the output of the backbone's final RMSNorm (h_bar, what the LM
+head and GAP's latent head read). Layer L here is therefore the *pre-norm* h^(L), read by a forward hook on the final
+norm's input, and h_bar is reported separately (``final_norm``).
 
 Latents (GAP models)
 --------------------
-A latent span is forced open by appending ``<|latent_start|>`` to each prompt; ``generate`` then
-runs exactly K latent steps (its span logic forces K ``<|latent_pad|>`` and then
-``<|latent_end|>``) with the chosen intervention (``pca`` = GAP). The fed latents' norms come from
-``generate(..., return_dict_in_generate=True).latent_norms``; the decoder states they were decoded
-from (h_bar and h^(L) at the last position of each latent step's forward) are read from the same
-forward-hook on the final norm, so they are exactly the states ``generate`` used.
+A latent span is forced open by appending ``<|latent_start|>`` to each prompt; ``generate`` then runs exactly K latent
+steps with the chosen intervention (``pca`` = GAP). The fed latents' norms come from ``generate(...).latent_norms``;
+the states they were decoded from (h_bar and h^(L) at the last position of each latent step's forward) from the same
+hook on the final norm, so they are exactly the states ``generate`` used.
 
 Output JSON (``norm_profile.json``)
 -----------------------------------
@@ -62,6 +53,7 @@ final-norm / pre-norm decoder states at the latent steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import time
@@ -313,23 +305,11 @@ class NormProfiler:
                 peak[m] = None
                 continue
             layer, stats = max(candidates, key=lambda item: item[1]["log_norm_mean"])
-            peak[m] = {
-                "layer": layer,
-                "log_norm_mean": stats["log_norm_mean"],
-                "norm_geomean": stats["norm_geomean"],
-                "ratio_to_input": math.exp(stats["log_norm_mean"] - inputs[m]["log_norm_mean"]),
-            }
+            peak[m] = {"layer": layer, "log_norm_mean": stats["log_norm_mean"], "norm_geomean": stats["norm_geomean"],
+                       "ratio_to_input": _ratio(stats, inputs[m])}
         latents = None
         if self.with_latents:
-            latent = self.latent.to_dict()
-            final = self.latent_final.to_dict()
-            pre = self.latent_pre.to_dict()
-
-            def ratio(a, b):
-                if a["count"] and b["count"]:
-                    return math.exp(a["log_norm_mean"] - b["log_norm_mean"])
-                return None
-
+            latent, final, pre = self.latent.to_dict(), self.latent_final.to_dict(), self.latent_pre.to_dict()
             latents = {
                 "intervention": self.latent_intervention,
                 "latent_tokens_per_span": self.latent_tokens_per_span,
@@ -339,9 +319,9 @@ class NormProfiler:
                 "pre_norm_state": pre,
                 "query_vision_input": inputs["vision"],
                 "ratios": {
-                    "final_norm_over_latent": ratio(final, latent),
-                    "pre_norm_over_latent": ratio(pre, latent),
-                    "latent_over_query_vision": ratio(latent, inputs["vision"]),
+                    "final_norm_over_latent": _ratio(final, latent),
+                    "pre_norm_over_latent": _ratio(pre, latent),
+                    "latent_over_query_vision": _ratio(latent, inputs["vision"]),
                 },
             }
         return {
@@ -362,15 +342,9 @@ class NormProfiler:
         }
 
 
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The ratio of the geometric-mean norms of two stats objects; None when either is empty."""
+    return math.exp(a["log_norm_mean"] - b["log_norm_mean"]) if a["count"] and b["count"] else None
 
 
 def profile_norms(
@@ -406,8 +380,9 @@ def profile_norms(
         latent_tokens_per_span=latent_tokens_per_span,
         exclude_first_token=exclude_first_token,
     )
+    samples = iter(samples)
     with tqdm(total=total, unit="sample", desc="norm-profile", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in _batched(samples, batch_size):
+        while batch := list(itertools.islice(samples, batch_size)):
             profiler.add_batch(batch)
             bar.update(len(batch))
     if profiler.num_samples == 0:

@@ -76,7 +76,7 @@ def _as_float64_matrix(chunk: Any, device: torch.device) -> torch.Tensor:
         if arr.dtype == object:
             raise PcaError(
                 "chunk is a ragged/object array; pass one (n, d) matrix per chunk "
-                "(use iter_dataset_chunks for ragged dataset columns)"
+                "(use iter_dataset_vectors for ragged dataset columns)"
             )
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise PcaError(f"chunk has dtype {arr.dtype}; expected a real floating-point dtype")
