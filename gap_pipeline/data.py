@@ -18,14 +18,9 @@ Schema (TRL's conversational vision format plus two GAP fields), one row per exa
   ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>``.
 * An optional ``id`` field names the row in error messages.
 * ``gap targets`` adds ``latent_targets`` ((n_spans * K, d) per row, see `gap_pipeline.targets`).
+* Images are PIL images, paths (in a JSONL, relative to its folder) or ``{"bytes", "path"}`` dicts.
 
-In a JSONL file image entries are paths relative to an image folder (by default the JSONL file's folder);
-`load_jsonl` makes them absolute and types ``images`` / ``aux_images`` as lists of `datasets.Image`, so rows
-decode to PIL images lazily. `from_dataset` validates any `datasets.Dataset` of this schema (images as PIL
-images, paths, or ``{"bytes", "path"}`` dicts).
-
-Every check reports one `RowProblem` per bad row (row index, id, field, what to fix); `check_rows` raises a
-`GapDataError` listing them.
+Every check reports one `RowProblem` per bad row; `check_rows` raises a `GapDataError` listing them.
 """
 
 from __future__ import annotations
@@ -70,7 +65,7 @@ __all__ = [
     "turn_texts",
     "undecoded_images",
     "validate_row",
-        "validate_rows",
+    "validate_rows",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -182,23 +177,15 @@ def strip_latent_spans(messages: list[dict]) -> list[dict]:
 
     See `strip_latent_placeholders` for the whitespace rule; other messages are returned as they are.
     """
-    stripped = []
-    for message in messages:
-        if message.get("role") != "assistant" or count_latent_placeholders([message], role=None) == 0:
-            stripped.append(message)
-            continue
-        content = message.get("content")
+    def strip(content: str | list) -> str | list:
         if isinstance(content, str):
-            stripped.append({**message, "content": strip_latent_placeholders(content)})
-        else:
-            items = [
-                {**item, "text": strip_latent_placeholders(item.get("text") or "")}
-                if _item_type(item) == "text"
-                else item
-                for item in content
-            ]
-            stripped.append({**message, "content": items})
-    return stripped
+            return strip_latent_placeholders(content)
+        return [{**item, "text": strip_latent_placeholders(item.get("text") or "")} if _item_type(item) == "text"
+                else item for item in content]
+
+    return [{**message, "content": strip(message.get("content"))}
+            if message.get("role") == "assistant" and count_latent_placeholders([message], role=None) else message
+            for message in messages]
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -462,15 +449,10 @@ def validate_rows(
     """One `RowProblem` per bad row of `rows` (a list of dicts or a `datasets.Dataset`)."""
     if hasattr(rows, "cast_column"):
         rows = undecoded_images(rows)
-    errors = []
-    for index, row in enumerate(rows):
-        problem = validate_row(
-            row, index, image_dir=image_dir, check_images=check_images, latent_tokens_per_span=latent_tokens_per_span,
-            allow_outside_image_dir=allow_outside_image_dir,
-        )
-        if problem is not None:
-            errors.append(problem)
-    return errors
+    problems = (validate_row(row, index, image_dir=image_dir, check_images=check_images,
+                             latent_tokens_per_span=latent_tokens_per_span,
+                             allow_outside_image_dir=allow_outside_image_dir) for index, row in enumerate(rows))
+    return [problem for problem in problems if problem is not None]
 
 
 def check_image_paths(rows: Iterable[dict], image_dir: str | os.PathLike, *, columns: Iterable[str] = IMAGE_COLUMNS,
@@ -490,31 +472,25 @@ def check_image_paths(rows: Iterable[dict], image_dir: str | os.PathLike, *, col
             if problem is not None:
                 errors.append(RowProblem(index, column, problem, row.get("id")))
                 break
-    if errors:
-        raise GapDataError(format_errors(errors, source), errors)
+    raise_row_errors(errors, source)
 
 
-def format_errors(errors: list[RowProblem], source: str = "the data") -> str:
-    """The message of a `GapDataError` for `errors`."""
-    lines = [f"{len(errors)} bad row(s) in {source}:"]
-    lines += [f"  {e}" for e in errors[:MAX_LISTED_ERRORS]]
+def raise_row_errors(errors: list[RowProblem], source: str) -> None:
+    """Raise a `GapDataError` listing `errors` (the first `MAX_LISTED_ERRORS`, then a count), if there are any."""
+    if not errors:
+        return
+    lines = [f"{len(errors)} bad row(s) in {source}:"] + [f"  {e}" for e in errors[:MAX_LISTED_ERRORS]]
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
-    return "\n".join(lines)
+    raise GapDataError("\n".join(lines), errors)
 
 
 def check_rows(rows: Iterable[dict], *, source: str = "the data", **kwargs) -> None:
     """Raise a `GapDataError` listing every bad row (see `validate_rows` for the keyword arguments)."""
-    errors = validate_rows(rows, **kwargs)
-    if errors:
-        raise GapDataError(format_errors(errors, source), errors)
+    raise_row_errors(validate_rows(rows, **kwargs), source)
 
 
 # ---------------------------------------------------------------------------------------------- loaders
-
-
-def _json_default_image_dir(path: Path, image_dir) -> Path:
-    return Path(image_dir) if image_dir is not None else path.resolve().parent
 
 
 def load_jsonl(
@@ -527,17 +503,16 @@ def load_jsonl(
 ):
     """Load a JSONL file of rows into a `datasets.Dataset`, images as lazily decoded `datasets.Image` lists.
 
-    Image entries are paths relative to `image_dir` (default: the JSONL file's folder) and must stay inside it
-    (no ``..`` or absolute path elsewhere) unless `allow_outside_image_dir`, also without `validate`. With `validate`
-    (the default) every row is checked first and a `GapDataError` lists the bad ones. String message contents
-    become one-item content lists (Arrow needs one type per column); rows without ``accuracy`` get None.
+    Image paths are relative to `image_dir` (default: the file's folder) and must stay inside it unless
+    `allow_outside_image_dir`, also without `validate`. With `validate` a `GapDataError` lists the bad rows first.
+    String message contents become one-item content lists; rows without ``accuracy`` get None.
     """
     from datasets import Dataset, Image, List
 
     path = Path(path)
     if not path.is_file():
         raise GapDataError(f"JSONL file not found: {path}")
-    folder = _json_default_image_dir(path, image_dir)
+    folder = Path(image_dir) if image_dir is not None else path.resolve().parent
     rows = []
     for line_number, line in enumerate(utf8_lines(path, GapDataError), start=1):
         if not line.strip():
@@ -556,17 +531,14 @@ def load_jsonl(
                    allow_outside_image_dir=allow_outside_image_dir)
     elif not allow_outside_image_dir:  # the path rule holds even when the rows are validated where they are used
         check_image_paths(rows, folder, source=str(path))
-    for row in rows:
-        # Arrow needs one type per column: string contents become [{"type": "text", "text": ...}].
+    for row in rows:  # Arrow needs one type per column
         row["messages"] = [
             {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
             for m in row["messages"]
         ]
         for column in IMAGE_COLUMNS:
             row[column] = [str(_resolve(p, folder)) if isinstance(p, str) else p for p in (row.get(column) or [])]
-        if "accuracy" in row and row["accuracy"] is not None:
-            row["accuracy"] = float(row["accuracy"])
-        row.setdefault("accuracy", None)
+        row["accuracy"] = None if row.get("accuracy") is None else float(row["accuracy"])
     dataset = Dataset.from_list(rows)
     for column in IMAGE_COLUMNS:
         dataset = dataset.cast_column(column, List(Image()))
