@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from collections.abc import Mapping, Sequence
 
@@ -67,8 +68,7 @@ _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree")
 def find_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` with balanced braces (nested ok);
     an unclosed last box is skipped in favour of an earlier complete one."""
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*", text)]
-    for m in reversed(starts):
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*", text))):
         i = m.end()
         if i < len(text) and text[i] == "{":
             depth = 0
@@ -234,11 +234,7 @@ def _letter_candidates(text: str, letters: str) -> list[tuple[int, str]]:
         r"(?m)^\s*(%s)\s*[.)]?\s*$" % cls,  # B alone on a line
         r"(?<![\w(])(%s)[.)](?=\s|$)" % cls,  # B. / B) followed by a space
     ]
-    found = []
-    for p in pats:
-        for m in re.finditer(p, text):
-            found.append((m.start(1), m.group(1)))
-    return found
+    return [(m.start(1), m.group(1)) for p in pats for m in re.finditer(p, text)]
 
 
 def extract_answer(text: str | None, *, options: OptionsLike = None) -> str | None:
@@ -258,12 +254,11 @@ def extract_answer(text: str | None, *, options: OptionsLike = None) -> str | No
         tail = text.rsplit("</think>", 1)[1]
         if tail.strip():
             text = tail
-    blocks = re.findall(r"<answer>(.*?)</answer>", text, re.I | re.S)
+    blocks = _ANSWER_BLOCK.findall(text)
     if blocks:
         # The block is the answer; a box or an "answer is" clause inside it narrows it.
         block = blocks[-1]
-        got = _clean(find_boxed(block)) if find_boxed(block) is not None else None
-        got = got or _from_patterns(block) or _clean(block)
+        got = _clean(find_boxed(block)) or _from_patterns(block) or _clean(block)
         if got is not None:
             return got
     else:
@@ -448,6 +443,7 @@ class AnswerChecker(Protocol):
     def __call__(self, response: str, gold: str, row: Mapping[str, Any] | None = None) -> bool: ...
 
 
+@dataclass(frozen=True)
 class DefaultAnswerChecker:
     """``answers_match(extract_answer(response), gold)``, with options read from the row.
 
@@ -455,17 +451,10 @@ class DefaultAnswerChecker:
     a list of texts, or an ``"A. ...\\nB. ..."`` string).
     """
 
-    def __init__(
-        self,
-        rel_tol: float = 1e-2,
-        abs_tol: float = 1e-6,
-        integer_exact: bool = True,
-        options_keys: Sequence[str] = ("options", "choices"),
-    ):
-        self.rel_tol = rel_tol
-        self.abs_tol = abs_tol
-        self.integer_exact = integer_exact
-        self.options_keys = tuple(options_keys)
+    rel_tol: float = 1e-2
+    abs_tol: float = 1e-6
+    integer_exact: bool = True
+    options_keys: Sequence[str] = field(default=("options", "choices"), repr=False)
 
     def options_of(self, row: Mapping[str, Any] | None) -> OptionsLike:
         if not row:
@@ -478,40 +467,18 @@ class DefaultAnswerChecker:
 
     def __call__(self, response: str, gold: str, row: Mapping[str, Any] | None = None) -> bool:
         options = self.options_of(row)
-        pred = extract_answer(response, options=options)
-        return answers_match(
-            pred,
-            gold,
-            options=options,
-            rel_tol=self.rel_tol,
-            abs_tol=self.abs_tol,
-            integer_exact=self.integer_exact,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"DefaultAnswerChecker(rel_tol={self.rel_tol}, abs_tol={self.abs_tol}, "
-            f"integer_exact={self.integer_exact})"
-        )
+        return answers_match(extract_answer(response, options=options), gold, options=options, rel_tol=self.rel_tol,
+                             abs_tol=self.abs_tol, integer_exact=self.integer_exact)
 
 
 class AnswerError(GapError):
     """A row without a usable gold answer; the message names the row and the fix."""
 
 
-def _message_text(message: Mapping[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content or []:
-        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-    return "".join(parts)
-
-
 def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
     """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
+    from .data import turn_texts
+
     value = row.get(answer_column) if hasattr(row, "get") else None
     if value is not None and str(value).strip():
         return str(value).strip()
@@ -521,9 +488,9 @@ def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer
             messages = json.loads(messages)
         except json.JSONDecodeError:
             messages = []
-    assistant = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]
+    assistant = turn_texts([m for m in messages if isinstance(m, Mapping)], "assistant")
     if assistant:
-        blocks = _ANSWER_BLOCK.findall(_message_text(assistant[-1]))
+        blocks = _ANSWER_BLOCK.findall(assistant[-1])
         if blocks and blocks[-1].strip():
             return blocks[-1].strip()
     raise AnswerError(
