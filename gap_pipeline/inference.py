@@ -1,38 +1,27 @@
-"""Loading a model folder and turning dataset rows into generation prompts.
+"""Loading a model folder and turning dataset rows into encoded generation prompts (``gap difficulty``,
+``gap evaluate``, ``gap norm-profile``, ``gap audit``).
 
-Shared by the offline steps that run a model on questions (``gap difficulty``,
-``gap norm-profile``):
-
-* :func:`load_rows` reads a dataset in the project schema from a ``save_to_disk`` folder or a
-  ``.jsonl`` / ``.json`` / ``.parquet`` file.
-* :func:`prompt_of_row` takes a row in TRL's conversational vision format (``messages``,
-  ``images``) and returns the *question*: every message before the first assistant turn, and the
-  images those messages refer to. Auxiliary images (``aux_images``) are never part of it.
-* :func:`load_model_and_processor` loads a Qwen2.5-VL or a GAP folder with the matching
-  processor, without needing ``trust_remote_code`` for GAP folders (this repository's own
-  ``modeling_gap`` / ``processing_gap`` are used).
-
-A note on message contents read back from Arrow: ``datasets`` stores a list of content items as
-one struct type, so a text item comes back as ``{"type": "text", "text": "...", "image": None}``.
-Qwen2.5-VL chat templates test ``'image' in item``, which would render such a text item as an
-image. :func:`clean_messages` drops keys whose value is None before rendering.
+``datasets`` stores a list of content items as one struct type, so a text item read back from Arrow is
+``{"type": "text", "text": "...", "image": None}``; Qwen2.5-VL chat templates test ``'image' in item`` and would
+render it as an image. :func:`clean_messages` drops None-valued keys before rendering.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import Qwen2_5_VLConfig
+from transformers import AutoConfig, PretrainedConfig, Qwen2_5_VLConfig
 
 from configuration_gap import GapConfig
 
 from . import GapError
-from .data import count_image_entries
+from .data import IMAGE_COLUMNS, check_image_paths, count_image_entries, load_image, load_jsonl
 from .datasets_io import load_dataset_folder
 
 __all__ = [
@@ -59,39 +48,25 @@ class RowError(GapError):
     """A dataset row that cannot be used as it is; the message names the row and the fix."""
 
 
-# ----------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------
-
-
 def load_rows(path: str | os.PathLike, split: str | None = None, *, image_columns: Sequence[str] = ("images",),
               allow_outside_image_dir: bool = False):
-    """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a ``.jsonl``/``.json``/``.parquet`` file.
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder (one split) or a ``.jsonl``/``.json``/``.parquet`` file.
 
-    A ``DatasetDict`` folder needs ``split`` unless it has exactly one split. Image paths (in a JSONL's
-    ``images``/``aux_images``, and in `image_columns`) must stay inside the data's folder (`dataset_base_dir`) unless
-    `allow_outside_image_dir`: a `GapDataError` names the rows, before any image is opened.
+    Image paths (a JSONL's ``images``/``aux_images``, and `image_columns`) must stay inside the data's folder
+    (`dataset_base_dir`) unless `allow_outside_image_dir`: a `GapDataError` names the rows, before any image is opened.
     """
     import datasets
-
-    from .data import IMAGE_COLUMNS, check_image_paths, load_jsonl
 
     p = Path(path)
     if not p.exists():
         raise GapError(f"dataset not found: {p}")
     if p.is_dir():
-        dataset = load_dataset_folder(
-            p,
-            split,
-            GapError,
-            "{path} is not a dataset folder written by Dataset.save_to_disk ({exc}); pass such a folder "
-            "or a .jsonl / .json / .parquet file",
-        )
+        dataset = load_dataset_folder(p, split, GapError, "{path} is not a dataset folder written by "
+                                      "Dataset.save_to_disk ({exc}); pass such a folder or a .jsonl / .json / .parquet file")
     elif split is not None:
         raise GapError(f"{p} is a single file; drop --split {split}")
     elif p.suffix.lower() == ".jsonl":
-        # The project's JSONL loader: image paths checked and made absolute (relative to the file's folder) and typed
-        # as datasets.Image lists, string contents turned into content lists. Rows are validated where they are used.
+        # rows are validated where they are used; load_jsonl checks the paths and makes them absolute
         dataset = load_jsonl(p, validate=False, allow_outside_image_dir=allow_outside_image_dir)
         image_columns = [column for column in image_columns if column not in IMAGE_COLUMNS]  # checked, now absolute
     else:
@@ -116,37 +91,22 @@ def dataset_base_dir(path: str | os.PathLike) -> Path:
     return p if p.is_dir() else p.parent
 
 
-# ----------------------------------------------------------------------------------------
-# Rows -> prompts
-# ----------------------------------------------------------------------------------------
-
-
 def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Plain-dict copies of `messages` with None-valued keys dropped from messages and content items."""
-    cleaned = []
-    for message in messages:
-        item = {key: value for key, value in dict(message).items() if value is not None}
-        content = item.get("content")
-        if isinstance(content, (list, tuple)):
-            item["content"] = [
-                {key: value for key, value in dict(part).items() if value is not None}
-                if isinstance(part, Mapping)
-                else part
-                for part in content
-            ]
-        cleaned.append(item)
+    def drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in dict(mapping).items() if value is not None}
+
+    cleaned = [drop_none(message) for message in messages]
+    for item in cleaned:
+        if isinstance(item.get("content"), (list, tuple)):
+            item["content"] = [drop_none(part) if isinstance(part, Mapping) else part for part in item["content"]]
     return cleaned
 
 
 def open_image(value: Any, base_dir: str | os.PathLike | None = None, where: str = "image"):
-    """An RGB PIL image from a PIL image, a path (relative to `base_dir`), or a ``{"bytes", "path"}`` dict.
-
-    Reads with :func:`gap_pipeline.data.load_image`; a missing or unreadable image raises :class:`RowError`
-    naming `where`.
-    """
+    """An RGB PIL image from a PIL image, a path (relative to `base_dir`), or a ``{"bytes", "path"}`` dict (read by
+    :func:`gap_pipeline.data.load_image`); a missing or unreadable image raises :class:`RowError` naming `where`."""
     from PIL import Image, UnidentifiedImageError
-
-    from .data import load_image
 
     try:
         return load_image(value, base_dir).convert("RGB")
@@ -172,38 +132,27 @@ def prompt_of_row(
     images_column: str = "images",
     base_dir: str | os.PathLike | None = None,
 ) -> tuple[list[dict[str, Any]], list]:
-    """The question of a row: ``(messages, images)``.
-
-    `messages` are the row's messages before its first assistant turn (system and user turns,
-    cleaned with :func:`clean_messages`); `images` are the first n of the row's images, n being the
-    number of image items in those messages (TRL's format lists images in the order the messages
-    refer to them). Raises :class:`RowError` naming row `index` when the row has no user turn or
-    fewer images than it refers to.
-    """
-    if messages_column not in row or row[messages_column] is None:
+    """The question of a row: ``(messages, images)``: its cleaned messages before the first assistant turn, and the
+    first n of its images opened, n being the number of image items in those messages (TRL's order). A row without a
+    user turn or with fewer images than it refers to raises :class:`RowError` naming row `index`."""
+    raw = row.get(messages_column)
+    if raw is None:
         raise RowError(
             f"row {index} has no '{messages_column}' field; rows need TRL's conversational format "
             f"(a list of {{'role', 'content'}} messages)"
         )
-    raw = row[messages_column]
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError:
             raise RowError(f"row {index}: '{messages_column}' is a string that is not JSON; store a list of messages") from None
-    messages = clean_messages(raw)
-    prompt = []
-    for message in messages:
-        if message.get("role") == "assistant":
-            break
-        prompt.append(message)
+    prompt = list(takewhile(lambda message: message.get("role") != "assistant", clean_messages(raw)))
     if not any(message.get("role") == "user" for message in prompt):
         raise RowError(
             f"row {index} has no user turn before its first assistant turn; the question must be a user message"
         )
     n_images = count_image_entries(prompt)
-    images = row.get(images_column) if hasattr(row, "get") else None
-    images = list(images or [])
+    images = list(row.get(images_column) or [])
     if len(images) < n_images:
         raise RowError(
             f"row {index}: its question refers to {n_images} image(s) but '{images_column}' holds {len(images)}; "
@@ -215,24 +164,17 @@ def prompt_of_row(
 
 def encode_prompts(processor: Any, prompts: Sequence[tuple[list, list]], device: str | torch.device):
     """The processor's batch for `prompts` (``(messages, images)`` pairs, as :func:`prompt_of_row` returns them) on
-    `device`: each rendered by the chat template with a generation prompt, the images in order, padded on the
-    tokenizer's padding side. The one prompt encoding of difficulty sampling, norm profiling and evaluation."""
+    `device`: each rendered by the chat template with a generation prompt, the images in order, left-padded (generation
+    appends at the end). The one prompt encoding of difficulty sampling, norm profiling and evaluation."""
     texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages, _ in prompts]
     images = [image for _, row_images in prompts for image in row_images]
-    return processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(device)
-
-
-# ----------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+                     padding_side="left").to(device)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The one device rule of the steps: ``"auto"`` -> CUDA when available, else CPU; ``None`` -> CPU.
-
-    An explicit CUDA device on a machine without CUDA is an error rather than a silent fallback, so that a user
-    who asked for the GPU learns that they are not getting it.
-    """
+    """The one device rule of the steps: ``"auto"`` -> CUDA when available, else CPU; ``None`` -> CPU. An explicit
+    CUDA device without CUDA is an error, not a silent fallback."""
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str) and device.strip().lower() == "auto":
@@ -286,8 +228,6 @@ def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapEr
 
 def checkpoint_model_type(path: str, revision: str | None = None, error_cls: type[GapError] = GapError) -> str | None:
     """The `model_type` of the checkpoint `path` (a folder or a Hub id); one clear `error_cls` when there is none."""
-    from transformers import PretrainedConfig
-
     check_model_folder(path, "--model_name_or_path", error_cls, hub_id_ok=True)
     try:
         return PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
@@ -297,16 +237,9 @@ def checkpoint_model_type(path: str, revision: str | None = None, error_cls: typ
 
 
 def register_gap_config() -> None:
-    """Make ``AutoConfig`` know ``gap_qwen2_5_vl`` from this repository's `configuration_gap`.
-
-    Loading a GAP folder's tokenizer goes through ``AutoConfig``; without the registration it finds
-    ``auto_map`` in ``config.json`` and asks interactively whether to trust the folder's remote code.
-    """
-    from transformers import AutoConfig
-
-    from configuration_gap import GapConfig
-
-    AutoConfig.register(GapConfig.model_type, GapConfig, exist_ok=True)
+    """Make ``AutoConfig`` know ``gap_qwen2_5_vl`` from this repository's `configuration_gap`: loading a GAP folder's
+    tokenizer goes through ``AutoConfig``, which would otherwise ask whether to trust the folder's remote code."""
+    AutoConfig.register(GAP_MODEL_TYPE, GapConfig, exist_ok=True)
 
 
 def load_processor(path: str | os.PathLike):
