@@ -1,45 +1,11 @@
-"""Difficulty estimation for difficulty-aware latent supervision (paper §4.3, Eq. 4; App. F).
+"""``gap difficulty``: each row's base-model pass rate from N sampled answers (paper §4.3, Eq. 4; App. F).
 
-For every training row, N answers (default 8) are sampled from the *base* model for the row's
-question, checked against the row's gold answer, and the pass rate is written into the dataset:
-
-* ``accuracy`` = num_correct / num_samples, in [0, 1] (the â of Eq. 4),
-* ``num_correct``, ``num_samples``.
-
-At training time a row with ``accuracy > tau`` (tau = 0 in the paper) has its latent spans stripped
-and trains on text only; a row with ``accuracy <= tau`` keeps its spans.
-
-What a row's question and gold answer are
------------------------------------------
-* Question: the row's messages before its first assistant turn (system and user turns) with the
-  images they refer to (TRL's conversational vision format, ``messages`` / ``images``), rendered
-  with the model folder's processor chat template and ``add_generation_prompt=True``.
-  ``aux_images`` are never shown.
-* Gold answer: the row's ``answer`` field (``--answer-column``) when it is present and not empty;
-  otherwise the content of the last ``<answer>...</answer>`` block of the row's last assistant turn.
-  A row with neither is an error naming the row.
-
-Pluggable parts
----------------
-* The answer checker (``--checker``): ``checker(response, gold, row) -> bool``; default
-  :class:`gap_pipeline.answers.DefaultAnswerChecker`, loaded with :func:`gap_pipeline.answers.load_checker`.
-* The sampler (``--sampler module:callable``): anything with ``sample(questions, n) -> list[list[str]]``
-  returning, for each :class:`Question`, n sampled responses. The spec names either an object with a
-  ``sample`` method or a factory (class or function) called with one :class:`SamplerSettings` argument
-  that returns such an object. The default, :class:`HFSampler`, runs ``generate`` of the model folder
-  (several questions x n samples per call, left padding, ``do_sample=True``). A faster engine (vLLM)
-  plugs in as a factory.
-
-Resuming, sharding, merging
----------------------------
-``--output-dir OUT`` holds ``run.json`` (the settings that must stay the same across restarts and
-shards), ``results/shard-IIIII-of-SSSSS.jsonl`` (one JSON line per finished row, flushed and
-fsync'ed after every batch) and, after the merge, ``summary.json`` and the dataset with the new
-columns (``OUT/dataset`` by default, ``--output-dataset`` otherwise). A restart reads every results
-file in ``OUT/results`` and samples only rows that none of them holds. With ``--num-shards S
---shard-index i`` a process takes the rows with ``row % S == i``; the process that completes the
-last row merges (or run ``--merge`` once all shards are done). Results are reproducible for a given
-seed, batch size and shard layout (a batch's sampling is seeded from ``--seed`` and its first row).
+``accuracy`` = num_correct / num_samples (the â of Eq. 4), ``num_correct`` and ``num_samples`` are written into the
+dataset; at training time a row with ``accuracy > tau`` trains on text only. The question, the gold answer, the
+pluggable sampler and checker, and the output folder (``run.json``, ``results/shard-*.jsonl``, ``summary.json``, the
+dataset) are described in the README's "Difficulty labels" section. A results line is flushed and fsync'ed per
+batch, so a restart samples only rows that no results file holds; a batch's sampling is seeded from ``--seed`` and
+its first row, so results depend only on the seed, batch size and shard layout.
 """
 
 from __future__ import annotations
@@ -60,7 +26,8 @@ from . import GapError
 from .answers import gold_answer
 from .data import add_max_image_pixels_argument, undecoded_images
 from .datasets_io import write_json_file
-from .inference import check_model_folder, dataset_base_dir, encode_prompts, load_rows, prompt_of_row
+from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, load_model_and_processor,
+                        load_rows, prompt_of_row)
 from .plugins import import_object
 from .provenance import check_or_record
 
@@ -108,30 +75,16 @@ class DifficultyError(GapError):
     """Bad input or state of a difficulty run; the message says what to change."""
 
 
-# ----------------------------------------------------------------------------------------
-# Questions and gold answers
-# ----------------------------------------------------------------------------------------
-
-
 @dataclass
 class Question:
-    """One row to sample: what a sampler receives.
-
-    index: the row's position in the dataset; row: the row itself (a dict, for samplers and checkers
-    that read other fields such as ``options``; without the large ``HEAVY_COLUMNS``); messages / images: the question (turns before the first assistant turn,
-    cleaned, and their PIL images); answer: the gold answer.
-    """
+    """One row to sample: what a sampler receives. `row` is the row without ``HEAVY_COLUMNS`` (for samplers and
+    checkers that read fields such as ``options``); `messages` / `images` are its question (`prompt_of_row`)."""
 
     index: int
     row: dict[str, Any]
     messages: list[dict[str, Any]]
     images: list
     answer: str
-
-
-# ----------------------------------------------------------------------------------------
-# Samplers
-# ----------------------------------------------------------------------------------------
 
 
 @runtime_checkable
@@ -163,18 +116,11 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 
 class HFSampler:
-    """The default sampler: ``generate`` of a Qwen2.5-VL (or GAP) folder, all questions of a call in one batch.
-
-    Each question's prompt is its messages rendered with the folder's chat template and
-    ``add_generation_prompt=True``; the batch is left-padded and generated with ``do_sample=True``,
-    ``num_return_sequences=n``, and the settings' temperature / top_p / top_k / max_new_tokens (other
-    generation settings come from the folder's ``generation_config.json``). Responses are decoded without
-    special tokens. Each call seeds torch from the settings' seed and the first question's row index.
-    """
+    """The default sampler: ``generate`` of a Qwen2.5-VL (or GAP) folder, all questions of a call in one batch of
+    ``num_return_sequences=n`` sampled sequences (other generation settings from the folder's
+    ``generation_config.json``); each call seeds torch from the settings' seed and the first question's row."""
 
     def __init__(self, settings: SamplerSettings):
-        from .inference import load_model_and_processor
-
         if not settings.model:
             raise DifficultyError("the default sampler needs --model (a Qwen2.5-VL checkpoint folder)")
         if settings.temperature <= 0:
@@ -187,8 +133,7 @@ class HFSampler:
             raise DifficultyError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
         self.settings = settings
         self.model, self.processor, _ = load_model_and_processor(settings.model, dtype=settings.dtype, device=settings.device)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.tokenizer.padding_side = "left"
+        self.tokenizer = self.processor.tokenizer
 
     def __repr__(self) -> str:
         s = self.settings
@@ -199,8 +144,7 @@ class HFSampler:
 
         if not questions:
             return []
-        prompts = [(q.messages, q.images) for q in questions]
-        inputs = encode_prompts(self.processor, prompts, next(self.model.parameters()).device)
+        inputs = encode_prompts(self.processor, [(q.messages, q.images) for q in questions], self.model.device)
         torch.manual_seed(batch_seed(self.settings.seed, questions[0].index))
         with torch.no_grad():
             sequences = self.model.generate(
@@ -252,11 +196,6 @@ def _describe(obj: Any, spec: str | None) -> str:
     return spec if spec else (repr(obj) if not isinstance(obj, type) else obj.__name__)
 
 
-# ----------------------------------------------------------------------------------------
-# Results files
-# ----------------------------------------------------------------------------------------
-
-
 def shard_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> list[int]:
     """The rows a shard takes: ``row % num_shards == shard_index`` (strided, so shards get similar mixes)."""
     if num_shards < 1:
@@ -273,33 +212,21 @@ def results_path(output_dir: str | os.PathLike, num_shards: int, shard_index: in
 def _read_results_file(path: Path, repair: bool) -> dict[int, dict[str, Any]]:
     """Rows of one results file; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
     results: dict[int, dict[str, Any]] = {}
-    with open(path, "rb") as f:
-        data = f.read()
-    good_end = 0
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines):
-        is_last = number == len(lines) - 1
+    data = path.read_bytes()
+    *lines, torn = data.split(b"\n")  # what follows the last "\n" was never fully flushed
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
-            if not is_last:
-                good_end += len(line) + 1
             continue
         try:
             record = json.loads(line)
-            complete = not is_last  # a last line without "\n" was never fully flushed
         except json.JSONDecodeError:
-            record, complete = None, False
-        if not complete:
-            if not is_last:
-                raise DifficultyError(
-                    f"{path}, line {number + 1} is not valid JSON; the results file is damaged: delete that line "
-                    "(its row will be sampled again)"
-                )
-            break
+            raise DifficultyError(
+                f"{path}, line {number} is not valid JSON; the results file is damaged: delete that line "
+                "(its row will be sampled again)"
+            ) from None
         results[int(record["row"])] = record
-        good_end += len(line) + 1
-    if repair and good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
+    if repair and torn:
+        os.truncate(path, len(data) - len(torn))
     return results
 
 
@@ -317,11 +244,6 @@ def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -
     """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
     check_or_record(output_dir, RUN_FILENAME, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
                     has_results=False, fresh="resume with the same settings, or use a new --output-dir")
-
-
-# ----------------------------------------------------------------------------------------
-# Estimation
-# ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -401,13 +323,9 @@ def estimate_difficulty(
     run_config: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> ShardReport:
-    """Sample and check this shard's unfinished rows, appending one JSON line per row to its results file.
-
-    Rows already in any results file of `output_dir` are skipped. The gold answers of the whole shard are
-    checked before sampling starts, so a row without one fails fast; prompts and images are read per batch.
-    Questions carry their row without ``HEAVY_COLUMNS`` (aux images, latent targets, pixels). `run_config` (see ``RUN_KEYS``) is
-    recorded in / checked against ``OUT/run.json``.
-    """
+    """Sample and check this shard's rows that no results file of `output_dir` holds, appending one JSON line per row
+    to its results file. Every gold answer is read before sampling starts (a row without one fails fast); prompts and
+    images are read per batch. `run_config` (see ``RUN_KEYS``) is recorded in / checked against ``OUT/run.json``."""
     from tqdm.auto import tqdm
 
     if num_samples < 1:
@@ -423,15 +341,11 @@ def estimate_difficulty(
     own_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(output_dir, repair_path=own_path)
     todo = [row for row in rows if row not in done]
-    # Rows are read without the columns no question needs (aux images, latent targets, pixels): they are large.
     heavy = [name for name in HEAVY_COLUMNS if name in dataset.column_names]
     view = dataset.remove_columns(heavy) if heavy else dataset
     view = undecoded_images(view, [images_column])  # opened by prompt_of_row, so a bad image names its row
-    text_columns = [name for name in (messages_column, answer_column) if name in view.column_names]
-    text_view = view.select_columns(text_columns)
-    golds = {}
-    for index in todo:  # fail before any sampling (and without decoding images) if a gold answer is missing
-        golds[index] = gold_answer(text_view[index], index, answer_column, messages_column)
+    text_view = view.select_columns([name for name in (messages_column, answer_column) if name in view.column_names])
+    golds = {index: gold_answer(text_view[index], index, answer_column, messages_column) for index in todo}
     with open(own_path, "a", encoding="utf-8") as out, tqdm(
         total=len(rows), initial=len(rows) - len(todo), unit="row", desc=f"difficulty {shard_index}/{num_shards}",
         disable=not progress, dynamic_ncols=True,
@@ -451,19 +365,8 @@ def estimate_difficulty(
             os.fsync(out.fileno())
             bar.update(len(questions))
     finished = read_results(output_dir)
-    complete = all(row in finished for row in range(len(dataset)))
-    return ShardReport(
-        shard_rows=len(rows),
-        already_done=len(rows) - len(todo),
-        sampled_rows=len(todo),
-        seconds=time.time() - started,
-        complete=complete,
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Merge
-# ----------------------------------------------------------------------------------------
+    return ShardReport(shard_rows=len(rows), already_done=len(rows) - len(todo), sampled_rows=len(todo),
+                       seconds=time.time() - started, complete=all(row in finished for row in range(len(dataset))))
 
 
 @dataclass
@@ -504,21 +407,44 @@ def merge_results(
     tau: float = 0.0,
     id_column: str | None = None,
 ) -> MergeReport:
-    """Write `dataset` with ``accuracy``, ``num_correct`` and ``num_samples`` from every results file of `output_dir`.
-
-    Every row must have a result (an error lists the missing rows and their shards otherwise). Existing
-    columns of those names are replaced. The dataset goes to `output_dataset` (a ``.jsonl`` / ``.json`` /
-    ``.parquet`` file, or a ``save_to_disk`` folder; default ``OUT/dataset``); ``OUT/summary.json`` gets the
-    statistics.
-    """
+    """Write `dataset` with ``accuracy``, ``num_correct`` and ``num_samples`` (replacing columns of those names) from
+    every results file of `output_dir`, to `output_dataset` (a ``.jsonl`` / ``.json`` / ``.parquet`` file or a
+    ``save_to_disk`` folder; default ``OUT/dataset``), and the statistics to ``OUT/summary.json``."""
     output_dir = Path(output_dir)
     results = read_results(output_dir)
+    _check_results(dataset, output_dir, results, id_column)
+    rows = [results[row] for row in range(len(dataset))]
+    accuracy = [float(r["accuracy"]) for r in rows]
+    num_correct = [int(r["num_correct"]) for r in rows]
+    num_samples = [int(r["num_samples"]) for r in rows]
+    replaced = [name for name in NEW_COLUMNS if name in dataset.column_names]
+    merged = dataset.remove_columns(replaced) if replaced else dataset
+    for name, values in zip(NEW_COLUMNS, (accuracy, num_correct, num_samples)):
+        merged = merged.add_column(name, values)
+    path = Path(output_dataset) if output_dataset is not None else output_dir / DATASET_DIRNAME
+    _save_dataset(merged, path)
+    n = len(dataset)
+    report = MergeReport(
+        path=path,
+        rows=n,
+        mean_accuracy=sum(accuracy) / n if n else float("nan"),
+        latent_rows=sum(1 for a in accuracy if a <= tau),
+        text_rows=sum(1 for a in accuracy if a > tau),
+        all_correct_rows=sum(1 for c, s in zip(num_correct, num_samples) if c == s),
+        num_samples=max(num_samples) if num_samples else 0,
+        tau=tau,
+        replaced_columns=replaced,
+    )
+    write_json_file(output_dir / SUMMARY_FILENAME, report.to_dict())
+    return report
+
+
+def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]], id_column: str | None) -> None:
+    """Every row of `dataset` has a result, no result is past its end, and recorded ids match `id_column`."""
     missing = [row for row in range(len(dataset)) if row not in results]
     if missing:
-        run = {}
-        if (output_dir / RUN_FILENAME).is_file():
-            with open(output_dir / RUN_FILENAME, encoding="utf-8") as f:
-                run = json.load(f)
+        run_file = output_dir / RUN_FILENAME
+        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
         shards = sorted({Path(p).name for p in glob.glob(str(output_dir / RESULTS_DIRNAME / "*.jsonl"))})
         raise DifficultyError(
             f"{len(missing)} of {len(dataset)} rows have no result yet (first: {missing[:10]}); results files: "
@@ -540,30 +466,6 @@ def merge_results(
                     f"row {row}: the results were computed for {id_column}={recorded!r} but the dataset now holds "
                     f"{ids[row]!r}; the dataset changed since sampling: use a new --output-dir"
                 )
-    accuracy = [float(results[row]["accuracy"]) for row in range(len(dataset))]
-    num_correct = [int(results[row]["num_correct"]) for row in range(len(dataset))]
-    num_samples = [int(results[row]["num_samples"]) for row in range(len(dataset))]
-    replaced = [name for name in NEW_COLUMNS if name in dataset.column_names]
-    merged = dataset.remove_columns(replaced) if replaced else dataset
-    merged = merged.add_column("accuracy", accuracy)
-    merged = merged.add_column("num_correct", num_correct)
-    merged = merged.add_column("num_samples", num_samples)
-    path = Path(output_dataset) if output_dataset is not None else output_dir / DATASET_DIRNAME
-    _save_dataset(merged, path)
-    n = len(dataset)
-    report = MergeReport(
-        path=path,
-        rows=n,
-        mean_accuracy=sum(accuracy) / n if n else float("nan"),
-        latent_rows=sum(1 for a in accuracy if a <= tau),
-        text_rows=sum(1 for a in accuracy if a > tau),
-        all_correct_rows=sum(1 for c, s in zip(num_correct, num_samples) if c == s),
-        num_samples=max(num_samples) if num_samples else 0,
-        tau=tau,
-        replaced_columns=replaced,
-    )
-    write_json_file(output_dir / SUMMARY_FILENAME, report.to_dict())
-    return report
 
 
 def _try_merge(dataset, output_dir: Path, **kwargs) -> MergeReport | None:
@@ -596,10 +498,6 @@ def format_summary(report: MergeReport, seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-
 HELP = "Estimate each row's base-model pass rate from N sampled answers (Eq. 4) and write an `accuracy` column."
 
 
@@ -620,7 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest response (default: 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each batch is seeded from it and its first row")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype for the default sampler (default: auto = the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--sampler", default=None,
@@ -650,22 +548,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run_config(args: argparse.Namespace, dataset, checker_name: str) -> dict[str, Any]:
-    return {
+def _run_config(args: argparse.Namespace, dataset) -> dict[str, Any]:
+    """The ``RUN_KEYS`` settings of this run: the arguments of those names, and what identifies the data and plug-ins."""
+    derived = {
         "dataset": str(Path(args.dataset).resolve()),
         "num_rows": len(dataset),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "model": str(Path(args.model).resolve()) if args.model else None,
-        "num_samples": args.num_samples,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
         "sampler": args.sampler or "hf",
-        "checker": checker_name,
-        "answer_column": args.answer_column,
+        "checker": args.checker or "default",
     }
+    return {key: derived[key] if key in derived else getattr(args, key) for key in RUN_KEYS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -689,35 +582,16 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(report, time.time() - started))
         return 0
     checker = load_checker(args.checker)
-    config = _run_config(args, dataset, args.checker or "default")
-    check_run_config(output_dir, config)
-    settings = SamplerSettings(
-        model=args.model,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    config = _run_config(args, dataset)
+    check_run_config(output_dir, config)  # before the model loads
+    settings = SamplerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)
+                                  if f.name != "extra"})
     sampler = load_sampler(args.sampler, settings)
     shard = estimate_difficulty(
-        dataset,
-        sampler,
-        checker,
-        output_dir,
-        num_samples=args.num_samples,
-        rows_per_batch=args.rows_per_batch,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        answer_column=args.answer_column,
-        messages_column=args.messages_column,
-        images_column=args.images_column,
-        id_column=args.id_column,
-        base_dir=dataset_base_dir(args.dataset),
-        save_responses=args.save_responses,
-        run_config=config,
+        dataset, sampler, checker, output_dir, num_samples=args.num_samples, rows_per_batch=args.rows_per_batch,
+        num_shards=args.num_shards, shard_index=args.shard_index, answer_column=args.answer_column,
+        messages_column=args.messages_column, images_column=args.images_column, id_column=args.id_column,
+        base_dir=dataset_base_dir(args.dataset), save_responses=args.save_responses, run_config=config,
         progress=not args.no_progress,
     )
     print(
