@@ -1,24 +1,9 @@
 """``gap evaluate``: accuracy per latent intervention and latent budget, with latency (paper Tables 6, 9, 10).
 
-Input is either a dataset in the project schema (a ``save_to_disk`` folder or a ``.jsonl`` / ``.json`` /
-``.parquet`` file: ``messages`` + ``images``, the gold answer in an ``answer`` field or in the assistant
-turn's ``<answer>`` block, optional ``options``) or a benchmark file in VLMEvalKit's TSV layout (``index``,
-``image`` as base64, ``question``, option columns ``A``-``E``, ``answer``, optional ``hint``) — the layout
-of HRBench4K, MMStar, MME-RealWorld-Lite, MathVista and WeMath files.
-
-For every (intervention, budget) pair it runs batched generation with the checkpoint's chat template, scores
-each response with the answer checker (pluggable) and writes
-
-* ``predictions.jsonl``: one record per sample and setting (id, intervention, budget, prediction, extracted
-  answer, gold, correct, latent spans opened, per-span mean latent norms, query-image vision-token norm,
-  seconds);
-* ``summary.json`` and ``summary.md``: accuracy, fraction of answers that opened a span, mean latent norm,
-  mean / P50 / P90 seconds per sample.
-
-Data parallel: launch under ``accelerate launch`` or ``torchrun``; each rank takes every world-size-th
-sample and rank 0 gathers. Resumable: finished (id, intervention, budget) records found in the output folder
-are not generated again. Seconds per sample are the batch's wall time divided by its size (use
-``--batch-size 1`` for unbatched latency, as in the paper's Table 9).
+The inputs (a project-schema dataset, or a VLMEvalKit TSV) and the outputs (``predictions.jsonl``, ``summary.json`` /
+``.md``) are described in the README's "Evaluate" section. Under ``accelerate launch`` / ``torchrun`` each rank takes
+every world-size-th item into its own ``predictions.rank*.jsonl`` and rank 0 merges; finished (id, intervention,
+budget) records are not generated again. Seconds per sample are the batch's wall time divided by its size.
 """
 
 from __future__ import annotations
@@ -29,7 +14,6 @@ import binascii
 import csv
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -37,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import utf8_lines
+from .datasets_io import utf8_lines, write_json_file
 from .data import add_max_image_pixels_argument, undecoded_images
 from .inference import RowError, encode_prompts
+from .targets import TARGETS_COLUMN
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
@@ -50,7 +37,6 @@ HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, late
 TSV_OPTION_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 TSV_COLUMNS = ("index", "image", "question", "answer")  # the columns a scored VLMEvalKit TSV must have
 BASE_SETTING = "base"  # the intervention name recorded for a plain Qwen2.5-VL checkpoint
-TARGETS_COLUMN = "latent_targets"  # written by `gap targets`
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
@@ -196,8 +182,7 @@ def load_dataset_items(path: str | Path, split: str | None = None, *,
                        allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
     """Items of a dataset in the project schema and one problem line per row that cannot be scored; image paths stay
     inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
-    from .answers import normalize_options
-    from .answers import AnswerError, gold_answer
+    from .answers import AnswerError, gold_answer, normalize_options
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     # images stay undecoded until prompt_of_row opens them, so a bad image is a problem naming its row
@@ -206,7 +191,7 @@ def load_dataset_items(path: str | Path, split: str | None = None, *,
     items, problems = [], []
     seen: dict[str, str] = {}
     for index, row in enumerate(dataset):
-        row_id = str(row.get("id", index)) if row.get("id") is not None else str(index)
+        row_id = str(row["id"] if row.get("id") is not None else index)
         _claim_id(seen, row_id, f"row {index}", path)
         try:
             messages, images = prompt_of_row(row, index, base_dir=base_dir)
@@ -231,15 +216,6 @@ def load_items(path: str | Path, split: str | None = None, *,
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def summarize(records: list[dict]) -> list[dict]:
     """One summary row per (intervention, budget), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
@@ -255,12 +231,12 @@ def summarize(records: list[dict]) -> list[dict]:
             "n": len(group),
             "accuracy": sum(r["correct"] for r in group) / len(group),
             "span_rate": sum(r["latent_spans"] > 0 for r in group) / len(group),
-            "mean_latent_norm": sum(norms) / len(norms) if norms else None,
+            "mean_latent_norm": _mean(norms),
             "mean_vision_norm": _mean([r["vision_norm"] for r in group if r.get("vision_norm") is not None]),
             **_fidelity_summary(group),
-            "mean_seconds": sum(seconds) / len(seconds),
-            "p50_seconds": _percentile(seconds, 0.5),
-            "p90_seconds": _percentile(seconds, 0.9),
+            "mean_seconds": _mean(seconds),
+            "p50_seconds": float(np.percentile(seconds, 50)),
+            "p90_seconds": float(np.percentile(seconds, 90)),
         })
     return rows
 
@@ -311,20 +287,10 @@ def _vision_norms(model, inputs, n_rows):
     if inputs.get("pixel_values") is None:
         return [None] * n_rows
     with torch.no_grad():
-        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-    image_token_id = model.config.image_token_id
-    per_row_images = (inputs["input_ids"] == image_token_id).sum(dim=1).tolist()
-    norms, cursor = [], 0
-    merge = model.config.vision_config.spatial_merge_size ** 2
-    sizes = (inputs["image_grid_thw"].prod(-1) // merge).tolist()
-    for count in per_row_images:
-        taken, row_feats = 0, []
-        while taken < count:
-            row_feats.append(features[cursor])
-            taken += sizes[cursor]
-            cursor += 1
-        norms.append(torch.cat(row_feats).float().norm(dim=-1).mean().item() if row_feats else None)
-    return norms
+        features = torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()  # one token per feature row
+    return [rows.float().norm(dim=-1).mean().item() if count else None
+            for rows, count in zip(features.split(counts), counts)]
 
 
 def _targets_as_spans(item: EvalItem, K: int):
@@ -363,8 +329,6 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
     go to ``generate`` as they are."""
     import torch
 
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     inputs = encode_prompts(processor, [(item.messages, item.images) for item in items], model.device)
     vision_norms = _vision_norms(model, inputs, len(items))
     kwargs = dict(generation_kwargs or {}, max_new_tokens=max_new_tokens, do_sample=do_sample)
@@ -402,21 +366,16 @@ def _record_key(record):
 
 def read_records(output_dir: Path) -> list[dict]:
     """Every record already written in `output_dir` (merged and per-rank files), without duplicates."""
-    seen, records = set(), []
+    records: dict[tuple, dict] = {}
     for path in sorted(output_dir.glob("predictions*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
-                line = line.strip()
-                if not line:
-                    continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: it is generated again
-                if _record_key(record) not in seen:
-                    seen.add(_record_key(record))
-                    records.append(record)
-    return records
+                except json.JSONDecodeError:  # an empty line, or one cut by an interruption: generated again
+                    continue
+                records.setdefault(_record_key(record), record)
+    return list(records.values())
 
 
 def evaluate(
@@ -514,7 +473,7 @@ def finalize(output_dir: str | Path, item_order: list[str]) -> list[dict]:
         rank_file.unlink()
     tmp.replace(merged)
     rows = summarize(records)
-    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    write_json_file(output_dir / "summary.json", rows)
     (output_dir / "summary.md").write_text(summary_markdown(rows), encoding="utf-8")
     return rows
 
