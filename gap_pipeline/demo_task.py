@@ -1,32 +1,13 @@
 """The demo task: questions about a 4 x 4 grid of coloured cells, some of which a latent span makes easy.
 
-Query image: a 4 x 4 grid of coloured cells, 28 px each (112 x 112 px), so with Qwen2.5-VL's 14 px patches and
-2 x 2 merge every cell is exactly one merged vision token. One cell carries a black frame. Two question types,
-each answered with a colour (balanced, chance 20 %):
-
-* ``framed`` (one third of the rows; one hop, by content): "What colour is the cell with the black frame?";
-* ``column`` (two thirds; two hops): "What colour is the cell in column c of the row of the framed cell?" --
-  find the frame's row, then the cell in column c of that row.
-
-Every cell is two merged-token halves: a dark address strip (top 14 px) holding two white 6 x 6 px marks, the
-row's in its left patch and the column's in its right patch, each at one of four spots, over a block of the
-cell's colour (bottom 14 px). Qwen2.5-VL locates image tokens through its trained vision tower and M-RoPE; the
-demo's random frozen tower gives every cell of one colour the same features (no position at all), and the tiny
-model's M-RoPE (head_dim 16, theta 1e6) turns by at most 0.03 rad per row and 2e-4 rad per column, so without
-marks no model, latent or not, can tell which cell is which. Marks on a colour-independent strip make the
-address a quarter of a token's feature variance (small marks drawn on the colour made it 3 %).
-
-Auxiliary image: the path to the evidence, cut out of the query image cell by cell (pixels, marks and frame
-unchanged) and laid out 2 x 2 (56 x 56 px): first the framed cell, then three copies of the cell the question
-asks about -- a zoom onto the answer, as the paper's auxiliary crops are. Its four merged tokens are the latent
-targets (K = 4, one latent per cell, no pooling). Each latent is one hop to write (the framed cell by content;
-then the cell in the first latent's row and the question's column) and the answer is read from the latents by
-content alone, where the question asks for two hops in the image.
-
-Teacher response, in the paper's format: ``<think>`` a short plan, ``<latent>``, ``<parser>`` what the
-auxiliary image shows ``</parser>``, ``</think><answer>colour</answer>``. The parser names the cells and nothing
-else, so the text (which the no-latent control trains on too) carries no evidence the question does not
-already give: the cells' colours reach the answer through the latents or through the query image.
+The README's "The task" says what is asked and why the task is built this way. In pixels: the query image is
+`GRID` x `GRID` cells of `CELL` px (112 x 112), so with Qwen2.5-VL's 14 px patches and 2 x 2 merge every cell is
+exactly one merged vision token. A cell is two merged-token halves: a dark address strip (top 14 px) holding two
+white `MARK` px marks, the row's in its left patch and the column's in its right patch (`mark_boxes`), over a block
+of the cell's colour; one cell's block has a black frame. The auxiliary image (`evidence_image`, 56 x 56 px) lays the
+framed cell and three copies of the asked cell out 2 x 2, unchanged: its four merged tokens are the K = 4 latent
+targets. The teacher response is ``<think>`` a plan, ``<latent><parser>`` the cells it names ``</parser></think>
+<answer>colour</answer>``: the parser never names a colour, so the text carries no evidence the question lacks.
 
     gap demo-data --output-dir runs/demo/data --train 3000 --test 300 --seed 0
 """
@@ -63,15 +44,11 @@ QUESTION_TYPES = ("framed", "column", "column")  # the order rows cycle through:
 
 
 def mark_boxes(r: int, c: int):
-    """The two coordinate marks of cell (r, c): white MARK x MARK px squares in the cell's dark address strip (its
-    top half), the row's in the left 14 px patch and the column's in the right one, each at one of four spots of
-    its patch (MARK_SPOTS[r], MARK_SPOTS[c])."""
+    """The PIL boxes of cell (r, c)'s two marks: the row's code in the strip's left patch, the column's in its right
+    one, each at MARK_SPOTS[code] of its patch."""
     x0, y0 = c * CELL, r * CELL
-    boxes = []
-    for patch_x, code in ((0, r), (CELL // 2, c)):
-        dy, dx = MARK_SPOTS[code]
-        boxes.append((x0 + patch_x + dx, y0 + dy, x0 + patch_x + dx + MARK - 1, y0 + dy + MARK - 1))
-    return tuple(boxes)
+    return tuple((x0 + px + dx, y0 + dy, x0 + px + dx + MARK - 1, y0 + dy + MARK - 1)
+                 for px, (dy, dx) in ((0, MARK_SPOTS[r]), (CELL // 2, MARK_SPOTS[c])))
 
 
 def draw_grid(cells, marked):
