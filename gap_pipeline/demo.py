@@ -1,25 +1,12 @@
 """``gap demo`` (``make demo``): the whole GAP pipeline on CPU, on a task where latents can carry the evidence.
 
-Every stage runs the project's own command, exactly as a GPU user would (logs under ``OUTPUT/logs``):
-
-1. ``gap tiny-model``: a tiny random Qwen2.5-VL base model and tokenizer, built locally;
-2. ``gap demo-data``, ``gap targets``, ``gap fit-pca``: the grid task (`gap_pipeline.demo_task`), the latent
-   targets of its training and held-out rows (frozen vision tower, K = 4, one latent per cell of the auxiliary
-   row crop) and the PCA basis;
-3. ``train_sft.py``: the no-latent control: the same rows, the same text with every span stripped, the same
-   schedule (each row is marked solved, so difficulty-aware loading strips it: the paper's dense-caption SFT);
-4. ``gap difficulty``: N sampled answers per training row from the control (the tiny random base knows nothing,
-   so the control stands in for "the base model"); a row the control fails more often than tau allows keeps
-   its latent span (Eq. 4);
-5. ``train_sft.py``: GAP (LH+PCA+DA), converted from the base with the PCA, difficulty-aware (``--launcher
-   deepspeed`` runs it under the ``deepspeed`` launcher, 2 processes, ZeRO-2);
-6. a fresh process loads the saved folder with ``trust_remote_code`` and generates with latents;
-7. ``gap evaluate`` on the held-out rows (with their targets) for every intervention, the oracle and the
-   control, and ``gap norm-profile``: one table (accuracy overall and per question type, how often a span
-   opened, latent fidelity, norms), ``OUTPUT/demo_table.json`` and the norm plot.
-
-``--full`` runs 3 seeds and adds the paper's component ablations trained on every row with its latent span:
-LH+PCA (all-latent) and LH+DA (full head, no PCA); it prints mean +- std.
+Every stage runs the project's own command, exactly as a GPU user would (logs under ``OUTPUT/logs``), in the order
+the README's "Two commands" describes: ``gap tiny-model``; ``gap demo-data`` (`gap_pipeline.demo_task`), ``gap
+targets`` of both splits (K = 4) and ``gap fit-pca``; ``train_sft.py`` for the no-latent control (every row marked
+solved, so difficulty-aware loading strips its span); ``gap difficulty`` with the control standing in for the base
+model; ``train_sft.py`` for GAP (LH+PCA+DA; ``--launcher deepspeed``: 2 processes, ZeRO-2); a fresh-process
+``trust_remote_code`` reload; ``gap evaluate`` of every intervention, the oracle and the control, and ``gap
+norm-profile``. ``--full`` runs 3 seeds and adds the component ablations in `VARIANTS`, printing mean +- std.
 """
 
 from __future__ import annotations
@@ -92,16 +79,12 @@ class Demo:
                   "--latent_tokens_per_span", LATENT_TOKENS, "--difficulty_threshold", self.args.tau,
                   "--learning_rate", self.args.learning_rate, "--latent_head_learning_rate", self.args.learning_rate,
                   "--latent_loss_reduction", "sum", "--latent_loss_weight", self.args.latent_loss_weight, *extra]
+        launcher, batch = [sys.executable], ["--per_device_train_batch_size", self.args.batch_size]
         if deepspeed:  # two processes share the global batch
-            launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                        "--master_port", str(_free_port())]
-            stdout = self.command(name, launcher + script + ["--deepspeed", REPO / "ds_configs" / "zero2.json",
-                                                             "--per_device_train_batch_size",
-                                                             max(1, self.args.batch_size // 2)])
-        else:
-            stdout = self.command(name, [sys.executable] + script + ["--per_device_train_batch_size",
-                                                                     self.args.batch_size])
-        return _last_train_log(self.logs / f"{name}.log", stdout)
+            launcher += ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port())]
+            batch = ["--deepspeed", REPO / "ds_configs" / "zero2.json",
+                     "--per_device_train_batch_size", max(1, self.args.batch_size // 2)]
+        return _last_train_log(self.logs / f"{name}.log", self.command(name, launcher + script + batch))
 
 
 def _free_port() -> int:
@@ -125,10 +108,6 @@ def _last_train_log(log: Path, stdout: str) -> dict:
             except (ValueError, SyntaxError):
                 continue
     return last
-
-
-def _summary(path: Path) -> dict:
-    return {(row["intervention"], row["budget"]): row for row in json.loads((path / "summary.json").read_text())}
 
 
 def with_accuracy(train_dir: Path, output: Path, accuracy: dict | None = None):
@@ -253,7 +232,8 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
     for name, interventions in evaluated.items():
         demo.gap(f"evaluate-{name}", "evaluate", "--model", out / name, "--output-dir", out / f"eval_{name}",
                  "--interventions", ",".join(interventions), *common)
-        results[name] = {key[0]: row for key, row in _summary(out / f"eval_{name}").items()}
+        summary = json.loads((out / f"eval_{name}" / "summary.json").read_text())
+        results[name] = {row["intervention"]: row for row in summary}
         for intervention, by_type in per_type_accuracy(out / f"eval_{name}", results["question_types"]).items():
             results[name][intervention]["by_type"] = by_type
     demo.gap("norm-profile", "norm-profile", "--model", out / "gap", "--dataset", out / "data" / "test.jsonl",
@@ -393,8 +373,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
     runs = []
-    stages_per_seed = 7
-    with tqdm(total=stages_per_seed * len(seeds), desc="gap demo", unit="stage") as bar:  # a StageError closes it
+    with tqdm(total=7 * len(seeds), desc="gap demo", unit="stage") as bar:  # a StageError closes it
         for seed in seeds:
             args.seed = seed
             demo = Demo(root / f"seed{seed}" if len(seeds) > 1 else root, args)
