@@ -20,7 +20,7 @@ from typing import Any
 from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 
 from . import GapError
-from .datasets_io import write_json_file
+from .datasets_io import check_output_dir, write_json_file
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
@@ -34,18 +34,6 @@ class ConversionError(GapError):
 
 class ConversionReport(dict):
     """What :func:`convert_checkpoint` wrote (a dict: output, token ids, rows before/after, K, k, ...)."""
-
-
-def _check_output_dir(output_dir: Path, base: Path, overwrite: bool) -> None:
-    if output_dir.resolve() == base.resolve():
-        raise ConversionError("--output-dir is the base checkpoint folder; write the GAP checkpoint to a new folder")
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise ConversionError(f"--output-dir {output_dir} exists and is not a folder")
-        if any(output_dir.iterdir()) and not overwrite:
-            raise ConversionError(
-                f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite to write into it"
-            )
 
 
 def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_per_span: int, latent_head_type: str,
@@ -141,10 +129,10 @@ def convert_checkpoint(
     from .pca import load_pca
     from .qwen_processor import load_qwen2_5_vl_processor
 
-    base, output_dir = Path(base), Path(output_dir)
+    base = Path(base)
     _check_arguments(base, pca, latent_tokens_per_span, latent_head_type, latent_adapter_size, latent_loss_weight,
                      latent_loss_reduction)
-    _check_output_dir(output_dir, base, overwrite)
+    output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite, inputs={"base checkpoint": base})
     basis = load_pca(pca) if pca is not None else None
 
     base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=resolve_dtype(dtype)).eval()

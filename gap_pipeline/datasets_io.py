@@ -7,6 +7,7 @@
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
   :func:`atomic_files_into`).
+* Refusing an ``--output-dir`` that is an input or holds something (:func:`check_output_dir`).
 * Reading a text file line by line, a non-UTF-8 byte named by file and line (:func:`utf8_lines`).
 * Turning the ``datasets`` progress bars on or off for a block (:func:`datasets_progress_bars`).
 """
@@ -26,6 +27,7 @@ from typing import Any
 __all__ = [
     "atomic_files_into",
     "atomic_output_dir",
+    "check_output_dir",
     "datasets_progress_bars",
     "load_dataset_folder",
     "select_split",
@@ -138,6 +140,22 @@ def datasets_progress_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
+
+
+def check_output_dir(output_dir: str | os.PathLike, error_cls: type[Exception], *, overwrite: bool = False,
+                     inputs: dict[str, str | os.PathLike] | None = None) -> Path:
+    """`output_dir` as a Path; one `error_cls` naming ``--output-dir`` and the fix when it is the folder of one of
+    the `inputs` (what the message calls it -> folder), a file, or a non-empty folder and not `overwrite`."""
+    output_dir = Path(output_dir)
+    for name, folder in (inputs or {}).items():
+        if output_dir.resolve() == Path(folder).resolve():
+            raise error_cls(f"--output-dir is the {name} folder; write to a new folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise error_cls(f"--output-dir {output_dir} exists and is not a folder")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise error_cls(f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite to write "
+                        "into it")
+    return output_dir
 
 
 def write_json_file(path: str | os.PathLike, payload: Any, default_name: str | None = None) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GapError
+from .datasets_io import check_output_dir
 
 __all__ = ["LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora"]
 
@@ -106,14 +107,10 @@ def merge_lora(adapter, output_dir, base=None, *, dtype="auto", overwrite=False)
     from modeling_gap import GapForConditionalGeneration
     from processing_gap import GapProcessor
 
-    adapter, output_dir = Path(adapter), Path(output_dir)
+    adapter = Path(adapter)
     config = _adapter_config(adapter)
     base = _base_folder(adapter, config, base)
-    for other in (adapter, base):
-        if output_dir.exists() and output_dir.resolve() == other.resolve():
-            raise MergeError(f"--output-dir is the {'adapter' if other == adapter else 'base'} folder; write to a new one")
-    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
-        raise MergeError(f"--output-dir {output_dir} exists and is not an empty folder; pick another or pass --overwrite")
+    output_dir = check_output_dir(output_dir, MergeError, overwrite=overwrite, inputs={"adapter": adapter, "base": base})
 
     model = GapForConditionalGeneration.from_pretrained(base, dtype=resolve_dtype(dtype))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
