@@ -432,17 +432,15 @@ def load_pca(path: str | os.PathLike, device: str | torch.device = "cpu") -> Pca
     f = _pca_file(path)
     if not f.is_file():
         raise PcaError(
-            f"no PCA basis at {f}; run `fit-pca --targets ... --output-dir {f.parent}` first"
+            f"no PCA basis at {f}; run `gap fit-pca --targets ... --output-dir {f.parent}` first"
         )
-    tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(f), framework="pt", device=str(device)) as handle:
         metadata = dict(handle.metadata() or {})
         keys = set(handle.keys())
         missing = [k for k in ("mean", "components", "eigenvalues") if k not in keys]
         if missing:
             raise PcaError(f"{f} is not a PCA basis: missing tensors {missing} (has {sorted(keys)})")
-        for name in ("mean", "components", "eigenvalues"):
-            tensors[name] = handle.get_tensor(name).to(torch.float32)
+        tensors = {name: handle.get_tensor(name).to(torch.float32) for name in ("mean", "components", "eigenvalues")}
     _validate_basis(tensors["mean"], tensors["components"], tensors["eigenvalues"], str(f))
     return PcaBasis(metadata=metadata, **tensors)
 

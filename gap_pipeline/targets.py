@@ -260,12 +260,6 @@ def _description(dataset) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"description": description}
 
 
-def _write_metadata(dataset, metadata: dict) -> None:
-    payload = _description(dataset)
-    payload[METADATA_KEY] = metadata
-    dataset.info.description = json.dumps(payload, sort_keys=True)
-
-
 def _where(dataset_or_dir, where: str | None = None) -> str:
     """What names the targets in messages: `where`, else the folder, else "the dataset"."""
     return where or (str(dataset_or_dir) if isinstance(dataset_or_dir, (str, os.PathLike)) else "the dataset")
@@ -385,10 +379,6 @@ def _array_dtype(storage_dtype: str) -> str:
     return "float32" if storage_dtype == "bfloat16" else storage_dtype
 
 
-def _storage(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    return values.to(getattr(torch, storage_dtype)).to(getattr(torch, _array_dtype(storage_dtype))).numpy()
-
-
 def _new_stats() -> dict[str, Any]:
     """Running statistics of computed targets (row, span counts; sum and max of the target norms)."""
     return {"rows": 0, "rows_with_spans": 0, "spans": 0, "norm_sum": 0.0, "norm_max": 0.0}
@@ -442,7 +432,8 @@ class _BatchTargets:
         for row_index in indices:
             mine = [p for p, owner in zip(pooled, owners) if owner == row_index]
             values = torch.cat(mine) if mine else torch.zeros(0, self.d)
-            stored = _storage(values.cpu(), self.storage_dtype)
+            rounded = values.cpu().to(getattr(torch, self.storage_dtype))
+            stored = rounded.to(getattr(torch, _array_dtype(self.storage_dtype))).numpy()
             if not np.isfinite(stored).all():
                 raise TargetsError(
                     f"{row_names[row_index]}: its latent targets overflow {self.storage_dtype} (NaN/inf); rerun with "
@@ -537,7 +528,7 @@ def compute_latent_targets(
     result = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     metadata = _targets_record(stats, latent_tokens_per_span, d, storage_dtype, source or type(encoder).__name__,
                                image_processor, encoder_sha256)
-    _write_metadata(result, metadata)
+    result.info.description = json.dumps({**_description(result), METADATA_KEY: metadata}, sort_keys=True)
     n_vectors = metadata["num_vectors"]
     summary = {
         **metadata,
