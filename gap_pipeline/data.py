@@ -198,17 +198,22 @@ def _resolve(path: str, image_dir: str | os.PathLike | None) -> Path:
     return p
 
 
+def _image_path(image: Any) -> str | None:
+    """The path of an image entry that is a path or a ``{"bytes": None, "path"}`` dict, else None."""
+    if isinstance(image, dict) and image.get("bytes") is None:
+        image = image.get("path")
+    return str(image) if isinstance(image, (str, os.PathLike)) else None
+
+
 def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
     """The path of `image` when it is a path that leaves `image_dir` (``..`` or an absolute path elsewhere), else None.
 
     Lexical: a symlink inside the folder counts as inside (the user placed it)."""
-    if isinstance(image, dict) and image.get("bytes") is None:
-        image = image.get("path")
-    if not isinstance(image, (str, os.PathLike)):
+    path = _image_path(image)
+    if path is None:
         return None
     root = os.path.abspath(image_dir)
-    resolved = os.path.abspath(_resolve(str(image), image_dir))
-    return None if os.path.commonpath([root, resolved]) == root else str(image)
+    return None if os.path.commonpath([root, os.path.abspath(_resolve(path, image_dir))]) == root else path
 
 
 def add_max_image_pixels_argument(parser) -> None:
@@ -243,13 +248,12 @@ def load_image(image: Any, image_dir: str | os.PathLike | None = None):
 
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, dict):
-        if image.get("bytes") is not None:
-            return Image.open(io.BytesIO(image["bytes"]))
-        image = image.get("path")
-    if isinstance(image, (str, os.PathLike)):
-        return Image.open(_resolve(str(image), image_dir))
-    raise TypeError(f"expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        return Image.open(io.BytesIO(image["bytes"]))
+    path = _image_path(image)
+    if path is None:
+        raise TypeError(f"expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+    return Image.open(_resolve(path, image_dir))
 
 
 def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | None:
@@ -262,10 +266,9 @@ def _image_problem(image: Any, image_dir: str | os.PathLike | None) -> str | Non
         return None
     if isinstance(image, dict) and image.get("bytes") is None and image.get("path") is None:
         return "is an empty {'bytes': None, 'path': None} entry"
-    if isinstance(image, (str, os.PathLike)) or (isinstance(image, dict) and image.get("bytes") is None):
-        path = _resolve(str(image if not isinstance(image, dict) else image["path"]), image_dir)
-        if not path.is_file():
-            return f"file {str(path)!r} does not exist"
+    path = _image_path(image)
+    if path is not None and not _resolve(path, image_dir).is_file():
+        return f"file {str(_resolve(path, image_dir))!r} does not exist"
     try:
         with load_image(image, image_dir) as opened:
             opened.verify()
