@@ -4,7 +4,8 @@
   :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.targets.load_targets_dataset` (targets for
   `gap fit-pca`, `gap targets` and `train_sft.py`); each passes its own
   error class and the message for a folder that is not a saved dataset.
-* Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``.
+* Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``, and appending
+  result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`).
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
   :func:`atomic_files_into`).
 * Refusing an ``--output-dir`` that is an input or holds something (:func:`check_output_dir`).
@@ -19,12 +20,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
+    "append_json_lines",
     "atomic_files_into",
     "atomic_output_dir",
     "check_output_dir",
@@ -170,3 +172,11 @@ def write_json_file(path: str | os.PathLike, payload: Any, default_name: str | N
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     tmp.replace(p)
     return p
+
+
+def append_json_lines(file: IO[str], records: Iterable[Any]) -> None:
+    """Append `records` to the open text file `file`, one JSON line each, and force them to disk (flush, fsync): a
+    crash loses at most the last line, which the resuming reader drops as torn."""
+    file.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    file.flush()
+    os.fsync(file.fileno())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -25,11 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_max_image_pixels_argument, undecoded_images
-from .datasets_io import write_json_file
+from .datasets_io import append_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, load_model_and_processor,
                         load_rows, prompt_of_row)
 from .plugins import import_object
 from .provenance import check_or_record
+from .targets import TARGETS_COLUMN
 
 __all__ = [
     "DifficultyError",
@@ -52,23 +52,10 @@ DATASET_DIRNAME = "dataset"
 MERGE_LOCK = "merge.lock"
 NEW_COLUMNS = ("accuracy", "num_correct", "num_samples")
 # Columns that a question never needs and that are expensive to read row by row.
-HEAVY_COLUMNS = ("aux_images", "latent_targets", "pixel_values", "image_grid_thw")
+HEAVY_COLUMNS = ("aux_images", TARGETS_COLUMN, "pixel_values", "image_grid_thw")
 # Settings recorded in run.json that a restart or another shard must share.
-RUN_KEYS = (
-    "dataset",
-    "num_rows",
-    "dataset_fingerprint",
-    "model",
-    "num_samples",
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_new_tokens",
-    "seed",
-    "sampler",
-    "checker",
-    "answer_column",
-)
+RUN_KEYS = ("dataset", "num_rows", "dataset_fingerprint", "model", "num_samples", "temperature", "top_p", "top_k",
+            "max_new_tokens", "seed", "sampler", "checker", "answer_column")
 
 
 class DifficultyError(GapError):
@@ -233,8 +220,7 @@ def _read_results_file(path: Path, repair: bool) -> dict[int, dict[str, Any]]:
 def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None) -> dict[int, dict[str, Any]]:
     """Every finished row in ``OUT/results/*.jsonl`` (all shards), keyed by row index."""
     merged: dict[int, dict[str, Any]] = {}
-    for name in sorted(glob.glob(str(Path(output_dir) / RESULTS_DIRNAME / "*.jsonl"))):
-        path = Path(name)
+    for path in sorted(Path(output_dir).glob(f"{RESULTS_DIRNAME}/*.jsonl")):
         for row, record in _read_results_file(path, repair=repair_path is not None and path == repair_path).items():
             merged.setdefault(row, record)
     return merged
@@ -265,16 +251,16 @@ def _json_safe(value: Any) -> Any:
         return repr(value)
 
 
-def _result_lines(questions, responses, checker, num_samples: int, id_column: str | None,
-                  save_responses: bool) -> list[str]:
-    """One results-file JSON line per question: its n responses checked against its gold answer."""
+def _result_records(questions, responses, checker, num_samples: int, id_column: str | None,
+                    save_responses: bool) -> list[dict[str, Any]]:
+    """One results-file record per question: its n responses checked against its gold answer."""
     if not isinstance(responses, (list, tuple)) or len(responses) != len(questions):
         raise DifficultyError(
             f"the sampler returned {len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__} "
             f"response lists for {len(questions)} questions (rows {[q.index for q in questions]}); it must "
             "return one list of n strings per question, in order"
         )
-    lines = []
+    records = []
     for question, answers in zip(questions, responses):
         if not isinstance(answers, (list, tuple)) or len(answers) != num_samples:
             raise DifficultyError(
@@ -300,8 +286,8 @@ def _result_lines(questions, responses, checker, num_samples: int, id_column: st
         if save_responses:
             record["responses"] = [str(answer) for answer in answers]
             record["correct"] = correct
-        lines.append(json.dumps(record, ensure_ascii=False))
-    return lines
+        records.append(record)
+    return records
 
 
 def estimate_difficulty(
@@ -359,10 +345,8 @@ def estimate_difficulty(
                 )
                 questions.append(Question(index=index, row=row, messages=messages, images=images, answer=golds[index]))
             responses = sampler.sample(questions, num_samples)
-            lines = _result_lines(questions, responses, checker, num_samples, id_column, save_responses)
-            out.write("\n".join(lines) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            append_json_lines(out, _result_records(questions, responses, checker, num_samples, id_column,
+                                                   save_responses))
             bar.update(len(questions))
     finished = read_results(output_dir)
     return ShardReport(shard_rows=len(rows), already_done=len(rows) - len(todo), sampled_rows=len(todo),
@@ -445,7 +429,7 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
     if missing:
         run_file = output_dir / RUN_FILENAME
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
-        shards = sorted({Path(p).name for p in glob.glob(str(output_dir / RESULTS_DIRNAME / "*.jsonl"))})
+        shards = sorted(path.name for path in output_dir.glob(f"{RESULTS_DIRNAME}/*.jsonl"))
         raise DifficultyError(
             f"{len(missing)} of {len(dataset)} rows have no result yet (first: {missing[:10]}); results files: "
             f"{shards or 'none'}. Run the missing shards (or rerun without --merge) for dataset "

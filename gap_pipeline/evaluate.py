@@ -26,9 +26,9 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import utf8_lines, write_json_file
+from .datasets_io import append_json_lines, utf8_lines, write_json_file
 from .data import add_max_image_pixels_argument, undecoded_images
-from .inference import RowError, encode_prompts
+from .inference import DTYPES, RowError, encode_prompts
 from .targets import TARGETS_COLUMN
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
@@ -152,29 +152,23 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
         if shape_problem:
             problems.append(f"{where}: {shape_problem}")
             continue
+        fields = {key: (value or "").strip() for key, value in record.items()}
         try:
-            if not (record.get("image") or "").strip():
+            if not fields["image"]:
                 raise RowError(f"{where}: no image")
-            image = decode_base64_image(record["image"].strip(), where)
-            gold = (record.get("answer") or "").strip()
-            if not gold:
-                raise RowError(f"{where}: no answer")
-            question = (record.get("question") or "").strip()
-            if not question:
-                raise RowError(f"{where}: no question")
-            options = {
-                letter: record[letter].strip()
-                for letter in TSV_OPTION_LETTERS
-                if (record.get(letter) or "").strip() and record[letter].strip().lower() != "nan"
-            }
-            hint = (record.get("hint") or "").strip()
-            text = mcq_prompt(question, options, hint if hint and hint.lower() != "nan" else None)
+            image = decode_base64_image(fields["image"], where)
+            for key in ("answer", "question"):
+                if not fields[key]:
+                    raise RowError(f"{where}: no {key}")
         except RowError as error:
             problems.append(str(error))
             continue
+        options = {letter: fields[letter] for letter in TSV_OPTION_LETTERS if fields.get(letter, "").lower() not in ("", "nan")}
+        hint = fields.get("hint", "")
+        text = mcq_prompt(fields["question"], options, hint if hint.lower() != "nan" else None)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         extra = {key: record[key] for key in ("category",) if record.get(key)}
-        items.append(EvalItem(index, messages, [image], gold, options or None, extra))
+        items.append(EvalItem(index, messages, [image], fields["answer"], options or None, extra))
     return items, problems
 
 
@@ -447,9 +441,8 @@ def evaluate(
                     }
                     if span_fidelity is not None:
                         record["latent_fidelity"] = span_fidelity
-                    out.write(json.dumps(record) + "\n")
+                    append_json_lines(out, [record])  # each as it is scored: a checker failure keeps the rest
                     written.append(record)
-                out.flush()
                 bar.update(len(batch))
     bar.close()
     return written
@@ -467,8 +460,7 @@ def finalize(output_dir: str | Path, item_order: list[str]) -> list[dict]:
     merged = output_dir / "predictions.jsonl"
     tmp = merged.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        append_json_lines(f, records)
     for rank_file in output_dir.glob("predictions.rank*.jsonl"):
         rank_file.unlink()
     tmp.replace(merged)
@@ -503,7 +495,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_max_image_pixels_argument(parser)
     parser.add_argument("--allow-outside-image-dir", action="store_true",
                         help="accept image paths outside the data's folder ('..', absolute paths); off by default")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard the predictions already in --output-dir (of another model, data or settings)")
