@@ -34,6 +34,7 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from . import GapError
 from .qwen_processor import ImageOnlyQwen2_5_VLProcessor, load_qwen2_5_vl_processor
 
 __all__ = [
@@ -205,7 +206,7 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
 def _token_id(tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
-        raise ValueError(f"the tokenizer has no {token} token")
+        raise GapError(f"the tokenizer has no {token} token: build it with build_tiny_tokenizer()")
     return token_id
 
 
@@ -241,9 +242,9 @@ def tiny_qwen2_5_vl_config(
     if vocab_size is None:
         vocab_size = len(tokenizer)
     if vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        raise GapError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens): pass at least that")
     if spare_vocab < 0:
-        raise ValueError(f"spare_vocab must be >= 0, got {spare_vocab}")
+        raise GapError(f"spare_vocab must be >= 0, got {spare_vocab}")
 
     endoftext = _token_id(tokenizer, "<|endoftext|>")
     text_config = {
@@ -440,7 +441,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gap tiny-model``: write the folder and print a summary."""
     if args.spare_vocab < 0:
-        raise SystemExit(f"gap tiny-model: --spare-vocab must be >= 0, got {args.spare_vocab}")
+        raise GapError(f"--spare-vocab must be >= 0 (extra embedding rows), got {args.spare_vocab}")
     path = save_tiny_base_checkpoint(
         args.output_dir, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings, spare_vocab=args.spare_vocab
     )

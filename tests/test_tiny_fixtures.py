@@ -373,3 +373,11 @@ def test_cli_rejects_unknown_and_missing_commands(capsys):
             cli.main(argv)
         assert exit.value.code == 2
     assert "tiny-model" in capsys.readouterr().err
+
+
+def test_tiny_model_bad_spare_vocab_is_one_error_line(tmp_path, capsys):
+    status = cli.main(["tiny-model", "--output-dir", str(tmp_path / "tiny"), "--spare-vocab", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == ["error: --spare-vocab must be >= 0 (extra embedding rows), got -1"]
+    assert not (tmp_path / "tiny").exists()
