@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
+from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS, LATENT_TOKENS, check_latent_budget
 
 from . import GapError
 from .datasets_io import check_output_dir, write_json_file
+from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of, resolve_dtype
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
@@ -39,10 +40,6 @@ class ConversionReport(dict):
 def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_per_span: int, latent_head_type: str,
                      latent_adapter_size: int, latent_loss_weight: float, latent_loss_reduction: str) -> None:
     """Refuse conversion arguments that cannot make a GAP checkpoint, before anything is loaded."""
-    from configuration_gap import check_latent_budget
-
-    from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of
-
     try:
         check_latent_budget(latent_tokens_per_span, "--latent-tokens-per-span")
     except ValueError as exc:
@@ -72,8 +69,6 @@ def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_pe
 def _conversion_report(base: Path, output_dir: Path, pca, model, tokens_before: int, rows_before: int,
                        had_tokens: list[str], weights_dtype) -> ConversionReport:
     """What `convert_checkpoint` wrote; `*_before` and `had_tokens`: the base tokenizer's and embedding's."""
-    from configuration_gap import LATENT_TOKENS
-
     config = model.config
     return ConversionReport(
         base=str(base),
@@ -121,11 +116,9 @@ def convert_checkpoint(
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from configuration_gap import LATENT_TOKENS
     from modeling_gap import GapForConditionalGeneration
     from processing_gap import GapProcessor
 
-    from .inference import resolve_dtype
     from .pca import load_pca
     from .qwen_processor import load_qwen2_5_vl_processor
 
@@ -169,8 +162,6 @@ def convert_checkpoint(
 
 def is_gap_folder(path: str | os.PathLike) -> bool:
     """Whether `path` holds a GAP checkpoint (a ``config.json`` of model type ``gap_qwen2_5_vl``)."""
-    from .inference import GAP_MODEL_TYPE, model_type_of
-
     try:
         return model_type_of(path) == GAP_MODEL_TYPE
     except GapError:  # no config.json
@@ -293,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-loss-weight", type=float, default=1.0, help="lambda of Eq. 3 (default: 1.0)")
     parser.add_argument("--latent-loss-reduction", choices=LATENT_LOSS_REDUCTIONS, default="mean",
                         help="mean: per element (default); sum: squared L2 over d, Eq. 2 literally")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype of the saved weights (default: auto = the base checkpoint's); the latent head stays fp32")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
     parser.add_argument("--verify", action="store_true",

@@ -28,10 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from processing_gap import LATENT_PLACEHOLDER
 
 from . import GapError
+from .data import check_rows, load_jsonl, turn_texts
+from .datasets_io import (atomic_files_into, atomic_output_dir, datasets_progress_bars, load_dataset_folder,
+                          utf8_lines, write_json_file)
+from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
+from .targets import (TARGETS_COLUMN, load_targets_dataset, load_vision_tower, targets_for_images, targets_metadata,
+                      tower_dtype)
 
 HELP = "Remove rows with degenerate aux-image targets or bad <parser> text; write the kept rows and filter_report.json."
 
@@ -201,8 +208,6 @@ def parser_problems(
 
 def iter_target_spans(dataset, latent_tokens_per_span: int, rows_per_batch: int = 64) -> Iterator[tuple[int, np.ndarray]]:
     """``(row index, spans)`` per row of a ``gap targets`` dataset; spans is (n_spans, K, d) float32 (n may be 0)."""
-    from .targets import TARGETS_COLUMN
-
     K = latent_tokens_per_span
     view = dataset.select_columns([TARGETS_COLUMN]).with_format("numpy")
     row = 0
@@ -246,8 +251,6 @@ class QueryEncoder:
     image_processor: Any
 
     def grids(self, images: list, latent_tokens_per_span: int, names: list[str]) -> list[np.ndarray]:
-        from .targets import targets_for_images
-
         pooled = targets_for_images(self.tower, self.image_processor, images, latent_tokens_per_span, names)
         return [p.float().cpu().numpy() for p in pooled]
 
@@ -265,9 +268,6 @@ def aux_problems(
     `targets` is a ``gap targets`` dataset; `rows` the same rows with ``messages`` and ``images`` (the query
     images are read only when `query_encoder` is given and a row has spans).
     """
-    from .inference import prompt_of_row
-    from .targets import targets_metadata
-
     K = int(targets_metadata(targets)["latent_tokens_per_span"])
     variances: dict[int, np.ndarray] = {}
     distances: dict[int, np.ndarray] = {}
@@ -340,8 +340,6 @@ def filter_rows(
 ) -> FilterResult:
     """Apply the four filters to `rows` (a ``datasets.Dataset`` of the project schema); `targets` is its ``gap
     targets`` dataset (same rows, same order) or None, which skips ``degenerate_aux``."""
-    from .data import turn_texts
-
     if targets is not None and len(targets) != len(rows):
         raise FilterError(
             f"the targets hold {len(targets)} rows but the data {len(rows)}; pass the folder `gap targets` wrote for "
@@ -378,8 +376,6 @@ def filter_rows(
 def write_jsonl_rows(source: Path, destination: Path, kept: list[int]) -> None:
     """Copy the `kept` rows of a JSONL file (by their position among its non-blank lines) to `destination`, as they
     are: relative image paths stay relative to the input's image folder."""
-    from .datasets_io import utf8_lines
-
     keep = set(kept)
     with open(destination, "w", encoding="utf-8") as out:
         position = 0
@@ -440,7 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--parser-required", choices=PARSER_REQUIRED, default=d.parser_required,
                        help="missing_parser: auto (when some row has a <parser> block), yes, no (default auto)")
     parser.add_argument("--device", default="auto", help="device of the vision tower: auto, cpu, cuda, cuda:N")
-    parser.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--model-dtype", choices=DTYPES, default="auto",
                         help="dtype of the vision tower (default auto: bfloat16 on CUDA, float32 on CPU, as gap targets)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows whose query images are encoded together")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
@@ -448,10 +444,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_inputs(args) -> tuple[Any, Any, Path | None]:
     """(rows, targets or None, base folder of relative image paths)."""
-    from .data import check_rows, load_jsonl
-    from .datasets_io import datasets_progress_bars, load_dataset_folder
-    from .targets import TARGETS_COLUMN, load_targets_dataset
-
     data = Path(args.data)
     with datasets_progress_bars(False):
         if data.is_file():
@@ -495,12 +487,6 @@ def _outputs(args) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gap filter``: measure, decide, write the kept rows and filter_report.json, print the summary line."""
-    import torch
-
-    from .datasets_io import atomic_files_into, atomic_output_dir, datasets_progress_bars, write_json_file
-    from .inference import check_model_folder, load_processor, resolve_device
-    from .targets import load_vision_tower, tower_dtype
-
     thresholds = FilterThresholds(
         args.min_span_variance_ratio, args.min_query_distance, args.parser_min_tokens, args.parser_max_tokens,
         args.ngram_size, args.max_repeated_ngrams, args.min_alpha, args.parser_required,

@@ -149,7 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None,
                         help="the GAP folder the adapter was trained on (default: base_model_name_or_path of "
                         "adapter_config.json)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    from .inference import DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype of the merged weights (default: auto = the base's); the latent head stays fp32")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
 
