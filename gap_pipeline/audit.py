@@ -282,8 +282,8 @@ def near_image_pairs(train_hashes: list[list[bytes]], eval_hashes: list[list[byt
     index.add(np.frombuffer(b"".join(train), dtype=np.uint8).reshape(-1, HASH_BITS // 8))
     queries = np.frombuffer(b"".join(evals), dtype=np.uint8).reshape(-1, HASH_BITS // 8)
     lims, distances, labels = index.range_search(queries, max_bits + 1)  # distances < max_bits + 1
-    scores = {(int(i), j): 1.0 - float(bits) / HASH_BITS
-              for j in range(len(evals)) for i, bits in zip(labels[lims[j]:lims[j + 1]], distances[lims[j]:lims[j + 1]])}
+    scores = {(int(i), j): 1.0 - float(bits) / HASH_BITS for j in range(len(evals))
+              for i, bits in zip(labels[lims[j]:lims[j + 1]], distances[lims[j]:lims[j + 1]])}
     return _row_pairs(scores, list(train.values()), list(evals.values()))
 
 
@@ -354,13 +354,6 @@ class AuditResult:
         items = [(t, e, s) for (t, e), s in self.pairs[kind].items()]
         return sorted(items, key=lambda p: (-p[2], self.train.ids[p[0]], self.eval.ids[p[1]]))
 
-    def pair_records(self) -> list[dict]:
-        return [
-            {"kind": kind, "train_id": self.train.ids[t], "eval_id": self.eval.ids[e], "score": round(score, 6)}
-            for kind in KINDS
-            for t, e, score in self.ranked(kind)
-        ]
-
 
 def max_hamming_bits(image_threshold: float) -> int:
     """The most differing pHash bits whose similarity ``1 - bits / 64`` reaches `image_threshold`."""
@@ -372,10 +365,11 @@ def match(train: Side, eval_side: Side, image_threshold: float = DEFAULT_IMAGE_T
     """All four kinds of pair between two fingerprinted sides."""
     started = time.perf_counter()
     exact_image = dict.fromkeys(exact_pairs(train.digests, eval_side.digests), 1.0)
+    exact_question = exact_pairs(_questions(train.normalized), _questions(eval_side.normalized))
     near_image = near_image_pairs(train.hashes, eval_side.hashes, max_hamming_bits(image_threshold))
     pairs = {
         "exact_image": exact_image,
-        "exact_question": dict.fromkeys(exact_pairs(_questions(train.normalized), _questions(eval_side.normalized)), 1.0),
+        "exact_question": dict.fromkeys(exact_question, 1.0),
         "near_image": {pair: score for pair, score in near_image.items() if pair not in exact_image},
         "near_question": near_question_pairs(train.normalized, eval_side.normalized, question_threshold),
     }
@@ -451,7 +445,8 @@ def audit_json(result: AuditResult) -> dict:
         "counts": result.counts,
         "unreadable": {"train": result.train.unreadable, "eval": result.eval.unreadable},
         "seconds": {key: round(value, 3) for key, value in result.seconds.items()},
-        "pairs": result.pair_records(),
+        "pairs": [{"kind": kind, "train_id": result.train.ids[t], "eval_id": result.eval.ids[e],
+                   "score": round(score, 6)} for kind in KINDS for t, e, score in result.ranked(kind)],
     }
 
 
