@@ -69,11 +69,9 @@ class FilterThresholds:
     parser_required: str = "auto"
 
     def __post_init__(self):
-        problems = []
-        if self.min_span_variance_ratio < 0:
-            problems.append(f"--min-span-variance-ratio must be >= 0, got {self.min_span_variance_ratio}")
-        if self.min_query_distance < 0:
-            problems.append(f"--min-query-distance must be >= 0, got {self.min_query_distance}")
+        at_least_zero = (("--min-span-variance-ratio", self.min_span_variance_ratio),
+                         ("--min-query-distance", self.min_query_distance))
+        problems = [f"{name} must be >= 0, got {value}" for name, value in at_least_zero if value < 0]
         if not 0 <= self.parser_min_tokens <= self.parser_max_tokens:
             problems.append(
                 f"need 0 <= --parser-min-tokens <= --parser-max-tokens, got {self.parser_min_tokens} and "
@@ -168,7 +166,8 @@ def parser_problems(
     `assistant_texts` holds, per row, the text of each assistant message.
     """
     blocks: list[tuple[int, str]] = [
-        (row, block) for row, texts in enumerate(assistant_texts) for text in texts for block in PARSER_BLOCK.findall(text)
+        (row, block) for row, texts in enumerate(assistant_texts) for text in texts
+        for block in PARSER_BLOCK.findall(text)
     ]
     uses_parsers = thresholds.parser_required == "yes" or (thresholds.parser_required == "auto" and bool(blocks))
     lengths: list[int] = []
@@ -210,20 +209,16 @@ def iter_target_spans(dataset, latent_tokens_per_span: int, rows_per_batch: int 
     """``(row index, spans)`` per row of a ``gap targets`` dataset; spans is (n_spans, K, d) float32 (n may be 0)."""
     K = latent_tokens_per_span
     view = dataset.select_columns([TARGETS_COLUMN]).with_format("numpy")
-    row = 0
-    for batch in view.iter(batch_size=rows_per_batch):
-        for value in batch[TARGETS_COLUMN]:
-            array = np.asarray(value, dtype=np.float32)
-            if array.size == 0:
-                yield row, np.zeros((0, K, 0), dtype=np.float32)
-            elif array.ndim != 2 or array.shape[0] % K:
-                raise FilterError(
-                    f"row {row} of '{TARGETS_COLUMN}' has shape {array.shape}, not (n_spans * K, d) with K={K}; "
-                    "recompute the targets with `gap targets`"
-                )
-            else:
-                yield row, array.reshape(-1, K, array.shape[-1])
-            row += 1
+    values = (value for batch in view.iter(batch_size=rows_per_batch) for value in batch[TARGETS_COLUMN])
+    for row, value in enumerate(values):
+        array = np.asarray(value, dtype=np.float32)
+        if array.size == 0:
+            yield row, np.zeros((0, K, 0), dtype=np.float32)
+        elif array.ndim != 2 or array.shape[0] % K:
+            raise FilterError(f"row {row} of '{TARGETS_COLUMN}' has shape {array.shape}, not (n_spans * K, d) with "
+                              f"K={K}; recompute the targets with `gap targets`")
+        else:
+            yield row, array.reshape(-1, K, array.shape[-1])
 
 
 def span_variances(spans: np.ndarray) -> np.ndarray:
@@ -451,8 +446,8 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
             rows = load_jsonl(data, base_dir, check_images=False, allow_outside_image_dir=args.allow_outside_image_dir)
         elif data.is_dir():
             base_dir = Path(args.image_dir) if args.image_dir else None
-            rows = load_dataset_folder(data, None, FilterError, "{path} is not a dataset folder written by save_to_disk "
-                                       "({exc}); pass a JSONL file or such a folder")
+            rows = load_dataset_folder(data, None, FilterError, "{path} is not a dataset folder written by "
+                                       "save_to_disk ({exc}); pass a JSONL file or such a folder")
             check_rows(rows.select_columns([c for c in rows.column_names if c != TARGETS_COLUMN]),
                        source=str(data), image_dir=base_dir, check_images=False,
                        allow_outside_image_dir=args.allow_outside_image_dir)
