@@ -110,7 +110,8 @@ def merge_lora(adapter, output_dir, base=None, *, dtype="auto", overwrite=False)
     adapter = Path(adapter)
     config = _adapter_config(adapter)
     base = _base_folder(adapter, config, base)
-    output_dir = check_output_dir(output_dir, MergeError, overwrite=overwrite, inputs={"adapter": adapter, "base": base})
+    output_dir = check_output_dir(output_dir, MergeError, overwrite=overwrite,
+                                  inputs={"adapter": adapter, "base": base})
 
     model = GapForConditionalGeneration.from_pretrained(base, dtype=resolve_dtype(dtype))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
