@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 # Any accidental Hub access must fail loudly; set before transformers / huggingface_hub
 # are imported (they read these at import time).
@@ -25,6 +26,7 @@ from gap_pipeline.tiny import (  # noqa: E402
     build_tiny_tokenizer,
     save_tiny_base_checkpoint,
 )
+from tests.support import GOLDS, K, engineered_gap, png_base64, write_tsv  # noqa: E402
 
 # What a Hub user who loads a GAP checkpoint has installed (issue 18), and what they do not.
 HUB_USER_PACKAGES = ("torch", "transformers", "accelerate", "pillow")
@@ -153,3 +155,86 @@ def hub_user_python(tmp_path_factory):
                               timeout=300)
 
     return run
+
+
+# -- the training data: 8 rows through the real pipeline ---------------------------------------------------------
+
+PCA_K = 16
+TEXT_ONLY_ROWS = (1, 5)  # no image, no latent span
+STRIPPED_ROW = 6  # accuracy above tau: its span is stripped, it keeps its image
+
+
+def _training_row(i, image):
+    if i in TEXT_ONLY_ROWS:
+        return {
+            "id": f"row{i}",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": f"Say hello to row {i}."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"Hello row {i}."}]},
+            ],
+            "images": [],
+            "aux_images": [],
+            "accuracy": 0.0,
+        }
+    return {
+        "id": f"row{i}",
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"How many red cells are in row {i % 4}?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"Look at the row. <latent> The answer is {i % 5}."}]},
+        ],
+        "images": [image(seed=i)],
+        "aux_images": [image(seed=100 + i)],
+        "accuracy": 0.75 if i == STRIPPED_ROW else 0.0,
+    }
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_base_dir, tiny_image):
+    """8 rows with latent targets, a PCA fitted on them, and the GAP checkpoint converted with it (K = `K`).
+
+    Built with `compute_latent_targets` (tiny base vision tower), `fit_pca` and `convert_checkpoint`, so the latent
+    loss can actually fall.
+    """
+    import datasets
+
+    from gap_pipeline.convert import convert_checkpoint
+    from gap_pipeline.data import from_dataset
+    from gap_pipeline.pca import fit_pca, save_basis
+    from gap_pipeline.targets import TARGETS_COLUMN, compute_latent_targets
+    from gap_pipeline.tiny import build_tiny_base_model
+
+    root = tmp_path_factory.mktemp("train_sft")
+    rows = from_dataset(datasets.Dataset.from_list([_training_row(i, tiny_image) for i in range(8)]))
+    base_model, base_processor = build_tiny_base_model(seed=0)
+    data, _ = compute_latent_targets(rows, base_model, base_processor.image_processor, latent_tokens_per_span=K,
+                                     progress=False)
+    data.save_to_disk(str(root / "data"))
+    fit = fit_pca(v for v in data.with_format("numpy")[TARGETS_COLUMN] if len(v))
+    pca = save_basis(root / "pca", fit.basis(PCA_K))
+    convert_checkpoint(tiny_base_dir, root / "gap", pca, latent_tokens_per_span=K, latent_adapter_size=32,
+                       dtype="float32")
+    return SimpleNamespace(root=root, base=Path(tiny_base_dir), data=root / "data", pca=pca, gap=root / "gap")
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engineered_dir(tmp_path_factory):
+    """The saved `engineered_gap()` model and its processor."""
+    model, processor = engineered_gap()
+    path = tmp_path_factory.mktemp("engineered_gap")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def benchmark_tsv(tmp_path_factory, tiny_image):
+    """A six-row benchmark TSV (four options each) whose answers are GOLDS."""
+    rows = [
+        {"index": 100 + i, "image": png_base64(tiny_image(seed=i)), "question": f"How many red cells are in row {i}?",
+         "A": "1", "B": "2", "C": "3", "D": "4", "answer": gold, "category": "count"}
+        for i, gold in enumerate(GOLDS)
+    ]
+    return write_tsv(tmp_path_factory.mktemp("bench") / "bench.tsv", rows)

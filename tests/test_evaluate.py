@@ -1,9 +1,7 @@
 """`gap evaluate`: accuracy per intervention, resume, data parallelism, malformed benchmark rows."""
 
 import base64
-import io
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,78 +11,9 @@ import pytest
 import torch
 
 from gap_pipeline.evaluate import evaluate, finalize, load_tsv_items
-from gap_pipeline.tiny import build_tiny_gap_model
+from tests.support import GOLDS, engineered_gap, free_port, png_base64, write_tsv
 
-
-GOLDS = ["C", "A", "C", "B", "D", "C"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _engineered_gap():
-    """A tiny GAP model whose final-norm state is the same vector u at every position.
-
-    The last layer's value projection is a huge constant (zero weight, large bias), so attention adds the same
-    vector everywhere and h_bar ~ u. The LM head scores u: `<|latent_start|>` 2, the letter "C" 1, every other
-    token ~0. So every intervention that allows spans opens one at once, and `suppress` answers "C".
-    """
-    model, processor = build_tiny_gap_model(None, seed=0, latent_tokens_per_span=4)
-    attention = model.model.language_model.layers[-1].self_attn
-    tokenizer = processor.tokenizer
-    (letter_c,) = tokenizer.encode("C", add_special_tokens=False)
-    start, _, _ = model.config.latent_token_ids
-    with torch.no_grad():
-        attention.v_proj.weight.zero_()
-        attention.v_proj.bias.copy_(torch.linspace(-1, 1, attention.v_proj.bias.shape[0]) * 1e4)
-        probe = tokenizer(["x"], return_tensors="pt")
-        captured = []
-        handle = model.model.language_model.norm.register_forward_hook(lambda m, i, o: captured.append(o[0, -1]))
-        model(**probe)
-        handle.remove()
-        u = captured[0] / captured[0].norm() ** 2
-        model.lm_head.weight.mul_(1e-4)
-        model.lm_head.weight[start] = 2 * u
-        model.lm_head.weight[letter_c] = u
-    return model, processor
-
-
-@pytest.fixture(scope="module")
-def engineered_dir(tmp_path_factory):
-    model, processor = _engineered_gap()
-    path = tmp_path_factory.mktemp("engineered_gap")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def _png_base64(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _write_tsv(path, rows):
-    header = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
-    lines = ["\t".join(header)]
-    for row in rows:
-        lines.append("\t".join(str(row.get(column, "")) for column in header))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def benchmark_tsv(tmp_path_factory, tiny_image):
-    rows = [
-        {"index": 100 + i, "image": _png_base64(tiny_image(seed=i)), "question": f"How many red cells are in row {i}?",
-         "A": "1", "B": "2", "C": "3", "D": "4", "answer": gold, "category": "count"}
-        for i, gold in enumerate(GOLDS)
-    ]
-    return _write_tsv(tmp_path_factory.mktemp("bench") / "bench.tsv", rows)
 
 
 def _run_cli(*args, launcher=None, timeout=600):
@@ -118,7 +47,7 @@ def test_summary_equals_hand_computed_accuracy_for_each_intervention(tmp_path, e
 
 
 def test_interrupted_run_resumes_without_regenerating_finished_rows(tmp_path, benchmark_tsv):
-    model, processor = _engineered_gap()
+    model, processor = engineered_gap()
     items, problems = load_tsv_items(benchmark_tsv)
     assert problems == [] and len(items) == len(GOLDS)
     out = tmp_path / "eval"
@@ -163,7 +92,7 @@ def test_two_processes_give_the_same_predictions_as_one(tmp_path, engineered_dir
               "--max-new-tokens", 6, "--batch-size", 2, "--no-progress"]
     one = _run_cli(*common, "--output-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "gap_pipeline"]
     two = _run_cli(*common, "--output-dir", tmp_path / "two", launcher=torchrun)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -178,7 +107,7 @@ def test_two_processes_give_the_same_predictions_as_one(tmp_path, engineered_dir
 
 
 def test_malformed_tsv_rows_are_reported_by_index_and_skipped_or_refused(tmp_path, engineered_dir, tiny_image):
-    good = {"image": _png_base64(tiny_image()), "question": "How many?", "A": "1", "B": "2", "C": "3", "D": "4"}
+    good = {"image": png_base64(tiny_image()), "question": "How many?", "A": "1", "B": "2", "C": "3", "D": "4"}
     rows = [
         {"index": 1, **good, "answer": "C"},
         {"index": 2, **good, "image": "", "answer": "A"},
@@ -186,7 +115,7 @@ def test_malformed_tsv_rows_are_reported_by_index_and_skipped_or_refused(tmp_pat
         {"index": 4, **good, "answer": ""},
         {"index": 5, **good, "image": base64.b64encode(b"plain text").decode(), "answer": "C"},
     ]
-    tsv = _write_tsv(tmp_path / "bad.tsv", rows)
+    tsv = write_tsv(tmp_path / "bad.tsv", rows)
     items, problems = load_tsv_items(tsv)
     assert [item.id for item in items] == ["1"]
     assert len(problems) == 4
@@ -226,7 +155,7 @@ def test_latent_fidelity_against_the_rows_targets_and_the_oracle_upper_bound(tmp
     `oracle` feeds the targets and scores what the head wrote from them."""
     from gap_pipeline.evaluate import EvalItem
 
-    model, processor = _engineered_gap()  # h_bar is the same vector everywhere: the head writes one latent
+    model, processor = engineered_gap()  # h_bar is the same vector everywhere: the head writes one latent
     K = model.config.latent_tokens_per_span
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
     items = [EvalItem(str(i), messages, [tiny_image(seed=i)], "C") for i in range(3)]

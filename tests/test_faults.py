@@ -9,6 +9,7 @@ import pytest
 
 from gap_pipeline.cli import main as gap_main
 from gap_pipeline.targets import targets_metadata
+from tests.support import parse_train_argv, png_base64, train_argv
 
 K = 4
 
@@ -241,20 +242,11 @@ def test_targets_k_zero_is_an_error_not_the_default(tmp_path, rows_jsonl, tiny_b
 # gap evaluate ---------------------------------------------------------------------------------------------------
 
 
-def _png_base64(image):
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _tsv(path, tiny_image, indices, golds="ABCD"):
     header = ["index", "image", "question", "A", "B", "C", "D", "answer"]
     lines = ["\t".join(header)]
     for n, index in enumerate(indices):
-        lines.append("\t".join([str(index), _png_base64(tiny_image(seed=n)), f"Question {n}?", "1", "2", "3", "4",
+        lines.append("\t".join([str(index), png_base64(tiny_image(seed=n)), f"Question {n}?", "1", "2", "3", "4",
                                 golds[n % len(golds)]]))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -328,35 +320,32 @@ def test_evaluate_duplicate_ids_are_an_error_naming_both_rows(tmp_path, tiny_ima
 
 # training -------------------------------------------------------------------------------------------------------
 
-from test_train_extras import _cli_argv, _parse  # noqa: E402
-from test_train_sft import work  # noqa: E402,F401 (a fixture)
 
-
-def test_resume_last_continues_only_a_complete_checkpoint_of_the_same_run(work, tmp_path, caplog):  # noqa: F811
+def test_resume_last_continues_only_a_complete_checkpoint_of_the_same_run(work, tmp_path, caplog):
     import shutil
 
     import train_sft
     from gap_pipeline.trainer import RUN_RECORD, TrainingError
 
     out = tmp_path / "out"
-    first = _cli_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
-    train_sft.main(*_parse(first), argv=first)
+    first = train_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    train_sft.main(*parse_train_argv(first), argv=first)
     half = out / "checkpoint-3"  # killed while writing a newer checkpoint: some files, no trainer state
     shutil.copytree(out / "checkpoint-2", half)
     for name in (RUN_RECORD, "trainer_state.json"):
         (half / name).unlink()
-    other = _cli_argv(work, out, "--max_steps", "3", "--learning_rate", "1e-3", "--resume_from_checkpoint", "last")
+    other = train_argv(work, out, "--max_steps", "3", "--learning_rate", "1e-3", "--resume_from_checkpoint", "last")
     with pytest.raises(TrainingError, match=r"checkpoint-2 belongs to another run \(settings.learning_rate was 0.002, "
                                             r"now 0.001\)"):
-        train_sft.main(*_parse(other), argv=other)
-    again = _cli_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
-                      "--resume_from_checkpoint", "last")
-    assert train_sft.main(*_parse(again), argv=again).state.global_step == 3  # resumed checkpoint-2
+        train_sft.main(*parse_train_argv(other), argv=other)
+    again = train_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                       "--resume_from_checkpoint", "last")
+    assert train_sft.main(*parse_train_argv(again), argv=again).state.global_step == 3  # resumed checkpoint-2
     assert "skipping checkpoint-3 is incomplete" in caplog.text
     assert (out / "checkpoint-3" / RUN_RECORD).is_file()  # rewritten whole by the resumed run
 
 
-def test_a_reused_gap_init_must_come_from_the_same_base_pca_and_options(work, tmp_path):  # noqa: F811
+def test_a_reused_gap_init_must_come_from_the_same_base_pca_and_options(work, tmp_path):
     from gap_pipeline.convert import ensure_gap_checkpoint
     from gap_pipeline.provenance import ProvenanceError
 
@@ -372,13 +361,13 @@ def test_a_reused_gap_init_must_come_from_the_same_base_pca_and_options(work, tm
         ensure_gap_checkpoint(work.base, target, other_pca, **options)
 
 
-def test_pca_path_with_a_gap_checkpoint_is_an_error_not_ignored(work, tmp_path):  # noqa: F811
+def test_pca_path_with_a_gap_checkpoint_is_an_error_not_ignored(work, tmp_path):
     import train_sft
     from gap_pipeline.trainer import TrainingError
 
-    argv = _cli_argv(work, tmp_path / "out", "--pca_path", str(work.pca), "--max_steps", "1")
+    argv = train_argv(work, tmp_path / "out", "--pca_path", str(work.pca), "--max_steps", "1")
     with pytest.raises(TrainingError, match="already a GAP checkpoint"):
-        train_sft.main(*_parse(argv), argv=argv)
+        train_sft.main(*parse_train_argv(argv), argv=argv)
 
 
 # data ------------------------------------------------------------------------------------------------------------
@@ -545,7 +534,7 @@ def test_the_decompression_bomb_limit_is_set_with_max_image_pixels(tmp_path, tin
     assert gap_main(args) == 0  # PIL's default limit lets the 200 x 200 image through
 
 
-def test_nan_targets_are_found_before_training_starts(work, tmp_path):  # noqa: F811
+def test_nan_targets_are_found_before_training_starts(work, tmp_path):
     import math
 
     import train_sft
@@ -555,14 +544,14 @@ def test_nan_targets_are_found_before_training_starts(work, tmp_path):  # noqa: 
     poisoned = data.map(lambda row, i: {"latent_targets": [[math.nan] * len(v) for v in row["latent_targets"]]
                                         if i == 3 else row["latent_targets"]}, with_indices=True, features=data.features)
     poisoned.save_to_disk(str(tmp_path / "data"))
-    argv = _cli_argv(work, tmp_path / "out", "--max_steps", "1")
+    argv = train_argv(work, tmp_path / "out", "--max_steps", "1")
     argv[argv.index("--dataset_path") + 1] = str(tmp_path / "data")
     with pytest.raises(TargetsError, match=r"row 3 \(id='row3'\) hold non-finite \(NaN or inf\) latent targets"):
-        train_sft.main(*_parse(argv), argv=argv)
+        train_sft.main(*parse_train_argv(argv), argv=argv)
 
 
 def test_training_refuses_targets_from_another_vision_tower_and_warns_on_unrecorded_ones(
-        work, tmp_path, caplog):  # noqa: F811
+        work, tmp_path, caplog):
     from transformers import AutoImageProcessor
 
     import train_sft
@@ -581,9 +570,9 @@ def test_training_refuses_targets_from_another_vision_tower_and_warns_on_unrecor
         return str(tmp_path / name)
 
     def train(data):
-        argv = _cli_argv(work, tmp_path / f"out-{Path(data).name}", "--max_steps", "1")
+        argv = train_argv(work, tmp_path / f"out-{Path(data).name}", "--max_steps", "1")
         argv[argv.index("--dataset_path") + 1] = data
-        return train_sft.main(*_parse(argv), argv=argv)
+        return train_sft.main(*parse_train_argv(argv), argv=argv)
 
     ours, theirs = vision_tower_sha256(work.gap), vision_tower_sha256(other)
     assert ours == vision_tower_sha256(work.base) != theirs  # conversion keeps the tower; the other one differs
@@ -596,13 +585,13 @@ def test_training_refuses_targets_from_another_vision_tower_and_warns_on_unrecor
     assert "do not record their vision tower (written by an older `gap targets`)" in caplog.text
 
 
-def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):  # noqa: F811
+def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):
     import train_sft
     from gap_pipeline.trainer import TrainingError
 
-    argv = _cli_argv(work, tmp_path / "out", model=tmp_path / "no-such-model")
+    argv = train_argv(work, tmp_path / "out", model=tmp_path / "no-such-model")
     with pytest.raises(TrainingError, match="no-such-model: no such folder"):
-        train_sft.main(*_parse(argv), argv=argv)
+        train_sft.main(*parse_train_argv(argv), argv=argv)
 
 
 @pytest.mark.parametrize("model", ["ABSOLUTE", "Org/no-such-model", "EMPTY"])

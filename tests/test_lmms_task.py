@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.test_evaluate import benchmark_tsv  # noqa: F401  (fixture)
-
 REPO = Path(__file__).resolve().parents[1]
 
 

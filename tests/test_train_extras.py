@@ -1,6 +1,6 @@
 """train_sft.py and GapSFTTrainer extras (issue #7): push with GAP's model card, resuming, LoRA + merge, scheduled sampling.
 
-The data, PCA and converted GAP checkpoint are `test_train_sft`'s `work` fixture (8 rows through the real pipeline).
+The data, PCA and converted GAP checkpoint are conftest's `work` fixture (8 rows through the real pipeline).
 Nothing reaches the network: the Hub calls the Trainer makes (`HfApi.create_repo`, `HfApi.upload_folder`) go to
 `FakeHub`, which records each commit's files and keeps a copy of them.
 """
@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import Future
@@ -30,7 +29,7 @@ from gap_pipeline import cli
 from gap_pipeline.lora import configure_lora
 from gap_pipeline.model_card import read_training_run
 from modeling_gap import GapForConditionalGeneration
-from test_train_sft import K, REPO, _clean_env, _first_batch, _trainer, work  # noqa: F401 (work: a fixture)
+from tests.support import REPO, K, build_trainer, clean_env, first_batch, free_port, parse_train_argv, train_argv
 
 # what a checkpoint holds to resume, and never pushes (gap_run.json: the run's record, with local paths)
 TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "gap_run.json"}
@@ -80,16 +79,6 @@ class FakeHub:
         return commit
 
 
-def _parse(argv):
-    return train_sft.make_parser().parse_args_and_config(argv[1:])
-
-
-def _cli_argv(work, out, *extra, model=None):
-    return ["train_sft.py", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
-            "--model_name_or_path", str(model or work.gap), "--output_dir", str(out), "--latent_tokens_per_span", str(K),
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", *extra]
-
-
 # -- push to the Hub with GAP's model card ---------------------------------------------------------------------------
 
 
@@ -100,12 +89,12 @@ def pushed(work, tmp_path_factory):
     root = tmp_path_factory.mktemp("push")
     hub = FakeHub(root / "hub")
     out = root / "out"
-    argv = _cli_argv(work, out, "--pca_path", str(work.pca), "--max_steps", "2", "--save_strategy", "steps",
-                     "--save_steps", "1", "--difficulty_threshold", "0.5", "--push_to_hub", "--hub_model_id",
-                     "me/tiny-gap", "--base_model_id", "Qwen/Qwen2.5-VL-7B-Instruct", model=work.base)
+    argv = train_argv(work, out, "--pca_path", str(work.pca), "--max_steps", "2", "--save_strategy", "steps",
+                      "--save_steps", "1", "--difficulty_threshold", "0.5", "--push_to_hub", "--hub_model_id",
+                      "me/tiny-gap", "--base_model_id", "Qwen/Qwen2.5-VL-7B-Instruct", model=work.base)
     with pytest.MonkeyPatch.context() as monkeypatch:
         hub.install(monkeypatch)
-        trainer = train_sft.main(*_parse(argv), argv=argv)
+        trainer = train_sft.main(*parse_train_argv(argv), argv=argv)
     return SimpleNamespace(hub=hub, out=out, trainer=trainer, argv=argv, repo=hub.root / "me" / "tiny-gap")
 
 
@@ -196,10 +185,10 @@ def _resumable(work, out, lora):
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1)
-    return _trainer(work, out, trainer_kwargs=kwargs, scheduled_sampling_prob=0.5, per_device_train_batch_size=4,
-                    max_steps=5,
-                    save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=1,
-                    train_sampling_strategy="random", seed=7)
+    return build_trainer(work, out, trainer_kwargs=kwargs, scheduled_sampling_prob=0.5, per_device_train_batch_size=4,
+                         max_steps=5,
+                         save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=1,
+                         train_sampling_strategy="random", seed=7)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -241,11 +230,11 @@ def test_resumed_run_equals_an_uninterrupted_one(work, tmp_path, lora):
 
 def test_cli_resumes_from_the_last_checkpoint(work, tmp_path):
     out = tmp_path / "out"
-    first = _cli_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
-    before = train_sft.main(*_parse(first), argv=first).state.log_history
-    again = _cli_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
-                      "--resume_from_checkpoint", "last")
-    trainer = train_sft.main(*_parse(again), argv=again)
+    first = train_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    before = train_sft.main(*parse_train_argv(first), argv=first).state.log_history
+    again = train_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                       "--resume_from_checkpoint", "last")
+    trainer = train_sft.main(*parse_train_argv(again), argv=again)
     assert trainer.state.global_step == 3
     logs = [e for e in trainer.state.log_history if "lm_loss" in e and "train_runtime" not in e]
     assert [e["step"] for e in logs] == [1, 2, 3]
@@ -308,9 +297,9 @@ print(json.dumps({"new": new, "spans": int(out.num_latent_spans[0]), "latents": 
 
 def test_lora_trains_head_and_latent_rows_and_merges_into_a_gap_checkpoint(work, tmp_path):
     out = tmp_path / "lora"
-    argv = _cli_argv(work, out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "3",
-                     "--learning_rate", "1e-2")
-    trainer = train_sft.main(*_parse(argv), argv=argv)
+    argv = train_argv(work, out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "3",
+                      "--learning_rate", "1e-2")
+    trainer = train_sft.main(*parse_train_argv(argv), argv=argv)
     assert trainer.state.global_step == 3
     # the adapter folder: adapter weights, processor and our card (PEFT's own README replaced)
     assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "README.md"} <= _files(out)
@@ -352,7 +341,7 @@ def test_lora_trains_head_and_latent_rows_and_merges_into_a_gap_checkpoint(work,
     assert "library_name: transformers" in merged_card and "merged into these weights" in merged_card
 
     run = subprocess.run([sys.executable, "-c", MERGED_SCRIPT, str(merged), str(start), str(pad), str(end), str(K)],
-                         cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["new"][: K + 2] == [start] + [pad] * K + [end]
@@ -369,8 +358,8 @@ def _count_forwards(trainer):
 
 
 def test_scheduled_sampling_off_is_the_teacher_forced_loss(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=0.0)
-    batch = _first_batch(trainer)
+    trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=0.0)
+    batch = first_batch(trainer)
     calls, handle = _count_forwards(trainer)
     try:
         loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -383,8 +372,8 @@ def test_scheduled_sampling_off_is_the_teacher_forced_loss(work, tmp_path):
 
 
 def test_scheduled_sampling_all_spans_is_the_second_pass_loss_against_the_targets(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=1.0)
-    batch = _first_batch(trainer)
+    trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3], scheduled_sampling_prob=1.0)
+    batch = first_batch(trainer)
     targets = batch["latent_embeds"]
     calls, handle = _count_forwards(trainer)
     try:
@@ -406,8 +395,8 @@ def test_scheduled_sampling_all_spans_is_the_second_pass_loss_against_the_target
 def test_scheduled_sampling_runs_two_passes_every_step_and_logs_the_replaced_fraction(work, tmp_path):
     def run(out):
         # rows 1 and 5 have no latent: the second pass still runs on their micro-batches
-        trainer = _trainer(work, out, rows=[1, 5, 0, 2, 3, 4, 6, 7], per_device_train_batch_size=2, max_steps=4,
-                           scheduled_sampling_prob=0.5)
+        trainer = build_trainer(work, out, rows=[1, 5, 0, 2, 3, 4, 6, 7], per_device_train_batch_size=2, max_steps=4,
+                                scheduled_sampling_prob=0.5)
         calls, handle = _count_forwards(trainer)
         try:
             trainer.train()
@@ -429,7 +418,7 @@ def test_scheduled_sampling_runs_two_passes_every_step_and_logs_the_replaced_fra
 
 
 def test_span_coin_flips_depend_on_seed_step_micro_batch_and_rank(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=0.5)
+    trainer = build_trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=0.5)
     flips = [trainer._span_coin_flips(64) for _ in range(2)]  # two micro-batches of step 0
     assert not torch.equal(flips[0], flips[1])
     assert 10 < int(flips[0].sum()) < 54
@@ -438,7 +427,7 @@ def test_span_coin_flips_depend_on_seed_step_micro_batch_and_rank(work, tmp_path
     trainer.state.global_step = 1
     assert not torch.equal(trainer._span_coin_flips(64), flips[0])
     with pytest.raises(ValueError, match=r"scheduled_sampling_prob"):
-        _trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=1.5)
+        build_trainer(work, tmp_path, rows=[0], scheduled_sampling_prob=1.5)
 
 
 DS_SCRIPT = """
@@ -467,12 +456,6 @@ trainer.end()
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_scheduled_sampling_under_zero3_with_two_processes(work, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(DS_SCRIPT.format(repo=str(REPO)))
@@ -482,13 +465,13 @@ def test_scheduled_sampling_under_zero3_with_two_processes(work, tmp_path):
     out = tmp_path / "out"
     # rank 1 trains row 1 (no image, no latent) in the first step: both passes must still run there
     command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-               str(_free_port()), str(script), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+               str(free_port()), str(script), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
                "--deepspeed", str(tmp_path / "zero3.json"), "--model_name_or_path", str(work.gap),
                "--dataset_path", str(work.data), "--output_dir", str(out), "--bf16", "true", "--dtype", "bfloat16",
                "--per_device_train_batch_size", "1", "--max_steps", "2", "--logging_steps", "1",
                "--save_strategy", "no", "--train_sampling_strategy", "sequential", "--latent_tokens_per_span", str(K),
                "--scheduled_sampling_prob", "0.5"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = process.communicate(timeout=300)

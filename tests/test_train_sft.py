@@ -1,7 +1,6 @@
 """train_sft.py and gap_pipeline.trainer: GapSFTTrainer mechanics, the CLI and its presets, DeepSpeed ZeRO-2/ZeRO-3 on 2 CPU processes.
 
-The data go through the real pipeline: rows -> `compute_latent_targets` (tiny base vision tower) -> PCA fitted on
-those targets -> `convert_checkpoint`, so the latent loss can actually fall.
+The data, PCA and converted checkpoint are conftest's `work` fixture (8 rows through the real pipeline).
 """
 
 import json
@@ -19,116 +18,22 @@ import torch
 
 import train_sft
 from gap_pipeline.collator import GapDataCollator
-from gap_pipeline.convert import convert_checkpoint
-from gap_pipeline.data import from_dataset
-from gap_pipeline.pca import fit_pca, save_basis
-from gap_pipeline.targets import TARGETS_COLUMN, compute_latent_targets
-from gap_pipeline.tiny import build_tiny_base_model
 from modeling_gap import GapForConditionalGeneration
 from processing_gap import GapProcessor
 from gap_pipeline.trainer import GapSFTConfig, GapSFTTrainer, TrainingError, apply_global_batch_size
-
-
-REPO = Path(__file__).resolve().parent.parent
-K = 4
-PCA_K = 16
-TEXT_ONLY_ROWS = (1, 5)  # no image, no latent span
-STRIPPED_ROW = 6  # accuracy above tau: its span is stripped, it keeps its image
-
-
-def _row(i, image):
-    if i in TEXT_ONLY_ROWS:
-        return {
-            "id": f"row{i}",
-            "messages": [
-                {"role": "user", "content": [{"type": "text", "text": f"Say hello to row {i}."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": f"Hello row {i}."}]},
-            ],
-            "images": [],
-            "aux_images": [],
-            "accuracy": 0.0,
-        }
-    return {
-        "id": f"row{i}",
-        "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"How many red cells are in row {i % 4}?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": f"Look at the row. <latent> The answer is {i % 5}."}]},
-        ],
-        "images": [image(seed=i)],
-        "aux_images": [image(seed=100 + i)],
-        "accuracy": 0.75 if i == STRIPPED_ROW else 0.0,
-    }
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_base_dir, tiny_image):
-    """8 rows with latent targets, a PCA fitted on them, and the GAP checkpoint converted with it."""
-    root = tmp_path_factory.mktemp("train_sft")
-    rows = from_dataset(datasets.Dataset.from_list([_row(i, tiny_image) for i in range(8)]))
-    base_model, base_processor = build_tiny_base_model(seed=0)
-    data, _ = compute_latent_targets(rows, base_model, base_processor.image_processor, latent_tokens_per_span=K,
-                                     progress=False)
-    data.save_to_disk(str(root / "data"))
-    fit = fit_pca(v for v in data.with_format("numpy")[TARGETS_COLUMN] if len(v))
-    pca = save_basis(root / "pca", fit.basis(PCA_K))
-    convert_checkpoint(tiny_base_dir, root / "gap", pca, latent_tokens_per_span=K, latent_adapter_size=32,
-                       dtype="float32")
-    return SimpleNamespace(root=root, base=Path(tiny_base_dir), data=root / "data", pca=pca, gap=root / "gap")
-
-
-def _args(output_dir, **overrides):
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        activation_checkpointing=False,
-        max_length=None,
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        disable_tqdm=True,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        lr_scheduler_type="constant",
-        seed=0,
-    )
-    values.update(overrides)
-    return GapSFTConfig(**values)
-
-
-def _trainer(work, output_dir, rows=None, trainer_kwargs=None, **args):
-    """A GapSFTTrainer on the `work` checkpoint and data; `args` are GapSFTConfig fields."""
-    model = GapForConditionalGeneration.from_pretrained(work.gap).train()
-    processor = GapProcessor.from_pretrained(work.gap, trust_remote_code=False)
-    dataset = datasets.load_from_disk(str(work.data))
-    if rows is not None:
-        dataset = dataset.select(rows)
-    return GapSFTTrainer(
-        model,
-        args=_args(output_dir, **args),
-        data_collator=GapDataCollator(processor),
-        train_dataset=dataset,
-        processing_class=processor,
-        **(trainer_kwargs or {}),
-    )
-
-
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+from tests.support import REPO, K, build_trainer, clean_env, first_batch, sft_config
 
 
 # -- TRL integration -----------------------------------------------------------------------------------------------
 
 
 def test_trl_fused_head_is_removed_and_the_gap_columns_reach_the_collator(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3])
+    trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3])
     # SFTTrainer installed an instance-level fused-LM-head forward; GapSFTTrainer removed it.
     assert "forward" not in vars(trainer.model)
     assert type(trainer.model).forward is GapForConditionalGeneration.forward
     assert trainer.model_accepts_loss_kwargs and trainer.args.remove_unused_columns
-    batch = _first_batch(trainer)  # remove_unused_columns is on: latent_targets must survive it
+    batch = first_batch(trainer)  # remove_unused_columns is on: latent_targets must survive it
     assert batch["latent_embeds"].dtype == torch.float32
     assert batch["latent_embeds"].shape == (3 * K, 64)  # rows 0, 2, 3 keep one span each
     loss = trainer.compute_loss(trainer.model, batch)
@@ -138,14 +43,14 @@ def test_trl_fused_head_is_removed_and_the_gap_columns_reach_the_collator(work, 
 
 
 def test_vision_tower_runs_on_every_micro_batch_with_and_without_images(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[1, 5], per_device_train_batch_size=2)
+    trainer = build_trainer(work, tmp_path, rows=[1, 5], per_device_train_batch_size=2)
     calls = []
     handle = trainer.model.model.visual.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
     try:
-        text_batch = _first_batch(trainer)
+        text_batch = first_batch(trainer)
         assert "pixel_values" not in text_batch and "latent_embeds" not in text_batch
         trainer.compute_loss(trainer.model, text_batch)
-        image_batch = _first_batch(_trainer(work, tmp_path, rows=[0, 2], per_device_train_batch_size=2))
+        image_batch = first_batch(build_trainer(work, tmp_path, rows=[0, 2], per_device_train_batch_size=2))
         trainer.compute_loss(trainer.model, image_batch)
     finally:
         handle.remove()
@@ -158,7 +63,7 @@ def test_a_plain_sft_config_is_converted_and_the_callers_arguments_are_not_chang
     from peft import LoraConfig
     from trl import SFTConfig
 
-    values = _args(tmp_path).to_dict()
+    values = sft_config(tmp_path).to_dict()
     plain = SFTConfig(**{key: values[key] for key in ("output_dir", "use_cpu", "report_to", "learning_rate")})
     lora = LoraConfig(r=4, target_modules=["q_proj"])
     model = GapForConditionalGeneration.from_pretrained(work.gap)
@@ -177,8 +82,8 @@ def test_a_plain_sft_config_is_converted_and_the_callers_arguments_are_not_chang
 
 
 def test_head_learning_rate_is_on_exactly_the_head_parameters(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0], weight_decay=0.1,
-                       latent_head_learning_rate=7e-4)
+    trainer = build_trainer(work, tmp_path, rows=[0], weight_decay=0.1,
+                            latent_head_learning_rate=7e-4)
     optimizer = trainer.create_optimizer()
     head = {id(p) for p in trainer.model.latent_head.parameters()}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -199,9 +104,9 @@ def test_head_learning_rate_is_on_exactly_the_head_parameters(work, tmp_path):
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_frozen_vision_tower_gets_no_gradient(work, tmp_path, freeze):
-    trainer = _trainer(work, tmp_path, rows=[0, 1], per_device_train_batch_size=2,
-                       freeze_vision_tower=freeze)
-    trainer.compute_loss(trainer.model, _first_batch(trainer)).backward()
+    trainer = build_trainer(work, tmp_path, rows=[0, 1], per_device_train_batch_size=2,
+                            freeze_vision_tower=freeze)
+    trainer.compute_loss(trainer.model, first_batch(trainer)).backward()
     tower = list(trainer.model.model.visual.parameters())
     if freeze:
         assert all(p.grad is None for p in tower)
@@ -214,8 +119,8 @@ def test_frozen_vision_tower_gets_no_gradient(work, tmp_path, freeze):
 def test_cached_image_features_train_exactly_like_the_tower_and_skip_it_after_the_first_epoch(work, tmp_path):
     runs = {}
     for cache_mb in (1024.0, 0.0):  # the default, and off
-        trainer = _trainer(work, tmp_path / str(cache_mb), per_device_train_batch_size=4, max_steps=4,
-                           image_feature_cache_mb=cache_mb)  # 8 rows: two epochs of two steps
+        trainer = build_trainer(work, tmp_path / str(cache_mb), per_device_train_batch_size=4, max_steps=4,
+                                image_feature_cache_mb=cache_mb)  # 8 rows: two epochs of two steps
         calls = []
         handle = trainer.model.model.visual.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
         try:
@@ -232,14 +137,14 @@ def test_cached_image_features_train_exactly_like_the_tower_and_skip_it_after_th
     plain_state = plain.model.state_dict()
     assert all(torch.equal(value, plain_state[name]) for name, value in cached.model.state_dict().items())
 
-    assert "image_keys" not in _first_batch(cached)  # outside train() a batch is a plain one
+    assert "image_keys" not in first_batch(cached)  # outside train() a batch is a plain one
     cached.data_collator.feature_cache = cached._feature_cache  # as during train(): every image is known, no pixels
-    batch = _first_batch(cached)
+    batch = first_batch(cached)
     assert "pixel_values" not in batch and batch["cached_images"].all()
     cached.model.model.visual.requires_grad_(True)
     with pytest.raises(TrainingError, match="vision tower is trainable"):
         cached.compute_loss(cached.model, batch)
-    assert _trainer(work, tmp_path, rows=[0], freeze_vision_tower=False)._feature_cache is None
+    assert build_trainer(work, tmp_path, rows=[0], freeze_vision_tower=False)._feature_cache is None
 
 
 # -- loss normalisation and logging --------------------------------------------------------------------------------
@@ -247,9 +152,9 @@ def test_cached_image_features_train_exactly_like_the_tower_and_skip_it_after_th
 
 def test_logged_losses_of_two_accumulation_steps_equal_one_step_on_the_same_rows(work, tmp_path):
     # Rows 0, 1 hold one span (4 latents); rows 2, 3 hold two spans (8): per-micro-batch means would differ.
-    one = _trainer(work, tmp_path / "one", rows=[0, 1, 2, 3], per_device_train_batch_size=4, max_steps=1)
-    two = _trainer(work, tmp_path / "two", rows=[0, 1, 2, 3], per_device_train_batch_size=2,
-                   gradient_accumulation_steps=2, max_steps=1)
+    one = build_trainer(work, tmp_path / "one", rows=[0, 1, 2, 3], per_device_train_batch_size=4, max_steps=1)
+    two = build_trainer(work, tmp_path / "two", rows=[0, 1, 2, 3], per_device_train_batch_size=2,
+                        gradient_accumulation_steps=2, max_steps=1)
     one.train()
     two.train()
     first, second = one.state.log_history[0], two.state.log_history[0]
@@ -263,8 +168,8 @@ def test_logged_losses_of_two_accumulation_steps_equal_one_step_on_the_same_rows
 
 
 def test_tiny_model_overfits_eight_rows(work, tmp_path):
-    trainer = _trainer(work, tmp_path, per_device_train_batch_size=8, max_steps=60, learning_rate=3e-3,
-                       latent_head_learning_rate=3e-3)
+    trainer = build_trainer(work, tmp_path, per_device_train_batch_size=8, max_steps=60, learning_rate=3e-3,
+                            latent_head_learning_rate=3e-3)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "lm_loss" in entry and "train_runtime" not in entry]
     assert len(logs) == 60
@@ -276,7 +181,7 @@ def test_tiny_model_overfits_eight_rows(work, tmp_path):
 
 
 def test_evaluation_logs_both_loss_terms_and_the_held_out_latent_error(work, tmp_path):
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=4)
+    trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=4)
     dataset = datasets.load_from_disk(str(work.data)).select([4, 5, 6, 7])
     metrics = trainer.evaluate(eval_dataset=dataset)
     assert {"eval_loss", "eval_lm_loss", "eval_latent_loss", "eval_latent_norm_ratio", "eval_latent_relse"} <= set(metrics)
@@ -299,8 +204,8 @@ def test_compute_metrics_gets_logits_and_labels_of_matching_shape(work, tmp_path
         supervised = labels != -100
         return {"accuracy": float((logits.argmax(-1)[supervised] == labels[supervised]).mean())}
 
-    trainer = _trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=2,
-                       trainer_kwargs={"compute_metrics": compute_metrics})
+    trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=2,
+                            trainer_kwargs={"compute_metrics": compute_metrics})
     dataset = datasets.load_from_disk(str(work.data)).select([4, 5, 6, 7])
     metrics = trainer.evaluate(eval_dataset=dataset)
     (logits_shape, labels_shape), = seen
@@ -311,12 +216,6 @@ def test_compute_metrics_gets_logits_and_labels_of_matching_shape(work, tmp_path
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
-
-
-def _clean_env():
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"  # two ranks share two cores
-    return env
 
 
 def _code_processor_and_weights(folder):
@@ -333,7 +232,7 @@ def test_python_launch_converts_a_base_checkpoint_and_saves_complete_checkpoints
                "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
                "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
                "--latent_tokens_per_span", str(K)]
-    run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     config = json.loads((out / "_gap-init" / "config.json").read_text())
     assert config["model_type"] == "gap_qwen2_5_vl" and config["latent_tokens_per_span"] == K
@@ -349,7 +248,7 @@ def test_a_user_error_prints_one_error_line_and_exits_2(tmp_path):
     command = [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
                "--model_name_or_path", str(tmp_path / "model"), "--dataset_path", str(tmp_path / "data"),
                "--output_dir", str(tmp_path / "out"), "--global_batch_size", "7"]
-    run = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-4000:]
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
@@ -375,7 +274,7 @@ def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
     derived = apply_global_batch_size(training_args, script_args.global_batch_size)
     assert derived.gradient_accumulation_steps == 128 and derived.per_device_train_batch_size == 1
     with pytest.raises(ValueError, match="not a positive multiple"):
-        apply_global_batch_size(_args(tmp_path, per_device_train_batch_size=3), 128)
+        apply_global_batch_size(sft_config(tmp_path, per_device_train_batch_size=3), 128)
     script_args, training_args, model_args = parser.parse_args_and_config(
         ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), *required, "--no_freeze_vision_tower"]
     )
@@ -479,7 +378,7 @@ def deepspeed_runs(work, tmp_path_factory):
         logs[stage] = open(root / f"{stage}.log", "w")
         command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
                    "--master_port", str(port), str(script), *common, *extra, "--output_dir", str(out)]
-        processes[stage] = subprocess.Popen(command, cwd=root, env=_clean_env(), stdout=logs[stage],
+        processes[stage] = subprocess.Popen(command, cwd=root, env=clean_env(), stdout=logs[stage],
                                             stderr=subprocess.STDOUT, start_new_session=True)
     codes = {}
     for stage, process in processes.items():
@@ -496,7 +395,7 @@ def deepspeed_runs(work, tmp_path_factory):
     checkpoints = {"zero3": root / "zero3" / "checkpoint-1", "zero2": root / "zero2" / "checkpoint-2"}
     if done:
         argument = json.dumps([[str(root / s), str(inits[s]), str(checkpoints[s])] for s in done])
-        reload = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, argument], cwd=root, env=_clean_env(),
+        reload = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, argument], cwd=root, env=clean_env(),
                                 capture_output=True, text=True, timeout=300)
         for stage in done:
             results[stage].reload = reload

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="the lmms-eval extra is not installed; run `make install-harness`")
 
-from tests.test_evaluate import GOLDS, benchmark_tsv, engineered_dir  # noqa: E402,F401  (fixtures)
+from tests.support import GOLDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # every deterministic intervention (noise draws from a generator; the oracle needs the rows' true latents)

@@ -14,8 +14,6 @@ except Exception as error:  # its model zoo imports torchvision, which fails in 
     pytest.skip(f"VLMEvalKit does not import here ({type(error).__name__}: {error}); install ms-vlmeval where a CUDA "
                 "torch and its torchvision are installed", allow_module_level=True)
 
-from tests.test_evaluate import benchmark_tsv, engineered_dir  # noqa: E402,F401  (fixtures)
-
 REPO = Path(__file__).resolve().parents[2]
 
 
