@@ -89,11 +89,10 @@ def trainers(gap, stock, processor, output_dir):
 
 
 def step(trainer, batch):
-    """One optimisation step the way the Trainer does it: training_step, then the optimizer."""
+    """One optimisation step the way the Trainer's loop does it: get_batch_samples (which counts the batch's
+    supervised tokens, and for GAP its latent positions), training_step, then the optimizer."""
     trainer.model.train()
-    num_items = (batch["labels"][:, 1:] != -100).sum()
-    if hasattr(trainer, "_count_latent_items"):
-        trainer._num_latent_items_in_batch = trainer._count_latent_items([batch], trainer.args.device)
+    (batch,), num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
     loss = trainer.training_step(trainer.model, dict(batch), num_items)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -246,7 +246,6 @@ class GapSFTTrainer(SFTTrainer):
             self.data_collator, GapDataCollator
         ):
             self._feature_cache = ImageFeatureCache(int(self.args.image_feature_cache_mb * 2**20))
-        self._latent_pad_id = gap.config.latent_pad_token_id
         self._num_latent_items_in_batch = None
         # per mode, over the latent positions since the last log: (sum ||v_hat||/||v||, positions, sum ||v_hat - v||^2,
         # sum ||v||^2)
@@ -320,20 +319,17 @@ class GapSFTTrainer(SFTTrainer):
         return inputs
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Also count the latent positions of the global batch (all ranks, all accumulation steps)."""
+        """Also count the global batch's ``<|latent_pad|>`` positions (all ranks, all accumulation steps), summed like
+        `Trainer._get_num_items_in_batch` sums labels; `compute_loss` passes the count to the model."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._num_latent_items_in_batch = self._count_latent_items(batch_samples, device)
+        count = None
+        if batch_samples:
+            pad_id = self.gap_model.config.latent_pad_token_id
+            count = torch.as_tensor(sum((batch["input_ids"] == pad_id).sum() for batch in batch_samples), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+        self._num_latent_items_in_batch = count
         return batch_samples, num_items_in_batch
-
-    def _count_latent_items(self, batch_samples, device):
-        """Number of ``<|latent_pad|>`` positions, summed like `Trainer._get_num_items_in_batch` sums labels."""
-        if not batch_samples:
-            return None
-        count = sum((batch["input_ids"] == self._latent_pad_id).sum() for batch in batch_samples)
-        count = torch.as_tensor(count, device=device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
 
     # -- loss -----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -390,7 +386,7 @@ class GapSFTTrainer(SFTTrainer):
         """(span index of every ``<|latent_pad|>``, in pad order; number of spans): spans are numbered in
         row-major order of their ``<|latent_start|>``, like the rows of `latent_embeds`."""
         starts = (input_ids == self.gap_model.config.latent_start_token_id).long()
-        pads = input_ids == self._latent_pad_id
+        pads = input_ids == self.gap_model.config.latent_pad_token_id
         opened = starts.cumsum(1)
         if (opened[pads] == 0).any():
             raise ValueError(
