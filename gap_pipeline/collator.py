@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from modeling_gap import IGNORE_INDEX
+from processing_gap import GAP_CHAT_TEMPLATE, LATENT_PLACEHOLDER, GapProcessor
 
 from .data import (
     GapDataError,
@@ -55,7 +57,6 @@ from .data import (
 __all__ = ["GapDataCollator", "ImageFeatureCache"]
 
 
-
 def _is_gap_processor(processor) -> bool:
     return type(processor).__name__ == "GapProcessor" and all(
         hasattr(processor, name) for name in ("latent_tokens_per_span", "encode_conversation", "tokenizer")
@@ -64,8 +65,6 @@ def _is_gap_processor(processor) -> bool:
 
 def _as_gap_processor(processor, latent_tokens_per_span):
     """`processor` as a GapProcessor with K = `latent_tokens_per_span` (sharing tokenizer and image processor)."""
-    from processing_gap import GAP_CHAT_TEMPLATE, GapProcessor
-
     # A GapProcessor from AutoProcessor(trust_remote_code=True) is the class of the checkpoint's own
     # processing_gap.py (a `transformers_modules` copy), not this repository's: recognise it by its interface.
     if isinstance(processor, GapProcessor) or _is_gap_processor(processor):
@@ -202,10 +201,9 @@ class GapDataCollator:
             across epochs).
 
     `feature_cache` (an `ImageFeatureCache`, None by default; `GapSFTTrainer.train()` lends it its own): an image
-    whose features it holds gets no pixels (its grid comes from the cache), and the batch also holds ``image_keys`` (each image's
-    content key, None for precomputed pixels) and ``cached_images`` (bool per image: True when its features are to
-    be taken from the cache, so it has no rows in ``pixel_values``), which only `GapSFTTrainer` reads: such a batch is
-    for that trainer, the model alone would see no pixels for the cached images.
+    whose features it holds gets no pixels (its grid comes from the cache), and the batch also holds ``image_keys``
+    (each image's content key, None for precomputed pixels) and ``cached_images`` (bool per image: its features come
+    from the cache). Only `GapSFTTrainer` reads such a batch: the model alone would see no pixels for those images.
 
     Rows are dicts with ``messages`` and, as needed, ``images``, ``aux_images``, ``accuracy``,
     ``latent_targets`` ((n_spans * K, d) or (n_spans, K, d)), ``pixel_values`` / ``image_grid_thw``
@@ -227,11 +225,9 @@ class GapDataCollator:
         self.difficulty_threshold = float(difficulty_threshold)
         self.max_length = max_length
         self.latent_tokens_per_span = self.processor.latent_tokens_per_span
-        tokenizer = self.processor.tokenizer
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        if self.pad_token_id is None:
             raise GapDataError("The tokenizer has no pad token; set one (Qwen2.5-VL pads with <|endoftext|>).")
-        self.pad_token_id = pad_id
         self.image_token_id = self.processor.image_token_id
         self.latent_pad_token_id = self.processor.latent_pad_token_id
         self.cache_tokens = cache_tokens
@@ -253,7 +249,7 @@ class GapDataCollator:
         if n_spans == 0:
             if has_targets and _to_tensor(row["latent_targets"], torch.float32).numel() > 0:
                 raise GapDataError(
-                    f"{name}: has 'latent_targets' but no {self.processor_placeholder} placeholder in its assistant "
+                    f"{name}: has 'latent_targets' but no {LATENT_PLACEHOLDER} placeholder in its assistant "
                     "text; recompute the targets with `gap targets` after fixing the row."
                 )
             return None
@@ -264,7 +260,7 @@ class GapDataCollator:
                     "(frozen vision tower over the aux images) and train on its output dataset."
                 )
             raise GapDataError(
-                f"{name}: has {n_spans} {self.processor_placeholder} placeholder(s) but neither 'aux_images' nor "
+                f"{name}: has {n_spans} {LATENT_PLACEHOLDER} placeholder(s) but neither 'aux_images' nor "
                 "'latent_targets'; add one aux image per placeholder and run `gap targets`."
             )
         targets = _to_tensor(row["latent_targets"], torch.float32)
@@ -279,17 +275,12 @@ class GapDataCollator:
             raise GapDataError(f"{name}: 'latent_targets' contain NaN or inf; recompute them (e.g. --dtype float32).")
         return targets
 
-    @property
-    def processor_placeholder(self) -> str:
-        from processing_gap import LATENT_PLACEHOLDER
-
-        return LATENT_PLACEHOLDER
-
     def encode_row(self, row: dict, index: int = 0) -> dict:
-        """Token ids, labels and latent targets of one row; images are counted, not processed.
+        """One row checked and made ready to tokenize; its images are counted, not processed.
 
-        Returns ``{"input_ids", "labels", "latent_targets" (or None), "images" (the row's images, or None when
-        precomputed), "pixel_values", "image_grid_thw" (precomputed or None)}``.
+        Returns ``{"name" (for errors), "messages" (spans stripped when above tau), "latent_targets" (or None),
+        "images" (the row's images, or None when precomputed), "pixel_values", "image_grid_thw" (precomputed or
+        None)}``.
         """
         name = row_name(index, row.get("id"), where="batch row")
         messages = row.get("messages")
@@ -411,19 +402,13 @@ class GapDataCollator:
             sequences.append(ids)
             labels.append(row_labels)
 
-        length = max(len(ids) for ids in sequences)
-        batch_size = len(rows)
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        label_tensor = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(sequences, labels)):
-            input_ids[i, : len(ids)] = ids
-            attention_mask[i, : len(ids)] = 1
-            label_tensor[i, : len(ids)] = lab
+        input_ids = pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id)  # right padding
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": label_tensor,
+            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
             "mm_token_type_ids": ((input_ids == self.image_token_id) & attention_mask.bool()).long(),
         }
 

@@ -1,8 +1,7 @@
 """`GapSFTTrainer`: TRL's `SFTTrainer` for `GapForConditionalGeneration` (paper §4, App. F), and its `GapSFTConfig`.
 
-The loss is L = L_LM + lambda * L_latent (Eq. 2-3): the latent targets of each row (the dataset's `latent_targets`
-column, written by `gap targets`) are fed at the ``<|latent_pad|>`` positions (teacher forcing) and the latent head
-is trained to predict them; rows whose `accuracy` exceeds tau train on text only (Eq. 4, `GapDataCollator`).
+The loss is L = L_LM + lambda * L_latent (Eq. 2-3), the targets (`gap targets`) fed at the ``<|latent_pad|>``
+positions (teacher forcing); rows whose `accuracy` exceeds tau train on text only (Eq. 4, `GapDataCollator`).
 
 ```python
 from gap_pipeline.collator import GapDataCollator
@@ -36,12 +35,18 @@ import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import is_flash_attn_2_available, logging
 from trl import SFTConfig, SFTTrainer
 
-from modeling_gap import IGNORE_INDEX
+from modeling_gap import IGNORE_INDEX, GapForConditionalGeneration
+from processing_gap import GapProcessor
 
 from . import GapError
 from .collator import GapDataCollator, ImageFeatureCache
@@ -65,16 +70,8 @@ __all__ = [
 
 # Dataset columns `GapDataCollator` reads: TRL's conversational vision format, the GAP columns, and the image
 # processor outputs a dataset may hold precomputed.
-COLLATOR_COLUMNS = (
-    "messages",
-    "images",
-    "aux_images",
-    "latent_targets",
-    "accuracy",
-    "pixel_values",
-    "image_grid_thw",
-    "id",
-)
+COLLATOR_COLUMNS = ("messages", "images", "aux_images", "latent_targets", "accuracy", "pixel_values", "image_grid_thw",
+                    "id")
 # The model's latent head attribute: a parameter belongs to the head when this is one of its name's parts
 # (`latent_head.proj.weight`, `base_model.model.latent_head.modules_to_save.default.proj.weight`).
 LATENT_HEAD = "latent_head"
@@ -91,31 +88,16 @@ def is_latent_head_parameter(name: str) -> bool:
 
 @dataclass
 class GapSFTConfig(SFTConfig):
-    r"""`SFTConfig` with the GAP trainer's own fields.
-
-    Parameters:
-        latent_head_learning_rate (`float` or `None`, defaults to `None`): peak learning rate of the latent head's
-            parameter groups; `None` uses `learning_rate`.
-        freeze_vision_tower (`bool`, defaults to `True`): keep the vision tower frozen (a trainable tower collapsed
-            under the latent loss). Must stay `True` with a PEFT config.
-        image_feature_cache_mb (`float`, defaults to `1024`): with a frozen vision tower and a `GapDataCollator`, the
-            tower's features of each image are kept (on the CPU, up to this many MB; then no more are added), so an
-            image seen again skips the image processor and the tower. 0 turns it off.
-        scheduled_sampling_prob (`float`, defaults to `0.0`): scheduled sampling (App. F ablation; 0 = off). With
-            p > 0 every training micro-batch runs a teacher-forced pass without gradients, then one where each latent
-            span's inputs are, with probability p (seeded), the first pass's detached predictions; the loss is the
-            second pass's against the true targets. Evaluation stays teacher-forced.
-
-    The GAP collator builds every tensor from the raw rows, so `dataset_kwargs["skip_prepare_dataset"]` is always
-    set.
-    """
+    """`SFTConfig` with the GAP trainer's own fields (each field's help says what it does); `dataset_kwargs`
+    always gets `skip_prepare_dataset`."""
 
     latent_head_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the latent head. Default: --learning_rate."}
     )
     freeze_vision_tower: bool = field(
         default=True,
-        metadata={"help": "Keep the vision tower frozen (default; a trainable tower collapsed under the latent loss)."},
+        metadata={"help": "Keep the vision tower frozen (default; a trainable tower collapsed under the latent loss). "
+                  "Must stay on with a PEFT config."},
     )
     scheduled_sampling_prob: float = field(
         default=0.0,
@@ -131,9 +113,9 @@ class GapSFTConfig(SFTConfig):
     image_feature_cache_mb: float = field(
         default=1024.0,
         metadata={
-            "help": "With a frozen vision tower, keep each training image's tower features (CPU memory, up to this "
-            "many MB) so that later epochs skip its image processing and its tower forward (the features are the "
-            "same); 0 = off. Emptied when train() starts; not used with a trainable tower."
+            "help": "With a frozen vision tower and a GapDataCollator, keep each training image's tower features (CPU "
+            "memory, up to this many MB; then no more are added) so that later epochs skip its image processing and "
+            "its tower forward (the features are the same); 0 = off. Emptied when train() starts."
         },
     )
 
@@ -168,16 +150,14 @@ class GapSFTTrainer(SFTTrainer):
     * the latent head has its own learning rate (`args.latent_head_learning_rate`);
     * the vision tower is frozen unless `args.freeze_vision_tower=False`;
     * the vision tower and the latent head run on every micro-batch, so ZeRO-3 ranks gather the same parameters in
-      the same order (a micro-batch without images encodes a one-token dummy image whose features are weighted 0).
+      the same order (a micro-batch without images encodes a one-token dummy image whose features are weighted 0);
+    * `args.scheduled_sampling_prob` p > 0 turns on scheduled sampling (App. F; `scheduled_sampling_fraction`, the
+      share of replaced spans, is logged).
 
     `model` must be an instance (a `GapForConditionalGeneration`, or a PEFT model around one). With `peft_config`
     (a LoRA config) the adapter goes on the language model only (`gap_pipeline.lora.configure_lora`, on a copy),
     the latent head is fully trainable and so are the three latent tokens' rows of the input embedding and, when
     untied, of the LM head.
-
-    `args.scheduled_sampling_prob` p > 0 turns on scheduled sampling (App. F): each latent span's inputs are
-    replaced, with probability p per span (seeded by `args.seed`, the step, the micro-batch and the rank), by a
-    teacher-forced first pass's detached predictions. `scheduled_sampling_fraction` (replaced spans / spans) is logged.
 
     Saving writes a model card (`gap_pipeline.model_card`) into every saved folder; `training_run` (a
     `TrainingRun`) supplies what the trainer cannot know (command, base model, datasets). Pushing is the Trainer's
@@ -219,17 +199,9 @@ class GapSFTTrainer(SFTTrainer):
                 )
             peft_config = configure_lora(peft_config, (model.get_base_model() if is_peft_model(model) else model).config)
         callbacks = [*(kwargs.pop("callbacks", None) or []), RemoteCodeOnPush()]
-        super().__init__(
-            model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         callbacks=callbacks, **kwargs)
         gap = self.gap_model
         if gap.config.latent_token_ids is None:
             raise TrainingError("The model has no latent token ids; convert it with `from_qwen2_5_vl` first.")
@@ -243,8 +215,7 @@ class GapSFTTrainer(SFTTrainer):
         # The frozen tower's features of each image, lent to the collator during `train()` (known images get no pixels).
         self._feature_cache = None
         if self.args.freeze_vision_tower and self.args.image_feature_cache_mb > 0 and isinstance(
-            self.data_collator, GapDataCollator
-        ):
+                self.data_collator, GapDataCollator):
             self._feature_cache = ImageFeatureCache(int(self.args.image_feature_cache_mb * 2**20))
         self._num_latent_items_in_batch = None
         # per mode, over the latent positions since the last log: (sum ||v_hat||/||v||, positions, sum ||v_hat - v||^2,
@@ -283,12 +254,9 @@ class GapSFTTrainer(SFTTrainer):
         )
 
     def train(self, *args: Any, **kwargs: Any):
-        """`Trainer.train`, with the image feature cache (if on) lent to the data collator for its duration.
-
-        The cache starts empty (the tower's weights may have been loaded or changed since the last run, e.g. by
-        `resume_from_checkpoint`), and the collator gets its own setting back afterwards, so that batches made
-        outside training always carry every image's pixels.
-        """
+        """`Trainer.train`, with the image feature cache (if on) lent to the data collator for its duration: emptied
+        first (the tower's weights may have changed, e.g. by `resume_from_checkpoint`), and taken back afterwards, so
+        that batches made outside training carry every image's pixels."""
         if self._feature_cache is None:
             return super().train(*args, **kwargs)
         self._feature_cache.clear()
@@ -357,14 +325,12 @@ class GapSFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _scheduled_sampling_forward(self, model, inputs):
-        """The two passes of scheduled sampling (App. F); returns the second pass's outputs, its loss against the
-        true targets.
+        """The two passes of scheduled sampling (App. F); returns the second pass's outputs (its loss is against the
+        true targets).
 
-        The first pass is the teacher-forced forward, without gradients (with the labels, so that the latent head
-        runs as many times as in the second pass on every rank, latents or not). Each latent span is then picked with
-        probability p (`_span_coin_flips`), and the inputs of the picked spans' pads become the first pass's
-        detached predictions (v_hat, PCA-decoded). Both passes run on every micro-batch, latents or not, so ZeRO-3
-        ranks gather the same parameters in the same order; the images are encoded once, for both.
+        The first, teacher-forced pass runs without gradients but with the labels, so that the latent head runs as
+        often as in the second pass on every rank; both passes run on every micro-batch, latents or not (ZeRO-3 ranks
+        gather in step). The images are encoded once, for both.
         """
         with torch.no_grad():
             first = model(**inputs)
@@ -569,7 +535,7 @@ class GapSFTTrainer(SFTTrainer):
         if state_dict is not None and self._fp32_head_state:
             state_dict = {**state_dict, **self._fp32_head_state}
         super()._save(output_dir, state_dict=state_dict)
-        self.create_model_card(output_dir=output_dir if output_dir is not None else self.args.output_dir)
+        self.create_model_card(output_dir=output_dir)
 
     def _gather_fp32_latent_head(self) -> dict[str, torch.Tensor]:
         """{state-dict key: fp32 CPU tensor} of the head's low-precision DeepSpeed parameters (empty otherwise)."""
@@ -587,13 +553,8 @@ class GapSFTTrainer(SFTTrainer):
                 state[name] = full.detach().reshape(shape).to("cpu", torch.float32)
         return state
 
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        output_dir: str | None = None,
-    ) -> None:
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, output_dir: str | None = None) -> None:
         """Write GAP's model card (`gap_pipeline.model_card`) as README.md into `output_dir` (default
         `args.output_dir`), replacing TRL's; on the processes that save.
 
@@ -606,15 +567,10 @@ class GapSFTTrainer(SFTTrainer):
         run = self._training_run_for_card()
         if dataset_name is not None and dataset_name not in run.datasets:
             run.datasets = [*run.datasets, dataset_name]
-        write_model_card(
-            output_dir if output_dir is not None else self.args.output_dir,
-            self.gap_model.config,
-            model_name=model_name,
-            model_id=self.hub_model_id or self.args.hub_model_id,
-            training=run,
-            adapter=is_peft_model(self.model),
-            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else list(tags or []))],
-        )
+        write_model_card(output_dir if output_dir is not None else self.args.output_dir, self.gap_model.config,
+                         model_name=model_name, model_id=self.hub_model_id or self.args.hub_model_id, training=run,
+                         adapter=is_peft_model(self.model),
+                         tags=[*self._tag_names, *([tags] if isinstance(tags, str) else list(tags or []))])
 
     def _training_run_for_card(self) -> TrainingRun:
         """`training_run` completed with what the trainer knows: tau, p, world size, LoRA, hyperparameters."""
@@ -644,15 +600,11 @@ class GapSFTTrainer(SFTTrainer):
         }
         if args.deepspeed:
             hyperparameters["deepspeed"] = args.deepspeed if isinstance(args.deepspeed, str) else "dict"
-        return dataclasses.replace(
-            run,
-            datasets=list(run.datasets),
-            difficulty_threshold=tau,
-            scheduled_sampling_prob=args.scheduled_sampling_prob,
-            world_size=run.world_size or args.world_size,
-            hyperparameters={**hyperparameters, **run.hyperparameters},
-            lora=run.lora if run.lora is not None else lora_settings(self.model),
-        )
+        return dataclasses.replace(run, datasets=list(run.datasets), difficulty_threshold=tau,
+                                   scheduled_sampling_prob=args.scheduled_sampling_prob,
+                                   world_size=run.world_size or args.world_size,
+                                   hyperparameters={**hyperparameters, **run.hyperparameters},
+                                   lora=run.lora if run.lora is not None else lora_settings(self.model))
 
     # -- optimizer ------------------------------------------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -671,20 +623,14 @@ class GapSFTTrainer(SFTTrainer):
                 continue
             key = (is_latent_head_parameter(name), name in decay_names)
             groups.setdefault(key, []).append(parameter)
-        param_groups = []
-        for (is_head, decays), parameters in sorted(groups.items()):
-            group = {"params": parameters, "weight_decay": self.args.weight_decay if decays else 0.0}
-            if is_head:
-                group["lr"] = self.args.latent_head_learning_rate
-            param_groups.append(group)
+        param_groups = [{"params": parameters, "weight_decay": self.args.weight_decay if decays else 0.0,
+                         **({"lr": self.args.latent_head_learning_rate} if is_head else {})}
+                        for (is_head, decays), parameters in sorted(groups.items())]
         if not any(is_head for is_head, _ in groups):
             raise ValueError("No trainable latent-head parameter: the GAP latent head must be trained.")
 
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        optimizer_kwargs = dict(optimizer_kwargs)
+        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                           or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
         replaced = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
         if replaced or not isinstance(optimizer_cls, type):
             raise TrainingError(
@@ -720,12 +666,6 @@ def apply_global_batch_size(training_args: GapSFTConfig, global_batch_size: int 
 @contextlib.contextmanager
 def zero3_init_disabled(args: GapSFTConfig) -> Iterator[None]:
     """Build models normally (not partitioned by `zero.Init`) inside the block, e.g. for a one-off conversion."""
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled,
-        set_hf_deepspeed_config,
-        unset_hf_deepspeed_config,
-    )
-
     if not is_deepspeed_zero3_enabled():
         yield
         return
@@ -746,11 +686,6 @@ def load_model_and_processor(
 ) -> tuple[PreTrainedModel, Any]:
     """The GAP checkpoint at `path` and its processor, to train (`config_overrides`: K, lambda, the loss
     reduction; None values are left out). `attn_implementation` None picks flash_attention_2 when installed."""
-    from transformers.utils import is_flash_attn_2_available
-
-    from modeling_gap import GapForConditionalGeneration
-    from processing_gap import GapProcessor
-
     if attn_implementation is None:
         attn_implementation = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
     overrides = {key: value for key, value in config_overrides.items() if value is not None}
@@ -818,8 +753,6 @@ class RunRecordCallback(TrainerCallback):
 def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]) -> str:
     """The highest complete checkpoint in `output_dir` written by the run `record` describes (`--resume_from_checkpoint
     last`). Newer checkpoints of another run, or cut short, are skipped with a warning; none left is an error."""
-    from transformers.utils import logging
-
     folder = Path(output_dir)
     checkpoints = []
     for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else []:
