@@ -28,7 +28,7 @@ from .datasets_io import append_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, load_model_and_processor,
                         load_rows, prompt_of_row)
 from .plugins import import_object
-from .provenance import check_or_record
+from .provenance import RUN_RECORD, check_or_record
 from .targets import TARGETS_COLUMN
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "shard_rows",
 ]
 
-RUN_FILENAME = "run.json"
 RESULTS_DIRNAME = "results"
 SUMMARY_FILENAME = "summary.json"
 DATASET_DIRNAME = "dataset"
@@ -228,7 +227,7 @@ def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None)
 
 def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
-    check_or_record(output_dir, RUN_FILENAME, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
+    check_or_record(output_dir, RUN_RECORD, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
                     has_results=False, fresh="resume with the same settings, or use a new --output-dir")
 
 
@@ -427,7 +426,7 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
     """Every row of `dataset` has a result, no result is past its end, and recorded ids match `id_column`."""
     missing = [row for row in range(len(dataset)) if row not in results]
     if missing:
-        run_file = output_dir / RUN_FILENAME
+        run_file = output_dir / RUN_RECORD
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
         shards = sorted(path.name for path in output_dir.glob(f"{RESULTS_DIRNAME}/*.jsonl"))
         raise DifficultyError(

@@ -30,7 +30,7 @@ from .datasets_io import append_json_lines, utf8_lines, write_json_file
 from .data import add_max_image_pixels_argument, undecoded_images
 from .inference import DTYPES, RowError, encode_prompts
 from .targets import TARGETS_COLUMN
-from .provenance import check_or_record, data_fingerprint, model_fingerprint
+from .provenance import RUN_RECORD, check_or_record, data_fingerprint, model_fingerprint
 
 HELP = "Evaluate a checkpoint: accuracy per latent intervention and budget, latency, latent norms."
 
@@ -501,7 +501,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="discard the predictions already in --output-dir (of another model, data or settings)")
 
 
-RUN_RECORD = "run.json"  # what produced the predictions in an output folder (see gap_pipeline.provenance)
 RESULT_FILES = ("predictions*.jsonl", "summary.json", "summary.md", RUN_RECORD)
 
 

@@ -21,7 +21,10 @@ from typing import Any
 from . import GapError
 from .datasets_io import write_json_file
 
-__all__ = ["ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint", "record_differences"]
+__all__ = ["RUN_RECORD", "ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint",
+           "record_differences"]
+
+RUN_RECORD = "run.json"  # the record's name in an output folder of gap difficulty and gap evaluate
 
 _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
