@@ -450,7 +450,7 @@ class DefaultAnswerChecker:
         if not row:
             return None
         for key in self.options_keys:
-            value = row.get(key) if hasattr(row, "get") else None
+            value = row.get(key)
             if value is not None and len(value) > 0:
                 return value
         return None
@@ -469,10 +469,10 @@ def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer
     """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
     from .data import turn_texts
 
-    value = row.get(answer_column) if hasattr(row, "get") else None
+    value = row.get(answer_column)
     if value is not None and str(value).strip():
         return str(value).strip()
-    messages = (row.get(messages_column) or []) if hasattr(row, "get") else []
+    messages = row.get(messages_column) or []
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
