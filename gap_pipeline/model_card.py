@@ -344,7 +344,11 @@ def write_model_card(folder, config, **kwargs) -> Path:
 def read_training_run(folder) -> TrainingRun | None:
     """The `TrainingRun` recorded in `folder`/README.md's front matter (None without a GAP card)."""
     path = Path(folder) / CARD_NAME
-    gap = ((metadata_load(path) if path.is_file() else None) or {}).get("gap")
+    try:
+        metadata = metadata_load(path) if path.is_file() else None
+    except ValueError:  # front matter that is not a mapping: not a card this project wrote
+        return None
+    gap = metadata.get("gap") if isinstance(metadata, dict) else None
     recorded = gap.get("training") if isinstance(gap, dict) else None
     if not isinstance(recorded, dict):
         return None

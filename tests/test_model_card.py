@@ -65,3 +65,10 @@ def test_a_hub_id_given_as_the_base_model_is_published_as_is(tiny_gap, machine):
     card = render_model_card(tiny_gap.config, training=run)
     assert "\nbase_model: Qwen/Qwen2.5-VL-3B-Instruct\n" in "\n" + _front_matter(card)
     assert "- base model: `Qwen/Qwen2.5-VL-3B-Instruct`\n" in card
+
+
+def test_a_folder_whose_card_is_not_ours_has_no_training_run(tmp_path):
+    (tmp_path / "README.md").write_text("---\n- a list, not a mapping\n---\nSomeone else's card.\n", encoding="utf-8")
+    assert read_training_run(tmp_path) is None
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\nA card without a gap block.\n", encoding="utf-8")
+    assert read_training_run(tmp_path) is None
