@@ -155,8 +155,7 @@ def check_output_dir(output_dir: str | os.PathLike, error_cls: type[Exception], 
     if output_dir.exists() and not output_dir.is_dir():
         raise error_cls(f"--output-dir {output_dir} exists and is not a folder")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise error_cls(f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite to write "
-                        "into it")
+        raise error_cls(f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite")
     return output_dir
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import atomic_output_dir, load_dataset_folder, write_json_file
+from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
 from .data import add_max_image_pixels_argument
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
@@ -785,8 +785,8 @@ def _resume_record(args, model_dir: Path, K: int, device, model_dtype: str, data
 def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> None:
     from transformers import AutoImageProcessor
 
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise TargetsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
+    inputs = {"--model": args.model, "--data": args.data} | ({"--image-dir": args.image_dir} if args.image_dir else {})
+    check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     given = args.latent_tokens_per_span is not None
     K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
     try:

@@ -222,3 +222,10 @@ def test_gap_targets_command_writes_the_dataset_and_a_summary(tmp_path, jsonl, t
     bad_k = ["targets", "--data", str(jsonl), "--model", str(tiny_base_dir), "--output-dir", str(tmp_path / "o2"),
              "--latent-tokens-per-span", "5"]
     assert gap_main(bad_k) == 2 and "not a perfect square" in capsys.readouterr().err
+
+
+def test_targets_refuse_to_write_into_the_model_folder(tiny_base_dir, capsys):
+    status = gap_main(["targets", "--model", str(tiny_base_dir), "--data", str(tiny_base_dir / "missing.jsonl"),
+                       "--output-dir", str(tiny_base_dir), "--overwrite"])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == "error: --output-dir is the --model folder; write to a new folder"
