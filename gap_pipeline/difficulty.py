@@ -25,8 +25,8 @@ from . import GapError
 from .answers import gold_answer
 from .data import add_max_image_pixels_argument, undecoded_images
 from .datasets_io import append_json_lines, write_json_file
-from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, load_model_and_processor,
-                        load_rows, prompt_of_row)
+from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
+                        load_model_and_processor, load_rows, prompt_of_row)
 from .plugins import import_object
 from .provenance import RUN_RECORD, check_or_record
 from .targets import TARGETS_COLUMN
@@ -119,7 +119,6 @@ class HFSampler:
             raise DifficultyError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
         self.settings = settings
         self.model, self.processor, _ = load_model_and_processor(settings.model, dtype=settings.dtype, device=settings.device)
-        self.tokenizer = self.processor.tokenizer
 
     def __repr__(self) -> str:
         s = self.settings
@@ -132,21 +131,18 @@ class HFSampler:
             return []
         inputs = encode_prompts(self.processor, [(q.messages, q.images) for q in questions], self.model.device)
         torch.manual_seed(batch_seed(self.settings.seed, questions[0].index))
-        with torch.no_grad():
-            sequences = self.model.generate(
-                **inputs,
-                do_sample=True,
-                temperature=self.settings.temperature,
-                top_p=self.settings.top_p,
-                top_k=self.settings.top_k,
-                max_new_tokens=self.settings.max_new_tokens,
-                num_return_sequences=n,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        if not isinstance(sequences, torch.Tensor):  # a generation_config with return_dict_in_generate
-            sequences = sequences.sequences
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        _, texts = generate_texts(
+            self.model,
+            self.processor,
+            inputs,
+            do_sample=True,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            top_k=self.settings.top_k,
+            max_new_tokens=self.settings.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+        )
         return [texts[i * n : (i + 1) * n] for i in range(len(questions))]
 
 

@@ -28,7 +28,7 @@ from modeling_gap import LATENT_INTERVENTIONS
 from . import GapError
 from .datasets_io import append_json_lines, utf8_lines, write_json_file
 from .data import add_max_image_pixels_argument, undecoded_images
-from .inference import DTYPES, RowError, encode_prompts
+from .inference import DTYPES, RowError, encode_prompts, generate_texts
 from .targets import TARGETS_COLUMN
 from .provenance import RUN_RECORD, check_or_record, data_fingerprint, model_fingerprint
 
@@ -321,8 +321,6 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
     """Generate for a batch of items; returns (texts, span counts, per-span mean norms, vision norms, seconds,
     per-row latent fidelity against the items' targets or None). `generation_kwargs` (temperature, top_p, ...)
     go to ``generate`` as they are."""
-    import torch
-
     inputs = encode_prompts(processor, [(item.messages, item.images) for item in items], model.device)
     vision_norms = _vision_norms(model, inputs, len(items))
     kwargs = dict(generation_kwargs or {}, max_new_tokens=max_new_tokens, do_sample=do_sample)
@@ -338,12 +336,8 @@ def generate_batch(model, processor, items, *, is_gap, intervention, budget, max
                     "intervention feeds; evaluate a dataset folder written by `gap targets` with that K")
             kwargs["latent_oracle"] = targets
     started = time.perf_counter()
-    with torch.no_grad():
-        output = model.generate(**inputs, **kwargs)
+    output, texts = generate_texts(model, processor, inputs, **kwargs)
     seconds = (time.perf_counter() - started) / len(items)
-    sequences = output.sequences if is_gap else output
-    generated = sequences[:, inputs["input_ids"].shape[1]:]
-    texts = processor.batch_decode(generated, skip_special_tokens=True)
     if is_gap:
         spans = output.num_latent_spans.tolist()
         norms = [norm.mean(dim=-1).tolist() for norm in output.latent_norms]

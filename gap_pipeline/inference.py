@@ -30,6 +30,7 @@ __all__ = [
     "checkpoint_model_type",
     "clean_messages",
     "encode_prompts",
+    "generate_texts",
     "load_model_and_processor",
     "load_rows",
     "model_type_of",
@@ -170,6 +171,15 @@ def encode_prompts(processor: Any, prompts: Sequence[tuple[list, list]], device:
     images = [image for _, row_images in prompts for image in row_images]
     return processor(text=texts, images=images or None, return_tensors="pt", padding=True,
                      padding_side="left").to(device)
+
+
+def generate_texts(model: Any, processor: Any, inputs: Mapping[str, Any], **kwargs: Any) -> tuple[Any, list[str]]:
+    """``(output, texts)``: ``model.generate(**inputs, **kwargs)`` without gradients, and the tokens it added to each
+    sequence decoded without special tokens (a tensor output or a ``return_dict_in_generate`` one)."""
+    with torch.no_grad():
+        output = model.generate(**inputs, **kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    return output, processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
