@@ -63,8 +63,8 @@ from gap_pipeline.trainer import (
     TrainingError,
     apply_global_batch_size,
     last_checkpoint_of_run,
+    load_for_training,
     run_record,
-    load_model_and_processor,
     zero3_init_disabled,
 )
 
@@ -157,7 +157,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         )
     elif model_type != GAP_MODEL_TYPE:
         raise TrainingError(f"{path} holds a '{model_type}' model; train_sft.py needs a GAP or Qwen2.5-VL checkpoint.")
-    model, processor = load_model_and_processor(
+    model, processor = load_for_training(
         path, revision=revision, dtype=model_args.dtype or "auto",
         attn_implementation=model_args.attn_implementation, **gap_options,
     )

@@ -63,7 +63,7 @@ __all__ = [
     "TrainingError",
     "apply_global_batch_size",
     "last_checkpoint_of_run",
-    "load_model_and_processor",
+    "load_for_training",
     "run_record",
     "zero3_init_disabled",
 ]
@@ -183,7 +183,7 @@ class GapSFTTrainer(SFTTrainer):
     ):
         if isinstance(model, str):
             raise TypeError(
-                "GapSFTTrainer needs a model instance: load it with `gap_pipeline.trainer.load_model_and_processor` "
+                "GapSFTTrainer needs a model instance: load it with `gap_pipeline.trainer.load_for_training` "
                 "or `GapForConditionalGeneration.from_pretrained` after the training arguments exist."
             )
         if args is None:
@@ -676,7 +676,7 @@ def zero3_init_disabled(args: GapSFTConfig) -> Iterator[None]:
         set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
-def load_model_and_processor(
+def load_for_training(
     path: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -690,16 +690,12 @@ def load_model_and_processor(
         attn_implementation = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
     overrides = {key: value for key, value in config_overrides.items() if value is not None}
     revision_kwargs = {} if revision is None else {"revision": revision}
-    model = GapForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, **revision_kwargs, **overrides
-    )
+    model = GapForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                        **revision_kwargs, **overrides)
     model.config.validate_gap()
-    processor = GapProcessor.from_pretrained(
-        path,
-        **revision_kwargs,
-        trust_remote_code=False,  # GapProcessor is this repository's class: no code from the folder is needed
-        latent_tokens_per_span=model.config.latent_tokens_per_span,
-    )
+    # GapProcessor is this repository's class: no code from the folder is needed
+    processor = GapProcessor.from_pretrained(path, **revision_kwargs, trust_remote_code=False,
+                                             latent_tokens_per_span=model.config.latent_tokens_per_span)
     return model, processor
 
 
