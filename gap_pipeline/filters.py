@@ -228,6 +228,25 @@ def span_variances(spans: np.ndarray) -> np.ndarray:
     return (centred**2).sum(axis=-1).mean(axis=1)
 
 
+class _VectorSpread:
+    """Running mean squared distance of all finite target vectors from their mean: E||v||^2 - ||E v||^2."""
+
+    def __init__(self):
+        self.count, self.sum, self.sum_sq = 0, 0.0, 0.0
+
+    def update(self, spans: np.ndarray) -> None:
+        vectors = spans[np.isfinite(spans).all(axis=(1, 2))].reshape(-1, spans.shape[-1]).astype(np.float64)
+        self.count += len(vectors)
+        self.sum = self.sum + vectors.sum(axis=0)
+        self.sum_sq += float((vectors**2).sum())
+
+    def total_variance(self) -> float:
+        if not self.count:
+            return 0.0
+        mean = self.sum / self.count
+        return max(self.sum_sq / self.count - float(mean @ mean), 0.0)
+
+
 def query_distances(spans: np.ndarray, queries: list[np.ndarray]) -> np.ndarray:
     """Per span, the smallest ``||span - Q|| / ||Q||`` over the query images' pooled (K, d) grids `queries`."""
     if not queries:
@@ -267,6 +286,7 @@ def aux_problems(
     variances: dict[int, np.ndarray] = {}
     distances: dict[int, np.ndarray] = {}
     pending: list[tuple[int, np.ndarray]] = []
+    scale = _VectorSpread()
 
     def flush():
         images, owners, names = [], [], []
@@ -284,6 +304,7 @@ def aux_problems(
         if not len(spans):
             continue
         variances[row] = span_variances(spans)
+        scale.update(spans)
         if query_encoder is not None and thresholds.min_query_distance > 0:
             pending.append((row, spans))
             if len(pending) == batch_size:
@@ -291,9 +312,10 @@ def aux_problems(
     if pending:
         flush()
 
-    finite = np.concatenate([v[np.isfinite(v)] for v in variances.values()]) if variances else np.zeros(0)
-    median = float(np.median(finite)) if finite.size else 0.0
-    ratios = {row: v / median if median > 0 else np.where(v > 0, np.inf, 0.0) for row, v in variances.items()}
+    # The scale a span's spread is judged against: the variance of every target vector around the data set's mean
+    # (the PCA's total variance). Unlike a typical span's spread it stays put however many spans are flat.
+    total = scale.total_variance()
+    ratios = {row: v / total if total > 0 else np.where(v > 0, np.inf, 0.0) for row, v in variances.items()}
     problems: dict[int, tuple[str, str]] = {}
     t = thresholds
     for row, ratio in ratios.items():
@@ -302,7 +324,8 @@ def aux_problems(
             if not np.isfinite(variance):
                 detail = "its targets hold NaN or infinite values"
             elif r < t.min_span_variance_ratio:
-                detail = f"variance {r:.3g} x the median span's (< {t.min_span_variance_ratio}): nearly constant"
+                detail = (f"variance {r:.3g} x the data set's target variance (< {t.min_span_variance_ratio}): "
+                          "nearly constant")
             elif q < t.min_query_distance:
                 detail = f"relative distance {q:.3g} to a query image's embeddings (< {t.min_query_distance})"
             else:
@@ -413,7 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="where the kept rows and filter_report.json are written")
     group = parser.add_argument_group("thresholds")
     group.add_argument("--min-span-variance-ratio", type=float, default=d.min_span_variance_ratio,
-                       help="degenerate_aux: a span's variance below this times the median span's "
+                       help="degenerate_aux: a span's variance below this times the data set's target variance "
                        f"(default {d.min_span_variance_ratio})")
     group.add_argument("--min-query-distance", type=float, default=d.min_query_distance,
                        help="degenerate_aux: ||T - Q|| / ||Q|| to a query image's pooled embeddings below this; 0 "

@@ -257,3 +257,22 @@ def test_gap_filter_bad_model_folder_is_one_error_line(tmp_path, data, capsys):
     assert gap_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --model {tmp_path / 'missing'}: no such folder") and "Traceback" not in err
+
+
+def test_flat_spans_trip_even_when_most_of_the_data_set_is_flat(data, tiny_tokenizer):
+    """The scale is the data set's target variance, not a typical span's: when flat spans are the majority (the
+    demo task's framed questions show four copies of one cell), a median span would be flat and pass them all."""
+    import datasets
+
+    flat_ids = {"ok0", "ok1", "ok2", "ok3", "quiet", "flat", "no_parser", "short", "long"}
+
+    def flatten(row):
+        if row["id"] not in flat_ids:
+            return {}
+        values = np.asarray(row[TARGETS_COLUMN], dtype=np.float32)
+        return {TARGETS_COLUMN: np.repeat(values.mean(axis=0, keepdims=True), len(values), axis=0).tolist()}
+
+    targets = datasets.load_from_disk(str(data["targets_dir"])).map(flatten)
+    result = filter_rows(load_jsonl(data["jsonl"]), tiny_tokenizer, targets=targets)
+    reasons = {r.id: r.reason for r in result.removed}
+    assert {row_id for row_id, reason in reasons.items() if reason == "degenerate_aux"} == flat_ids | {"nan"}
