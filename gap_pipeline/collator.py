@@ -41,6 +41,7 @@ from torch.nn.utils.rnn import pad_sequence
 from modeling_gap import IGNORE_INDEX
 from processing_gap import GAP_CHAT_TEMPLATE, LATENT_PLACEHOLDER, GapProcessor
 
+from . import GapError
 from .data import (
     GapDataError,
     accuracy_problem,
@@ -77,7 +78,7 @@ def _as_gap_processor(processor, latent_tokens_per_span):
             latent_tokens_per_span=latent_tokens_per_span,
         )
     if latent_tokens_per_span is None:
-        raise ValueError(
+        raise GapError(
             f"{type(processor).__name__} is not a GapProcessor, so it does not know K: pass "
             "`latent_tokens_per_span`, or build the processor with GapProcessor.from_qwen2_5_vl_processor."
         )
@@ -150,7 +151,7 @@ class ImageFeatureCache:
 
     def __init__(self, max_bytes: int):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"`max_bytes` must be an integer >= 0, got {max_bytes!r}.")
+            raise GapError(f"`max_bytes` must be an integer >= 0, got {max_bytes!r}.")
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

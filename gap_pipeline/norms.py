@@ -148,7 +148,7 @@ def _final_norm_module(model):
     try:
         return model.model.language_model.norm
     except AttributeError:
-        raise ValueError(
+        raise GapError(
             f"{type(model).__name__} has no `model.language_model.norm`; norm profiling needs a Qwen2.5-VL or GAP model"
         ) from None
 

@@ -27,6 +27,8 @@ from typing import Any
 
 from transformers import Qwen2_5_VLProcessor
 
+from . import GapError
+
 __all__ = [
     "ImageOnlyQwen2_5_VLProcessor",
     "load_qwen2_5_vl_processor",
@@ -82,7 +84,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         if push_to_hub:
-            raise ValueError(
+            raise GapError(
                 "ImageOnlyQwen2_5_VLProcessor.save_pretrained does not push to the Hub: save the "
                 "folder, then upload it (for example with huggingface_hub.upload_folder)."
             )

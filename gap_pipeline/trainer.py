@@ -355,7 +355,7 @@ class GapSFTTrainer(SFTTrainer):
         pads = input_ids == self.gap_model.config.latent_pad_token_id
         opened = starts.cumsum(1)
         if (opened[pads] == 0).any():
-            raise ValueError(
+            raise GapError(
                 "A <|latent_pad|> has no <|latent_start|> before it in its row: scheduled sampling replaces whole "
                 "spans, so every pad must belong to one (expand `<latent>` placeholders with the GAP processor)."
             )
@@ -627,7 +627,7 @@ class GapSFTTrainer(SFTTrainer):
                          **({"lr": self.args.latent_head_learning_rate} if is_head else {})}
                         for (is_head, decays), parameters in sorted(groups.items())]
         if not any(is_head for is_head, _ in groups):
-            raise ValueError("No trainable latent-head parameter: the GAP latent head must be trained.")
+            raise GapError("No trainable latent-head parameter: the GAP latent head must be trained.")
 
         optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
                                            or self.get_optimizer_cls_and_kwargs(self.args, opt_model))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from gap_pipeline import GapError
 from gap_pipeline.collator import GapDataCollator, ImageFeatureCache
 from gap_pipeline.data import GapDataError
 from modeling_gap import IGNORE_INDEX
@@ -418,18 +419,20 @@ def test_a_row_longer_than_max_length_is_an_error_never_truncated(processor):
         GapDataCollator(processor, max_length=length - 1)([row])
 
 
-def test_bad_collator_arguments_are_refused(processor, tiny_processor):
-    with pytest.raises(ValueError, match="difficulty_threshold"):
+def test_bad_collator_arguments_are_refused_with_the_one_gap_error(processor, tiny_processor):
+    with pytest.raises(GapError, match="difficulty_threshold"):
         GapDataCollator(processor, difficulty_threshold=float("nan"))
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(GapError, match="max_length"):
         GapDataCollator(processor, max_length=0)
-    with pytest.raises(ValueError, match="cache_tokens"):
+    with pytest.raises(GapError, match="cache_tokens"):
         GapDataCollator(processor, cache_tokens=-1)
     with pytest.raises(GapDataError, match="empty batch"):
         GapDataCollator(processor)([])
-    with pytest.raises(ValueError, match="latent_tokens_per_span"):  # a plain processor does not know K
+    with pytest.raises(GapError, match="latent_tokens_per_span"):  # a plain processor does not know K
         GapDataCollator(tiny_processor)
-    with pytest.raises(ValueError, match="lacks the latent tokens"):  # ... and its tokenizer has no latent tokens
+    # ... and its tokenizer has no latent tokens: the remote code's own check (configuration_gap.py, which a Hub user
+    # loads without this package), so a ValueError as transformers raises
+    with pytest.raises(ValueError, match="lacks the latent tokens"):
         GapDataCollator(tiny_processor, latent_tokens_per_span=4)
 
 
