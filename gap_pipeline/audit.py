@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import GapError
-from .data import turn_texts, undecoded_images
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, turn_texts, undecoded_images
 from .datasets_io import atomic_files_into, datasets_progress_bars, write_json_file
 from .evaluate import decode_base64_image, iter_tsv_records
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
@@ -557,8 +557,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report.html shows at most this many exact and this many near pairs (default 500)")
     parser.add_argument("--fail-on-exact", action="store_true",
                         help="exit with status 1 when any exact_image or exact_question pair is found")
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths that leave a dataset's folder ('..', absolute paths elsewhere)")
+    add_max_image_pixels_argument(parser)
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "LATENT_PLACEHOLDER",
     "RowProblem",
     "accuracy_problem",
+    "add_allow_outside_image_dir_argument",
     "add_max_image_pixels_argument",
     "aux_count_problem",
     "check_image_paths",
@@ -214,6 +215,14 @@ def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
         return None
     root = os.path.abspath(image_dir)
     return None if os.path.commonpath([root, os.path.abspath(_resolve(path, image_dir))]) == root else path
+
+
+def add_allow_outside_image_dir_argument(parser) -> None:
+    """``--allow-outside-image-dir`` of a command that reads rows: lifts the path rule of :func:`load_rows`-style
+    loading (image paths stay inside the image folder), for data whose every path is trusted."""
+    parser.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="accept image paths that leave the image folder ('..', absolute paths elsewhere); "
+                        "off by default")
 
 
 def add_max_image_pixels_argument(parser) -> None:

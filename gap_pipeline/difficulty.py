@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from . import GapError
 from .answers import gold_answer
-from .data import add_max_image_pixels_argument, undecoded_images
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .datasets_io import append_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row)
@@ -512,8 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages-column", default="messages", help="column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="column of the images (default: images)")
     add_max_image_pixels_argument(parser)
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--id-column", default=None,
                         help="a column identifying rows; recorded with each result and checked at merge time")
     parser.add_argument("--tau", type=float, default=0.0,

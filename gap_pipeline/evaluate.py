@@ -27,7 +27,7 @@ from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
 from .datasets_io import append_json_lines, utf8_lines, write_json_file
-from .data import add_max_image_pixels_argument, undecoded_images
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
 from .targets import TARGETS_COLUMN
 from .provenance import RUN_RECORD, check_or_record, data_fingerprint, model_fingerprint
@@ -487,8 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a row without image/answer or with bad base64: report and skip it, or stop")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
     add_max_image_pixels_argument(parser)
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths outside the data's folder ('..', absolute paths); off by default")
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",

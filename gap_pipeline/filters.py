@@ -33,7 +33,7 @@ import torch
 from processing_gap import LATENT_PLACEHOLDER
 
 from . import GapError
-from .data import check_rows, load_jsonl, turn_texts
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, load_jsonl, turn_texts
 from .datasets_io import (atomic_files_into, atomic_output_dir, datasets_progress_bars, load_dataset_folder,
                           utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
@@ -426,8 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the rows: a JSONL file, or a dataset folder (save_to_disk; a `gap targets` folder too)")
     parser.add_argument("--image-dir", default=None,
                         help="folder a JSONL file's image paths are relative to (default: the JSONL file's folder)")
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths that leave the image folder ('..', absolute paths elsewhere)")
+    add_max_image_pixels_argument(parser)
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--targets", default=None,
                         help="the `gap targets` folder of the same rows (for degenerate_aux when --data is a JSONL)")
     parser.add_argument("--model", required=True,

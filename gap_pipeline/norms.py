@@ -67,7 +67,7 @@ import torch
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .data import add_max_image_pixels_argument
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
 from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, encode_prompts
 
 FORMAT_NAME = "gap-norm-profile"
@@ -587,8 +587,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages-column", default="messages", help="dataset column of the conversation (default: messages)")
     parser.add_argument("--images-column", default="images", help="dataset column of the images (default: images)")
     add_max_image_pixels_argument(parser)
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths outside the dataset's folder ('..', absolute paths); off by default")
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--max-samples", type=int, default=64, help="profile at most this many prompts (default: 64)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward, left-padded (default: 1)")
     parser.add_argument("--output-dir", required=True, help=f"where {PROFILE_FILENAME} and {PLOT_FILENAME} go")

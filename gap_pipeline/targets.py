@@ -43,7 +43,7 @@ from configuration_gap import check_latent_budget
 
 from . import GapError
 from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
-from .data import add_max_image_pixels_argument
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
 
@@ -695,8 +695,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_ROWS_PER_SHARD})")
     add_max_image_pixels_argument(parser)
     parser.add_argument("--no-check-images", action="store_true", help="skip opening every image during validation")
-    parser.add_argument("--allow-outside-image-dir", action="store_true",
-                        help="accept image paths outside the image folder ('..', absolute paths); off by default")
+    add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

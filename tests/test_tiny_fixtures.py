@@ -381,3 +381,13 @@ def test_tiny_model_bad_spare_vocab_is_one_error_line(tmp_path, capsys):
     assert status == 2
     assert err == ["error: --spare-vocab must be >= 0 (extra embedding rows), got -1"]
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("name", ["targets", "filter", "audit", "evaluate", "difficulty", "norm-profile"])
+def test_every_command_that_opens_images_has_the_image_guards(name, capsys):
+    """The decompression-bomb limit and the image-folder rule are one flag each, the same on every such command."""
+    with pytest.raises(SystemExit):
+        cli.build_parser([name]).parse_args([name, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-image-pixels N decompression-bomb guard" in text
+    assert "--allow-outside-image-dir accept image paths that leave the image folder" in text
