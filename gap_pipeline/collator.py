@@ -43,6 +43,7 @@ from processing_gap import GAP_CHAT_TEMPLATE, LATENT_PLACEHOLDER, GapProcessor
 
 from . import GapError
 from .data import (
+    TARGETS_COLUMN,
     GapDataError,
     accuracy_problem,
     aux_count_problem,
@@ -246,9 +247,9 @@ class GapDataCollator:
     def _targets(self, row: dict, n_spans: int, name: str) -> torch.Tensor | None:
         """The row's (n_spans * K, d) float32 targets (None for a row without spans)."""
         K = self.latent_tokens_per_span
-        has_targets = _present(row, "latent_targets")
+        has_targets = _present(row, TARGETS_COLUMN)
         if n_spans == 0:
-            if has_targets and _to_tensor(row["latent_targets"], torch.float32).numel() > 0:
+            if has_targets and _to_tensor(row[TARGETS_COLUMN], torch.float32).numel() > 0:
                 raise GapDataError(
                     f"{name}: has 'latent_targets' but no {LATENT_PLACEHOLDER} placeholder in its assistant "
                     "text; recompute the targets with `gap targets` after fixing the row."
@@ -264,7 +265,7 @@ class GapDataCollator:
                 f"{name}: has {n_spans} {LATENT_PLACEHOLDER} placeholder(s) but neither 'aux_images' nor "
                 "'latent_targets'; add one aux image per placeholder and run `gap targets`."
             )
-        targets = _to_tensor(row["latent_targets"], torch.float32)
+        targets = _to_tensor(row[TARGETS_COLUMN], torch.float32)
         if targets.ndim == 3:
             targets = targets.reshape(-1, targets.shape[-1])
         if targets.ndim != 2 or targets.shape[0] != n_spans * K:

@@ -71,6 +71,7 @@ __all__ = [
 
 ROLES = ("system", "user", "assistant")
 IMAGE_COLUMNS = ("images", "aux_images")
+TARGETS_COLUMN = "latent_targets"  # a row's (n_spans * K, d) latent targets, as `gap targets` writes them
 # How many row errors a GapDataError message lists before summarising the rest.
 MAX_LISTED_ERRORS = 20
 
@@ -393,7 +394,7 @@ def validate_row(
     if check_images:
         problems += [("images", _images_problem(images, image_dir)), ("aux_images", _images_problem(aux_images, image_dir))]
     if latent_tokens_per_span is not None:
-        problems.append(("latent_targets", _targets_problem(row.get("latent_targets"), n_spans, latent_tokens_per_span)))
+        problems.append((TARGETS_COLUMN, _targets_problem(row.get(TARGETS_COLUMN), n_spans, latent_tokens_per_span)))
     for field, problem in problems:
         if problem is not None:
             return RowProblem(index, field, problem, row.get("id"))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import GapError
+from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
 
 HELP = "Write an lmms-eval task folder (YAML + scorer with the project's answer checker) for a dataset or TSV."
 
@@ -127,12 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--checker", default=None, help="answer checker as module:callable (default: built-in)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N usable rows")
+    add_max_image_pixels_argument(parser)
+    add_allow_outside_image_dir_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .evaluate import load_items
 
-    items, problems = load_items(args.data, args.split)
+    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir)
     for problem in problems:
         print(f"gap lmms-task: bad row skipped: {problem}", file=sys.stderr)
     items = items[: args.limit] if args.limit is not None else items

@@ -210,7 +210,6 @@ class NormProfiler:
         self.num_samples = 0
         self.num_spans = 0
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.tokenizer.padding_side = "left"  # generation appends at the end; left padding keeps rows aligned there
 
     @property
     def device(self):

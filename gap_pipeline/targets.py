@@ -43,7 +43,7 @@ from configuration_gap import check_latent_budget
 
 from . import GapError
 from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
-from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
+from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
 
@@ -68,7 +68,6 @@ __all__ = [
     "vision_tower_state",
 ]
 
-TARGETS_COLUMN = "latent_targets"
 METADATA_KEY = "gap_targets"
 FORMAT_NAME = "gap-latent-targets"
 FORMAT_VERSION = 1

@@ -50,6 +50,7 @@ from processing_gap import GapProcessor
 
 from . import GapError
 from .collator import GapDataCollator, ImageFeatureCache
+from .data import TARGETS_COLUMN
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import write_json_file
@@ -70,7 +71,7 @@ __all__ = [
 
 # Dataset columns `GapDataCollator` reads: TRL's conversational vision format, the GAP columns, and the image
 # processor outputs a dataset may hold precomputed.
-COLLATOR_COLUMNS = ("messages", "images", "aux_images", "latent_targets", "accuracy", "pixel_values", "image_grid_thw",
+COLLATOR_COLUMNS = ("messages", "images", "aux_images", TARGETS_COLUMN, "accuracy", "pixel_values", "image_grid_thw",
                     "id")
 # The model's latent head attribute: a parameter belongs to the head when this is one of its name's parts
 # (`latent_head.proj.weight`, `base_model.model.latent_head.modules_to_save.default.proj.weight`).

@@ -55,3 +55,23 @@ def test_rows_whose_question_is_not_one_user_turn_are_refused_naming_the_row(tmp
     data.write_text(json.dumps(row) + "\n")
     run = _gap("lmms-task", "--data", data, "--output-dir", tmp_path / "task", "--name", "rows")
     assert run.returncode == 2 and "row two-turns" in run.stderr and "single user turn" in run.stderr
+
+
+def test_an_image_outside_the_data_folder_is_refused_unless_allowed(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "elsewhere" / "a.png")
+    row = {"id": "r0", "images": ["../elsewhere/a.png"], "answer": "red",
+           "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                        {"role": "assistant", "content": "<answer>red</answer>"}]}
+    data = tmp_path / "data" / "test.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    refused = _gap("lmms-task", "--data", data, "--output-dir", tmp_path / "task", "--name", "t")
+    assert refused.returncode == 2
+    assert "leaves the image folder" in refused.stderr and "--allow-outside-image-dir" in refused.stderr
+    allowed = _gap("lmms-task", "--data", data, "--output-dir", tmp_path / "task", "--name", "t",
+                   "--allow-outside-image-dir")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads((tmp_path / "task" / "docs.jsonl").read_text())["images"] == ["images/000000_0.png"]

@@ -383,7 +383,7 @@ def test_tiny_model_bad_spare_vocab_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "tiny").exists()
 
 
-@pytest.mark.parametrize("name", ["targets", "filter", "audit", "evaluate", "difficulty", "norm-profile"])
+@pytest.mark.parametrize("name", ["targets", "filter", "audit", "evaluate", "difficulty", "norm-profile", "lmms-task"])
 def test_every_command_that_opens_images_has_the_image_guards(name, capsys):
     """The decompression-bomb limit and the image-folder rule are one flag each, the same on every such command."""
     with pytest.raises(SystemExit):
