@@ -27,7 +27,6 @@ Matching rules (documented here because results depend on them):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -467,17 +466,12 @@ class AnswerError(GapError):
 
 def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
     """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
-    from .data import turn_texts
+    from .data import messages_of, turn_texts
 
     value = row.get(answer_column)
     if value is not None and str(value).strip():
         return str(value).strip()
-    messages = row.get(messages_column) or []
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            messages = []
+    messages = messages_of(row, index, messages_column, AnswerError) or []
     assistant = turn_texts([m for m in messages if isinstance(m, Mapping)], "assistant")
     if assistant:
         blocks = _ANSWER_BLOCK.findall(assistant[-1])

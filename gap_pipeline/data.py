@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .datasets_io import utf8_lines
 
 __all__ = [
     "GapDataError",
+    "messages_of",
     "LATENT_PLACEHOLDER",
     "RowProblem",
     "accuracy_problem",
@@ -129,6 +130,19 @@ def _item_type(item: Any) -> str | None:
 
 def _texts(message: dict) -> list[str]:
     return [item.get("text") or "" for item in _items(message) if _item_type(item) == "text"]
+
+
+def messages_of(row: Mapping[str, Any], index: int, column: str = "messages",
+                error_cls: type[GapError] = GapDataError) -> Any:
+    """A row's `column` as stored, or decoded when it is a JSON string (parquet and TSV exports store the list of
+    messages so); a string that is not JSON raises one `error_cls` naming row `index`."""
+    raw = row.get(column)
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise error_cls(f"row {index}: '{column}' is a string that is not JSON; store a list of messages") from None
 
 
 def turn_texts(messages: list[dict], role: str | None = "assistant") -> list[str]:

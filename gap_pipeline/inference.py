@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, Qwen2_5_VLConfig
 from configuration_gap import GapConfig
 
 from . import GapError
-from .data import IMAGE_COLUMNS, check_image_paths, count_image_entries, load_image, load_jsonl
+from .data import IMAGE_COLUMNS, check_image_paths, count_image_entries, load_image, load_jsonl, messages_of
 from .datasets_io import load_dataset_folder
 
 __all__ = [
@@ -142,11 +142,7 @@ def prompt_of_row(
             f"row {index} has no '{messages_column}' field; rows need TRL's conversational format "
             f"(a list of {{'role', 'content'}} messages)"
         )
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise RowError(f"row {index}: '{messages_column}' is a string that is not JSON; store a list of messages") from None
+    raw = messages_of(row, index, messages_column, RowError)
     prompt = list(takewhile(lambda message: message.get("role") != "assistant", clean_messages(raw)))
     if not any(message.get("role") == "user" for message in prompt):
         raise RowError(

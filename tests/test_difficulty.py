@@ -361,3 +361,23 @@ def test_a_failing_checker_is_reported_with_the_row(tmp_path, dataset):
     with pytest.raises(DifficultyError, match=r"answer checker failed on row 3 \(gold '13'\): KeyError"):
         estimate_difficulty(dataset, StubSampler(), checker, tmp_path, num_samples=N, rows_per_batch=2)
     assert sorted(read_results(tmp_path)) == [0, 1]  # the batch before it was kept
+
+
+def test_messages_stored_as_json_follow_one_rule_for_the_gold_answer_and_the_question():
+    """Parquet and TSV exports store the messages as a JSON string: the gold answer and the question read them alike,
+    and a string that is not JSON is the same error naming the row for both (it was 'no gold answer' for one)."""
+    import json
+
+    from gap_pipeline.inference import RowError, prompt_of_row
+
+    row = _rows(1)[0]
+    row["answer"] = None
+    row["messages"][1]["content"][0]["text"] = "<answer>42</answer>"
+    row = {**row, "messages": json.dumps(row["messages"]), "images": []}
+    assert gold_answer(row, 0) == "42"
+    assert prompt_of_row(row, 0)[0][0]["role"] == "user"
+    row["messages"] = row["messages"][:-1]
+    with pytest.raises(AnswerError, match=r"row 3: 'messages' is a string that is not JSON"):
+        gold_answer(row, 3)
+    with pytest.raises(RowError, match=r"row 3: 'messages' is a string that is not JSON"):
+        prompt_of_row(row, 3)
