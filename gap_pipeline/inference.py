@@ -136,13 +136,12 @@ def prompt_of_row(
     """The question of a row: ``(messages, images)``: its cleaned messages before the first assistant turn, and the
     first n of its images opened, n being the number of image items in those messages (TRL's order). A row without a
     user turn or with fewer images than it refers to raises :class:`RowError` naming row `index`."""
-    raw = row.get(messages_column)
+    raw = messages_of(row, index, messages_column, RowError)
     if raw is None:
         raise RowError(
             f"row {index} has no '{messages_column}' field; rows need TRL's conversational format "
             f"(a list of {{'role', 'content'}} messages)"
         )
-    raw = messages_of(row, index, messages_column, RowError)
     prompt = list(takewhile(lambda message: message.get("role") != "assistant", clean_messages(raw)))
     if not any(message.get("role") == "user" for message in prompt):
         raise RowError(
