@@ -53,7 +53,7 @@ demo-full: $(STAMP)
 	$(PY) -m gap_pipeline demo --full --output-dir runs/demo-full
 
 bench: $(STAMP)
-	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) trainer_throughput.py && ../$(PY) pca_fit.py && ../$(PY) audit.py
+	cd bench && ../$(PY) decode.py && ../$(PY) train_step.py && ../$(PY) trainer_throughput.py && ../$(PY) pca_fit.py && ../$(PY) audit.py && ../$(PY) compile_graphs.py
 
 wheels: $(STAMP)
 	$(PY) bench/wheels.py download --dest $(WHEELS) --python-version $(WHEELS_PYTHON) --binary $(WHEELS_BINARY)

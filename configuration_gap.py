@@ -7,7 +7,8 @@
   grid, so K must be a perfect square (paper App. H).
 * ``latent_head_type``: ``"pca"`` (GAP: predict k PCA coefficients, decode with the fixed basis)
   or ``"full"`` (the paper's LH ablation: an R^d -> R^d head with no PCA).
-* ``pca_num_components`` (k), ``latent_adapter_size`` (width of the SwiGLU adapter).
+* ``pca_num_components`` (k; None, the default of a bare config, means d until conversion sets k from the
+  fitted PCA), ``latent_adapter_size`` (width of the SwiGLU adapter).
 * ``latent_loss_weight`` (lambda in Eq. 3) and ``latent_loss_reduction``: ``"mean"`` (per element,
   the default) or ``"sum"`` (squared L2 over d, Eq. 2 literally).
 * the three latent token ids, read from the tokenizer at conversion time.
@@ -120,13 +121,8 @@ class GapConfig(Qwen2_5_VLConfig):
         if not isinstance(self.latent_adapter_size, int) or self.latent_adapter_size <= 0:
             raise ValueError(f"`latent_adapter_size` must be a positive integer, got {self.latent_adapter_size!r}.")
         hidden_size = self.text_config.hidden_size
-        if self.latent_head_type == "pca":
-            k = self.pca_num_components
-            if k is None:
-                raise ValueError(
-                    "`pca_num_components` (k) is required when `latent_head_type='pca'`: take it from the fitted "
-                    "PCA (`gap fit-pca` reports it), or set `latent_head_type='full'`."
-                )
+        k = self.pca_num_components
+        if self.latent_head_type == "pca" and k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= hidden_size:
                 raise ValueError(
                     f"`pca_num_components` must be an integer in [1, d={hidden_size}], got {k!r}."

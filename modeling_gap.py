@@ -12,6 +12,7 @@ What this file adds to `Qwen2_5_VLForConditionalGeneration`:
 This file imports only `torch`, `transformers` and its sibling files, so it ships as remote code.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import MultimodalCausalLMOutputWithPast
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 
@@ -37,6 +38,8 @@ except ImportError:  # imported as a top-level module (tests, `pip install -e .`
     from configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
 
 
+logger = logging.get_logger(__name__)
+
 IGNORE_INDEX = -100
 
 #: What a latent span feeds back at each pad step (paper Tables 1 and 6):
@@ -45,6 +48,11 @@ IGNORE_INDEX = -100
 #: oracle (the row's true latent targets: the upper bound of reading latents).
 LATENT_INTERVENTIONS = ("pca", "suppress", "noise", "hidden", "hidden_ema", "oracle")
 
+#: `GenerationMixin`'s decoding modes that step one token per row per forward, so a span can feed each pad the
+#: latent of the step before. Beams reorder rows between steps: they decode text, and refuse a span when one opens.
+_BEAM_MODES = ("beam_search", "beam_sample")
+_LATENT_DECODING_MODES = ("greedy_search", "sample", *_BEAM_MODES)
+
 
 @dataclass
 class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
@@ -52,11 +60,11 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
 
     loss: L_LM + lambda * L_latent (only when `labels` are given).
     lm_loss / latent_loss: the two terms, reported separately.
-    logits: without labels, the usual (batch, seq, vocab) logits; with labels, only the supervised
-        positions' logits, (n_supervised, vocab), in row-major order (the full tensor is the memory peak).
-    supervised_labels: with labels, the target ids of those logits' rows, (n_supervised,).
-    supervised_mask: with labels, where those rows sit: (batch, seq - 1), True where the label of the next
-        position supervises (pads and IGNORE_INDEX excluded); `logits` = the full logits at `supervised_mask`.
+    logits: the usual (batch, seq, vocab) logits; with `supervised_logits_only=True` (and labels), only the
+        supervised positions' logits, (n_supervised, vocab), in row-major order (the full tensor is the memory peak).
+    supervised_labels: with `supervised_logits_only=True`, the target ids of `logits`' rows, (n_supervised,).
+    supervised_mask: with `supervised_logits_only=True`, where those rows sit: (batch, seq), True at position t
+        where the (shifted) label t supervises the logits of t (pads and IGNORE_INDEX excluded).
     latent_predictions: v_hat at every ``<|latent_pad|>`` of the input, (n_latent, d), fp32, teacher-forced.
     next_latent: v_hat decoded from the last position's state, (batch, d), fp32: what decoding feeds next.
     next_hidden: h_bar at the last position, (batch, d): the output-as-input baseline's latent.
@@ -102,7 +110,8 @@ class GapLatentHead(nn.Module):
         d = config.text_config.hidden_size
         self.head_type = config.latent_head_type
         self.hidden_size = d
-        out = config.pca_num_components if self.head_type == "pca" else d
+        # k defaults to d (no truncation) until conversion sets it from the fitted PCA
+        out = (config.pca_num_components or d) if self.head_type == "pca" else d
         self.out_features = out
         fp32 = torch.float32  # explicit: the model may be built under another default dtype
         self.proj = _Fp32Linear(d, out, bias=True, dtype=fp32)
@@ -114,6 +123,8 @@ class GapLatentHead(nn.Module):
             self.register_buffer("pca_components", torch.zeros(out, d, dtype=torch.float32))
             self.register_buffer("pca_eigenvalues", torch.zeros(out, dtype=torch.float32))
         self.initializer_range = getattr(config.text_config, "initializer_range", 0.02)
+        #: checkpoint keys of this head that loading did not find (`from_pretrained`); decoding a span refuses then
+        self.missing_keys: list[str] = []
 
     # -- dtype policy -------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -134,10 +145,13 @@ class GapLatentHead(nn.Module):
         """Initialise so that, at init, the head *is* the PCA projection (or a random d->d map for `full`).
 
         Uses `transformers.initialization`, which skips tensors already loaded from a checkpoint. The PCA buffers
-        are zero until a basis is installed; conversion installs it with `set_pca`, which also scales the
-        projector to the targets' spread (this unscaled copy only serves a checkpoint that lacks the projector).
+        are zero until a basis is installed (also after `to_empty()` from the meta device); conversion installs it
+        with `set_pca`, which also scales the projector to the targets' spread (this unscaled copy only serves a
+        checkpoint that lacks the projector).
         """
         if self.head_type == "pca":
+            for buffer in (self.pca_mean, self.pca_components, self.pca_eigenvalues):
+                init.zeros_(buffer)
             init.copy_(self.proj.weight, self.pca_components)
             init.copy_(self.proj.bias, -(self.pca_components @ self.pca_mean))
         else:
@@ -194,6 +208,8 @@ class GapLatentHead(nn.Module):
                 f"PCA components are not orthonormal rows (max |P P^T - I| = {gram_error:.2e} > {atol}); pass the "
                 f"eigenvectors as rows (k x d), not columns, and do not scale them."
             )
+        if self.pca_components.is_meta:  # a skeleton on the meta device holds no values: nothing to write
+            return
         with _gathered(list(self.parameters()), modify=True):
             self.pca_mean.copy_(mean.to(self.pca_mean.device, torch.float32))
             self.pca_components.copy_(components.to(self.pca_components.device, torch.float32))
@@ -205,6 +221,7 @@ class GapLatentHead(nn.Module):
                 self.proj.weight.copy_(alpha * self.pca_components)
                 self.proj.bias.copy_(-alpha * (self.pca_components @ self.pca_mean))
                 self.down.weight.zero_()
+                self.missing_keys = []  # a fresh head from the basis: no longer a random one
 
     # -- math ---------------------------------------------------------------------------------------------
     def coefficients(self, h_bar):
@@ -322,8 +339,10 @@ class GapLatentState:
     latent is fed again in order).
     """
 
-    def __init__(self, model, intervention, generator=None, ema_beta=0.9, oracle=None, latent_tokens_per_span=None):
+    def __init__(self, model, intervention, generator=None, ema_beta=0.9, oracle=None, latent_tokens_per_span=None,
+                 beam_search=False):
         self.model = model
+        self.beam_search = beam_search  # beams reorder rows between steps: text only, a span is refused
         self.intervention = intervention
         self.oracle = oracle  # per row (n_spans, K, d) true latents, for the `oracle` intervention
         self.K = latent_tokens_per_span
@@ -350,6 +369,12 @@ class GapLatentState:
     def feed(self, h_bar, rows):
         """The latent each of `rows` feeds, from its final-norm state `h_bar` (n, d), per the intervention."""
         head = self.model.latent_head
+        if head.missing_keys and self.intervention not in ("hidden", "hidden_ema"):
+            raise ValueError(
+                f"A latent span opened, but the latent head is random: the checkpoint lacked {head.missing_keys[:4]}. "
+                f"Load a GAP checkpoint that carries the head (convert the base with `gap convert`), or pass "
+                f"latent_intervention='suppress' to decode text only."
+            )
         if self.intervention == "hidden":
             return h_bar.float()
         if self.intervention == "hidden_ema":
@@ -407,6 +432,12 @@ class GapLatentState:
             if self.pads_fed is None:
                 self.pads_fed = torch.zeros(is_pad.shape[0], dtype=torch.long)
             if bool(is_pad.any()):
+                if self.beam_search:
+                    raise ValueError(
+                        "A latent span opened under beam search: beams reorder rows between steps, which the latents "
+                        "fed so far do not follow. Decode latent spans with num_beams=1 (greedy or sampling), or pass "
+                        "latent_intervention='suppress' for text-only beam search."
+                    )
                 rows = is_pad.nonzero().flatten()
                 h_bar = self.next_hidden[rows.to(self.next_hidden.device)]
                 fed = torch.zeros(is_pad.shape[0], h_bar.shape[-1], dtype=torch.float32, device=h_bar.device)
@@ -442,7 +473,9 @@ class GapLatentState:
         """Per-row latents (n_spans, K, d), their norms, span counts, whether a row stopped inside a span, and
         (``oracle`` only) the head's own latents laid out the same way."""
         generated = sequences[:, self.prompt_length :]
-        num_spans = (generated == processor.start_id).sum(dim=1)
+        # spans opened in the generated part, and one the prompt itself opened (it ends with <|latent_start|>)
+        opened_by_prompt = (sequences[:, self.prompt_length - 1] == processor.start_id).long()
+        num_spans = (generated == processor.start_id).sum(dim=1) + opened_by_prompt
         in_span, _ = processor.span_progress(sequences)
         ends_with_end = sequences[:, -1] == processor.end_id
         truncated = in_span & ~ends_with_end
@@ -464,6 +497,11 @@ class GapLatentState:
             n_full = row_latents.shape[0] // K
             spans.append(row_latents[: n_full * K].reshape(n_full, K, d))
         return spans
+
+
+def _continues(cache: Cache | None) -> bool:
+    """Whether a forward continues a filled KV cache (a decoding step) rather than starting a sequence."""
+    return cache is not None and cache.get_seq_length() > 0
 
 
 class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -493,6 +531,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             super()._init_weights(module)
 
     # -- forward (paper §4.2): inject the latents, run the backbone, predict the latents, the LM loss ---------------
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -515,8 +554,9 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         latent_targets: torch.Tensor | None = None,
         num_latent_items_in_batch: int | torch.Tensor | None = None,
         return_next_latent: bool = True,
+        supervised_logits_only: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> GapCausalLMOutputWithPast:
+    ) -> tuple | GapCausalLMOutputWithPast:
         r"""Everything `Qwen2_5_VLForConditionalGeneration.forward` takes, plus:
 
         latent_embeds (`torch.Tensor` of shape `(n_latent, d)`): the input embeddings of the ``<|latent_pad|>``
@@ -528,15 +568,23 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             (all ranks and accumulation steps); L_latent is the sum over this micro-batch divided by it. Defaults
             to this micro-batch's count.
         num_items_in_batch (in kwargs): the same for the LM loss's supervised tokens.
+        shift_labels (in kwargs): labels already shifted, `(batch, seq)`, label t supervising position t's logits
+            (the convention of sequence / context parallelism, where a rank cannot shift its shard itself); used
+            instead of `labels` for L_LM. L_latent does not read labels.
         return_next_latent (`bool`, defaults to True): decode the latent of the last position into `next_latent`.
-            `generate` turns it off and runs the head only for rows that feed a latent at the next step.
+            `generate` turns it off (with it, the teacher-forced `latent_predictions` too) and runs the head only
+            for the rows that feed a latent at the next step.
+        supervised_logits_only (`bool`, defaults to False): with labels, compute and return the logits only at the
+            supervised positions, `(n_supervised, vocab)` in row-major order, instead of `(batch, seq, vocab)`: the
+            full logits tensor is the memory peak of training (`GapSFTTrainer` turns it on).
 
-        With `labels`, `logits` holds only the supervised positions' logits, `(n_supervised, vocab)` in row-major
-        order, `supervised_labels` their target ids, `(n_supervised,)`, and `supervised_mask` where they sit.
+        With `supervised_logits_only`, `supervised_labels` holds the target ids of `logits`' rows and
+        `supervised_mask` where they sit.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        continues_cache = cache is not None and cache.get_seq_length() > 0
-        latent_mask = self._latent_mask(input_ids, latent_embeds, continues_cache)
+        shift_labels = kwargs.pop("shift_labels", None)
+        decoding = labels is None and shift_labels is None and not return_next_latent
+        latent_mask = self._latent_mask(input_ids, latent_embeds, cache)
         inputs_embeds = self._inject_latents(input_ids, inputs_embeds, latent_mask, latent_embeds)
 
         outputs = self.model(
@@ -548,20 +596,27 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         )
         h_bar = outputs.last_hidden_state  # final RMSNorm output: what the LM head reads (Eq. 15)
 
+        with_labels = labels is not None or shift_labels is not None
         next_hidden = h_bar[:, -1]
-        next_latent = self.latent_head(next_hidden) if return_next_latent or labels is not None else None
+        next_latent = self.latent_head(next_hidden) if return_next_latent or with_labels else None
+        # Teacher-forced predictions need the state before every pad: not in a decoding step, whose pads' sources
+        # sit in the cache (a step continuing a cache only returns `next_latent`).
+        teacher_forced = latent_mask is not None and not decoding and not _continues(cache)
         latent_predictions, latent_loss = self._predict_latents(
             h_bar,
-            None if continues_cache else latent_mask,  # decoding steps only need `next_latent`
+            latent_mask if teacher_forced else None,
+            None if latent_embeds is None else latent_embeds.shape[0],
             latent_embeds if latent_targets is None else latent_targets,
             num_latent_items_in_batch,
-            with_loss=labels is not None,
+            with_loss=with_labels,
         )
 
         loss = lm_loss = supervised_labels = supervised_mask = None
-        if labels is not None:
+        if with_labels:
+            if shift_labels is None:
+                shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
             logits, supervised_labels, supervised_mask, lm_loss = self._lm_loss(
-                h_bar, labels, latent_mask, num_items_in_batch
+                h_bar, shift_labels, latent_mask, num_items_in_batch, supervised_logits_only
             )
             loss = lm_loss + self.config.latent_loss_weight * latent_loss.to(lm_loss.device)
         else:
@@ -584,14 +639,16 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             latent_mask.unsqueeze(-1), latent_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         )
 
-    def _predict_latents(self, h_bar, latent_mask, latent_targets, num_latent_items_in_batch, with_loss):
+    def _predict_latents(self, h_bar, latent_mask, n_latent, latent_targets, num_latent_items_in_batch, with_loss):
         """(v_hat at every latent pad, L_latent): the pad at position p is predicted from h_bar[p - 1] (Eq. 1),
         and L_latent compares v_hat with `latent_targets` (Eq. 2). Without pads, v_hat is None and L_latent is 0
         (with labels) or None."""
         if latent_mask is not None:
-            source_mask = torch.zeros_like(latent_mask)
-            source_mask[:, :-1] = latent_mask[:, 1:]
-            latent_predictions = self.latent_head(h_bar[source_mask])
+            source_mask = F.pad(latent_mask[:, 1:], (0, 1), value=False)
+            # The sources in row-major order; their count is the pads' (checked in `_latent_mask`): a static size,
+            # so that the forward traces without a data-dependent shape.
+            sources = torch.nonzero_static(source_mask.flatten(), size=n_latent).squeeze(-1)
+            latent_predictions = self.latent_head(h_bar.flatten(0, 1)[sources])
             if latent_targets.shape != latent_predictions.shape:
                 raise ValueError(
                     f"`latent_targets` has shape {tuple(latent_targets.shape)}; the input holds "
@@ -605,21 +662,36 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # same number of times in forward and in backward.
         return None, self.latent_head(h_bar.new_zeros(0, h_bar.shape[-1])).sum() * 0.0
 
-    def _lm_loss(self, h_bar, labels, latent_mask, num_items_in_batch):
-        """(logits at the supervised positions, their target ids, where they sit, L_LM): the LM head runs only where the shifted
-        labels supervise (the full logits tensor is the memory peak); pads are never LM targets. L_LM is the summed
-        cross-entropy divided by `num_items_in_batch` (default: this micro-batch's supervised tokens)."""
+    def _lm_loss(self, h_bar, shift_labels, latent_mask, num_items_in_batch, supervised_logits_only):
+        """(logits, the supervised target ids and where they sit (packed logits only), L_LM) for labels already
+        shifted (label t supervises the logits of position t). A ``<|latent_pad|>`` is never an LM target. L_LM is
+        the summed cross-entropy divided by `num_items_in_batch` (default: this micro-batch's supervised tokens).
+        With `supervised_logits_only` the LM head runs only at the supervised positions (the full logits tensor is
+        the memory peak); otherwise the logits are the usual (batch, seq, vocab)."""
+        pad_id = self.config.latent_pad_token_id
+        not_target = shift_labels == (IGNORE_INDEX if pad_id is None else pad_id)
         if latent_mask is not None:
-            labels = labels.masked_fill(latent_mask, IGNORE_INDEX)
-        shift_labels = labels[:, 1:]
+            not_target = not_target | F.pad(latent_mask[:, 1:], (0, 1), value=False)
+        shift_labels = shift_labels.masked_fill(not_target.to(shift_labels.device), IGNORE_INDEX)
         supervised = shift_labels != IGNORE_INDEX
-        logits = self.lm_head(slice_logits_to_keep(h_bar[:, :-1], supervised))
-        targets = shift_labels[supervised].to(logits.device)
         denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp_min(1)
-        return logits, targets, supervised, F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
+        if supervised_logits_only:
+            logits = self.lm_head(slice_logits_to_keep(h_bar, supervised))
+            targets = shift_labels[supervised].to(logits.device)
+            return logits, targets, supervised, F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
+        logits = self.lm_head(h_bar)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), shift_labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return logits, None, None, loss / denominator
 
-    def _latent_mask(self, input_ids, latent_embeds, continues_cache=False):
-        """Boolean mask of ``<|latent_pad|>`` positions, checked against `latent_embeds`; None if there are none."""
+    def _latent_mask(self, input_ids, latent_embeds, cache=None):
+        """Boolean mask of the ``<|latent_pad|>`` positions that `latent_embeds` fills; None without latents.
+
+        The checks below read tensor values, so they run in eager mode only: under `torch.compile` the forward
+        traces without a data-dependent branch (whether latents are given is a question of arguments, not values).
+        """
         pad_id = self.config.latent_pad_token_id
         if input_ids is None or pad_id is None:
             if latent_embeds is not None:
@@ -630,6 +702,15 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 )
             return None
         latent_mask = input_ids == pad_id
+        if not is_torchdynamo_compiling():
+            self._check_latent_inputs(latent_mask, latent_embeds, _continues(cache))
+        if latent_embeds is None or latent_embeds.shape[0] == 0:
+            return None
+        return latent_mask
+
+    def _check_latent_inputs(self, latent_mask, latent_embeds, continues_cache):
+        """One pad per `latent_embeds` row, finite rows of width d, and no pad a span could not have predicted."""
+        pad_id, d = self.config.latent_pad_token_id, self.config.text_config.hidden_size
         n_latent = int(latent_mask.sum())
         if n_latent == 0:
             if latent_embeds is not None and latent_embeds.shape[0] != 0:
@@ -637,8 +718,7 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     f"`latent_embeds` holds {latent_embeds.shape[0]} vectors but `input_ids` has no "
                     f"<|latent_pad|> token (id {pad_id}); expand each `<latent>` into a span with the processor."
                 )
-            return None
-        d = self.config.text_config.hidden_size
+            return
         if latent_embeds is None:
             raise ValueError(
                 f"`input_ids` holds {n_latent} <|latent_pad|> tokens but no `latent_embeds` were given: pass one "
@@ -662,7 +742,6 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 "A <|latent_pad|> sits at the first position of a row: no earlier state can predict it. A span "
                 "must start with <|latent_start|>."
             )
-        return latent_mask
 
     def _latent_loss(self, v_hat, v, num_latent_items_in_batch):
         """Eq. 2 in fp32: squared error per latent position ('mean' over d or 'sum' over d), summed over
@@ -722,15 +801,22 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         K = self.config.latent_tokens_per_span if latent_tokens_per_span is None else latent_tokens_per_span
         check_latent_budget(K, "latent_tokens_per_span")
         oracle = self._check_oracle(latent_intervention, latent_oracle, K, inputs, kwargs)
-        num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", None) or self.generation_config.num_beams)
-        if (num_beams or 1) > 1:
-            raise ValueError("Latent decoding supports greedy and sampling decoding; set num_beams=1.")
+        mode = self._decoding_mode(generation_config, kwargs)
 
         start_id, pad_id, end_id = self.config.latent_token_ids
         span_processor = GapLatentLogitsProcessor(start_id, pad_id, end_id, K, ban_start=latent_intervention == "suppress")
         processors = LogitsProcessorList(list(logits_processor or []) + [span_processor])
+        if mode not in _LATENT_DECODING_MODES:
+            if latent_intervention != "suppress":
+                raise ValueError(
+                    f"Latent spans cannot be decoded with {mode}: it verifies or scores several tokens per forward "
+                    f"(or runs a decoding loop from the Hub), while a span feeds each <|latent_pad|> the latent of "
+                    f"the step before. Decode spans with greedy, sampling or beam search, or pass "
+                    f"latent_intervention='suppress' to decode text only (no span opens) with {mode}."
+                )
+            return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
         state = GapLatentState(self, latent_intervention, generator=latent_generator, ema_beta=hidden_ema_beta,
-                               oracle=oracle, latent_tokens_per_span=K)
+                               oracle=oracle, latent_tokens_per_span=K, beam_search=mode in _BEAM_MODES)
         output = super().generate(
             inputs, generation_config=generation_config, logits_processor=processors, gap_latent_state=state, **kwargs
         )
@@ -745,6 +831,15 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             num_latent_spans=num_spans,
             span_truncated=truncated,
         )
+
+    def _decoding_mode(self, generation_config, kwargs) -> str:
+        """The decoding mode `GenerationMixin.generate` will run for these arguments (its own rule), or
+        ``"custom_generate"`` for a decoding loop from the Hub."""
+        if kwargs.get("custom_generate") is not None:
+            return "custom_generate"
+        config = copy.deepcopy(self.generation_config if generation_config is None else generation_config)
+        config.update(**{key: value for key, value in kwargs.items() if hasattr(config, key)})
+        return config.get_generation_mode(kwargs.get("assistant_model")).value
 
     def _check_oracle(self, intervention, latent_oracle, K, inputs, kwargs):
         """`latent_oracle` as a list of (n_spans, K, d) fp32 tensors, one per batch row (``oracle`` only)."""
@@ -790,9 +885,12 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     # -- loading, saving, conversion ----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses to leave the latent head silently random.
+        """`PreTrainedModel.from_pretrained` that never leaves the latent head silently random.
 
-        A plain Qwen2.5-VL checkpoint must be converted first (`from_qwen2_5_vl` / `gap convert`).
+        A plain Qwen2.5-VL checkpoint must be converted first (`from_qwen2_5_vl` / `gap convert`). A GAP
+        checkpoint without latent-head weights loads as every transformers model does (the keys are reported in
+        `missing_keys` with `output_loading_info=True`) with a warning naming them, and `generate` refuses to
+        decode a latent span from that random head (`latent_intervention="suppress"` still decodes text).
         """
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             config_dict, _ = PreTrainedConfig.get_config_dict(
@@ -808,12 +906,31 @@ class GapForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing = sorted(key for key in info["missing_keys"] if "latent_head." in key)
         if missing:
-            raise ValueError(
+            model.latent_head.missing_keys = missing
+            logger.warning(
                 f"{pretrained_model_name_or_path} lacks latent-head weights {missing[:4]}"
-                f"{' ...' if len(missing) > 4 else ''}; a GAP checkpoint must carry them. Convert the base model "
-                f"with `GapForConditionalGeneration.from_qwen2_5_vl` (or `gap convert`) instead."
+                f"{' ...' if len(missing) > 4 else ''}: the latent head is random, and `generate` refuses to decode a "
+                f"latent span with it. A GAP checkpoint carries them: convert the base model with "
+                f"`GapForConditionalGeneration.from_qwen2_5_vl` (or `gap convert`), or install a PCA with "
+                f"`model.latent_head.set_pca(...)` before training."
             )
         return (model, info) if want_info else model
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings` that refuses a size dropping the latent tokens' rows."""
+        ids = self.config.latent_token_ids
+        if ids is not None and new_num_tokens is not None:
+            size = new_num_tokens
+            if pad_to_multiple_of is not None:
+                size = math.ceil(new_num_tokens / pad_to_multiple_of) * pad_to_multiple_of
+            if size <= max(ids):
+                raise ValueError(
+                    f"Resizing the token embeddings to {size} rows would drop the latent tokens (ids {ids}): keep at "
+                    f"least {max(ids) + 1} rows (a GAP vocabulary can grow, not lose its latent tokens)."
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also map `AutoModel` to this class, so all three Auto classes resolve to GAP from the folder."""

@@ -305,6 +305,7 @@ class GapSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         inputs["use_cache"] = False
+        inputs["supervised_logits_only"] = True  # the LM head only where labels supervise: the memory peak otherwise
         vision_anchor = self._encode_images(inputs)
         global_counts = mode == "train" and num_items_in_batch is not None
         if global_counts:
@@ -485,11 +486,12 @@ class GapSFTTrainer(SFTTrainer):
             self.state.num_input_tokens_seen += int(tokens)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """(loss, logits, labels) of an evaluation batch, teacher-forced; logits and labels in the Trainer's layout.
+        """(loss, logits, labels) of an evaluation batch, teacher-forced, in the layout of any causal LM's Trainer.
 
         The model computes logits only at the supervised positions; for `compute_metrics` they are placed back into
-        a `(batch, seq - 1, vocab)` tensor (zeros elsewhere) next to the labels they predict, `(batch, seq - 1)`
-        (already shifted: position t's logits predict label t; IGNORE_INDEX where nothing is supervised).
+        a `(batch, seq, vocab)` tensor (zeros elsewhere), next to the batch's `(batch, seq)` labels, unshifted as
+        for any causal LM: position t's logits predict label t + 1 (IGNORE_INDEX where nothing is supervised, the
+        latent pads included).
         """
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -500,7 +502,7 @@ class GapSFTTrainer(SFTTrainer):
         logits = outputs.logits.new_zeros(*mask.shape, outputs.logits.shape[-1])
         logits[mask] = outputs.logits
         labels = torch.full(mask.shape, IGNORE_INDEX, dtype=torch.long, device=mask.device)
-        labels[mask] = outputs.supervised_labels.to(mask.device)
+        labels[:, 1:][mask[:, :-1]] = outputs.supervised_labels.to(mask.device)
         return loss.detach(), logits, labels
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

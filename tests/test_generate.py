@@ -339,8 +339,8 @@ def test_bad_generate_arguments_raise_clear_errors(engineered):
         model.generate(**inputs, latent_intervention="zero")
     with pytest.raises(ValueError, match="perfect square"):
         model.generate(**inputs, latent_tokens_per_span=5)
-    with pytest.raises(ValueError, match="num_beams=1"):
-        model.generate(**inputs, num_beams=2)
+    with pytest.raises(ValueError, match="assisted_generation.*latent_intervention='suppress'"):
+        model.generate(**inputs, prompt_lookup_num_tokens=3)
 
 
 # 5. Sampling keeps spans well formed; streamers ----------------------------------------------------------------
@@ -431,3 +431,69 @@ def test_every_documented_intervention_is_accepted(engineered):
         out = model.generate(**inputs, max_new_tokens=12, latent_intervention=intervention,
                              latent_generator=torch.Generator().manual_seed(0))
         assert out.shape[1] > inputs.input_ids.shape[1]
+
+
+# 7. Other decoding modes: text in every mode stock supports, spans where the mode can carry them ----------------
+
+
+def _stock_twin(model):
+    """A stock Qwen2.5-VL with the GAP model's weights (no latent head), in the same precision."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    fields = {k: v for k, v in model.config.to_dict().items() if not k.startswith(("latent_", "pca_"))}
+    fields.pop("model_type", None), fields.pop("architectures", None)
+    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields)).to(model.dtype).eval()
+    stock.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("latent_head.")})
+    stock.generation_config = model.generation_config
+    return stock
+
+
+def test_beam_search_decodes_text_like_stock_and_refuses_a_span_with_one_error(engineered):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from modeling_gap import GapLatentLogitsProcessor
+
+    model, tokenizer = engineered
+    inputs = _encode(tokenizer, PROMPTS)
+    with pytest.raises(ValueError, match="A latent span opened under beam search"):
+        model.generate(**inputs, max_new_tokens=30, num_beams=3)
+    beams = model.generate(**inputs, max_new_tokens=30, num_beams=3, latent_intervention="suppress")
+    start, pad, end = model.config.latent_token_ids
+    ban = GapLatentLogitsProcessor(start, pad, end, K, ban_start=True)
+    stock = Qwen2_5_VLForConditionalGeneration.generate(model, **inputs, max_new_tokens=30, num_beams=3,
+                                                        logits_processor=[ban])
+    assert torch.equal(beams, stock)
+    assert not bool(torch.isin(beams, torch.tensor([start, pad, end])).any())
+
+
+def test_prompt_lookup_and_assisted_decoding_give_greedy_text_and_refuse_spans(engineered):
+    import copy
+
+    model, tokenizer = engineered
+    inputs = _encode(tokenizer, PROMPTS[:1])  # assisted decoding takes one row
+    greedy = model.generate(**inputs, max_new_tokens=20, do_sample=False, latent_intervention="suppress")
+    text_modes = {
+        "prompt lookup": {"prompt_lookup_num_tokens": 3},
+        "GAP assistant": {"assistant_model": copy.deepcopy(model)},
+        "stock assistant": {"assistant_model": _stock_twin(model)},
+    }
+    for name, mode in text_modes.items():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, latent_intervention="suppress", **mode)
+        assert torch.equal(out, greedy), name
+        # With spans possible, these modes would verify several pads in one forward: one error naming the mode.
+        with pytest.raises(ValueError, match="cannot be decoded with assisted_generation"):
+            model.generate(**inputs, max_new_tokens=20, do_sample=False, **mode)
+    with pytest.raises(ValueError, match="cannot be decoded with contrastive_search"):
+        model.generate(**inputs, max_new_tokens=5, penalty_alpha=0.6, top_k=4)
+
+
+def test_a_prompt_ending_with_latent_start_counts_the_span_it_opened(engineered):
+    model, tokenizer = engineered
+    start, _, _ = model.config.latent_token_ids
+    inputs = _encode(tokenizer, PROMPTS[:1])
+    ids = torch.cat([inputs.input_ids, torch.tensor([[start]])], dim=1)
+    mask = torch.cat([inputs.attention_mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=K + 2, do_sample=False,
+                         return_dict_in_generate=True)
+    assert out.latents[0].shape[0] == 1
+    assert out.num_latent_spans.tolist() == [1]

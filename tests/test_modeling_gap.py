@@ -284,10 +284,30 @@ def test_loss_equals_hand_computed_lm_plus_lambda_latent(tiny_gap, reduction):
     torch.testing.assert_close(output.lm_loss, lm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.latent_loss, latent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.loss, lm + 0.7 * latent, rtol=1e-5, atol=1e-6)
-    supervised = (shift_labels != -100).sum()
-    assert output.logits.shape == (supervised, model.config.text_config.vocab_size)
-    assert torch.equal(output.supervised_mask, shift_labels != -100)
-    assert torch.equal(output.supervised_labels, shift_labels[shift_labels != -100])
+    # The usual (batch, seq, vocab) logits by default, as every causal LM returns them with labels.
+    torch.testing.assert_close(output.logits, logits)
+
+
+def test_supervised_logits_only_returns_the_supervised_rows_and_the_same_loss(tiny_gap):
+    model = tiny_gap.eval()
+    input_ids, mask = _ids_with_spans(model, [[("text", 4), ("span",), ("text", 3)], [("text", 9)]])
+    targets = torch.randn(K, model.config.text_config.hidden_size)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=mask, labels=labels, latent_embeds=targets)
+        packed = model(input_ids=input_ids, attention_mask=mask, labels=labels, latent_embeds=targets,
+                       supervised_logits_only=True)
+    _, pad_id, _ = model.config.latent_token_ids
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    shift_labels = shift_labels.masked_fill(shift_labels == pad_id, -100)
+    supervised = shift_labels != -100
+    assert full.logits.shape == (*input_ids.shape, model.config.text_config.vocab_size)
+    assert packed.logits.shape == (int(supervised.sum()), model.config.text_config.vocab_size)
+    assert torch.equal(packed.supervised_mask, supervised)
+    assert torch.equal(packed.supervised_labels, shift_labels[supervised])
+    torch.testing.assert_close(packed.logits, full.logits[supervised])
+    torch.testing.assert_close(packed.loss, full.loss)
 
 
 def test_latent_loss_compares_predictions_with_latent_targets_not_the_inputs_fed(tiny_gap):
@@ -398,19 +418,6 @@ def test_save_load_is_bit_exact_and_loads_as_remote_code_in_a_fresh_process(tmp_
     assert module.startswith("transformers_modules."), module
 
 
-def test_loading_a_folder_without_latent_head_weights_is_refused(tmp_path, tiny_gap, tiny_base_dir):
-    from safetensors.torch import load_file, save_file
-
-    tiny_gap.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("latent_head.")}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lacks latent-head weights"):
-        GapForConditionalGeneration.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a GAP one. Convert it first"):
-        GapForConditionalGeneration.from_pretrained(tiny_base_dir)
-
-
 # 7. Errors ----------------------------------------------------------------------------------------------
 
 
@@ -459,7 +466,7 @@ def test_invalid_config_fields_raise_at_construction():
     with pytest.raises(ValueError, match="latent_loss_reduction"):
         GapConfig(pca_num_components=8, latent_loss_reduction="max")
     with pytest.raises(ValueError, match="pca_num_components"):
-        GapConfig(latent_head_type="pca")
+        GapConfig(latent_head_type="pca", pca_num_components=0)
     with pytest.raises(ValueError, match="all three latent token ids"):
         GapConfig(pca_num_components=8, latent_start_token_id=3)
 

@@ -201,15 +201,16 @@ def test_compute_metrics_gets_logits_and_labels_of_matching_shape(work, tmp_path
     def compute_metrics(prediction):
         logits, labels = prediction.predictions, prediction.label_ids
         seen.append((logits.shape, labels.shape))
-        supervised = labels != -100
-        return {"accuracy": float((logits.argmax(-1)[supervised] == labels[supervised]).mean())}
+        # the layout of any causal LM: logits at t predict label t + 1
+        supervised = labels[:, 1:] != -100
+        return {"accuracy": float((logits[:, :-1].argmax(-1)[supervised] == labels[:, 1:][supervised]).mean())}
 
     trainer = build_trainer(work, tmp_path, rows=[0, 1, 2, 3], per_device_eval_batch_size=2,
                             trainer_kwargs={"compute_metrics": compute_metrics})
     dataset = datasets.load_from_disk(str(work.data)).select([4, 5, 6, 7])
     metrics = trainer.evaluate(eval_dataset=dataset)
     (logits_shape, labels_shape), = seen
-    assert logits_shape[:2] == labels_shape and logits_shape[0] == 4  # (rows, seq - 1, vocab) next to (rows, seq - 1)
+    assert logits_shape[:2] == labels_shape and logits_shape[0] == 4  # (rows, seq, vocab) next to (rows, seq)
     assert logits_shape[2] == trainer.model.config.text_config.vocab_size
     # the same supervised positions as the trainer's own token accuracy (two batches of two rows, averaged)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_mean_token_accuracy" in metrics
