@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in verdict["allowed"]:
         print(f"allowed  {row['test']}: {row['allowed_because']}")
     for row in verdict["regressions"]:
-        print(f"GAP {row['outcome']:7} {row['test']}: {row['reason']}" + (f"  [{row['where']}]" if row["where"] else ""))
+        where = f"  [{row['where']}]" if row["where"] else ""
+        print(f"GAP {row['outcome']:7} {row['test']}: {row['reason']}{where}")
     print(f"{len(verdict['regressions'])} test(s) pass on stock Qwen2.5-VL but not on GAP; report: {args.output}")
     return 1 if verdict["regressions"] else 0
 
