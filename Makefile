@@ -2,6 +2,7 @@
 # make demo-full  3 seeds plus the LH+PCA+DA and full-head ablations, mean +- std
 # make test     create .venv if needed, install the project into it, run the core tests
 # make test-harness  install the lmms-eval plugin's packages (install-harness), run the harness tests
+# make test-contracts  transformers' own model tests (its sdist, fetched once) on stock Qwen2.5-VL and on GAP, compared
 # make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
 # make wheels   fetch the wheels a GPU machine without network needs (into wheels/; see bench/wheels.py)
@@ -15,6 +16,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+CONTRACTS_ARGS ?=
 
 # The GPU machine's Python (the one with its CUDA torch), the wheels folder, the Python it runs and the compiled
 # wheels it may lack (small ones; numpy, pyarrow, pandas, ... must be there already)
@@ -34,7 +36,7 @@ LMMS_EVAL_VERSION ?= 0.7.3
 # runs without torchvision. With a CUDA torch, `pip install -e ".[lmms-eval]"` installs everything instead.
 LMMS_EVAL_DEPS := loguru evaluate sacrebleu pytz tenacity jsonlines pytablewriter "filelock<4"
 
-.PHONY: install install-harness test test-harness demo demo-full bench wheels gpu-check
+.PHONY: install install-harness test test-harness test-contracts demo demo-full bench wheels gpu-check
 
 install: $(STAMP)
 
@@ -45,6 +47,10 @@ test: $(STAMP)
 
 test-harness: $(HARNESS_STAMP)
 	$(PY) -m pytest -x -q tests/harness $(PYTEST_ARGS)
+
+# Fetches the installed transformers' sdist once (pip download, into .contracts-cache/); report in runs/contracts/
+test-contracts: $(STAMP)
+	$(PY) tests/contracts/run_transformers_suite.py $(CONTRACTS_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m gap_pipeline demo --output-dir runs/demo
