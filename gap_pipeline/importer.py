@@ -23,6 +23,7 @@ shipped as ``D.zip``), never extracted. A row that cannot be imported is dropped
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import posixpath
@@ -52,6 +53,7 @@ ROLE_DEFAULTS = {"question": ("question",), "response": ("response",), "images":
                  "aux": ("aux_images",), "answer": ("answer",), "id": ("id",), "source": ("data_source",)}
 ROLE_FLAGS = {"question": "--question-column", "response": "--response-column", "images": "--image-column",
               "aux": "--aux-column", "answer": "--answer-column", "id": "--id-column", "source": "--source-column"}
+ROWS_PER_SHARD = 1000  # rows converted and written together (their images are in memory at once)
 LISTED_DROPS = 5  # dropped rows printed in the summary (the report lists all)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -398,7 +400,10 @@ def _undecoded(dataset):
 
 
 def _dataset_source(dataset, name: str, stem: str, image_root: Path | None) -> Source:
-    dataset = _undecoded(dataset)
+    from .datasets_io import datasets_progress_bars
+
+    with datasets_progress_bars(False):
+        dataset = _undecoded(dataset)
     return Source(name, stem, iter(dataset), list(dataset.column_names), image_root)
 
 
@@ -717,34 +722,41 @@ def import_rows(plan: Plan, report: ImportReport) -> Iterator[dict]:
                 yield row
 
 
-def write_import(plan: Plan, report: ImportReport, output_dir: Path, progress: bool = True) -> None:
+def _write_shards(rows: Iterator[dict], cache: Path, rows_per_shard: int):
+    """`rows` as one memory-mapped `datasets.Dataset`, written to `cache` `rows_per_shard` rows at a time (so memory
+    holds one shard's images); None when there is no row."""
+    import datasets
+
+    shards = []
+    while batch := list(itertools.islice(rows, rows_per_shard)):
+        path = cache / f"shard-{len(shards):05d}"
+        datasets.Dataset.from_list(batch, features=features()).save_to_disk(str(path))
+        shards.append(datasets.load_from_disk(str(path)))
+    return datasets.concatenate_datasets(shards) if shards else None
+
+
+def write_import(plan: Plan, report: ImportReport, output_dir: Path, progress: bool = True,
+                 rows_per_shard: int = ROWS_PER_SHARD) -> None:
     """Import `plan` into the dataset folder `output_dir` (with ``import_report.json``), atomically: nothing is
     written unless at least one row is imported (and, with ``--strict``, none dropped)."""
-    import datasets
+    from tqdm.auto import tqdm
 
     from .datasets_io import atomic_output_dir, datasets_progress_bars, write_json_file
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     cache = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.import-", dir=output_dir.parent))
     try:
-        with datasets_progress_bars(progress):
-            try:
-                dataset = datasets.Dataset.from_generator(lambda: import_rows(plan, report), features=features(),
-                                                          cache_dir=str(cache))
-            except datasets.exceptions.DatasetGenerationError as error:
-                if isinstance(error.__cause__, GapError):
-                    raise error.__cause__ from None
-                if report.rows_out:
-                    raise
-                dataset = None  # no row came out: the error below says why
-        if not report.rows_out:
-            drops = "".join(f"\n  {_drop_line(entry)}" for entry in report.dropped_rows[:LISTED_DROPS])
-            raise ImportDataError(f"no row could be imported from {report.rows_in} input row(s); dropped: "
-                                  f"{_dropped_text(report.dropped)}{drops}")
-        dataset.info.description = json.dumps({"gap_import": report.settings}, sort_keys=True)
-        with datasets_progress_bars(False), atomic_output_dir(output_dir) as staging:
-            dataset.save_to_disk(str(staging))
-            write_json_file(staging / REPORT_NAME, report.to_json())
+        with datasets_progress_bars(False):
+            rows = iter(tqdm(import_rows(plan, report), desc="gap import", unit=" rows", disable=not progress))
+            dataset = _write_shards(rows, cache, rows_per_shard)
+            if dataset is None:
+                drops = "".join(f"\n  {_drop_line(entry)}" for entry in report.dropped_rows[:LISTED_DROPS])
+                raise ImportDataError(f"no row could be imported from {report.rows_in} input row(s); dropped: "
+                                      f"{_dropped_text(report.dropped)}{drops}")
+            dataset.info.description = json.dumps({"gap_import": report.settings}, sort_keys=True)
+            with atomic_output_dir(output_dir) as staging:
+                dataset.save_to_disk(str(staging))
+                write_json_file(staging / REPORT_NAME, report.to_json())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
