@@ -624,6 +624,7 @@ class ImportReport:
     rows_out: int = 0
     rows_with_latents: int = 0
     latent_spans: int = 0
+    spans_without_parser: int = 0
     dropped: Counter = field(default_factory=Counter)
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     dropped_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -635,9 +636,13 @@ class ImportReport:
         return counts
 
     def keep(self, row: dict) -> None:
+        from .data import turn_texts
+        from .filters import spans_without_parser
+
         counts = self._source(row["data_source"])
         spans = len(row["aux_images"])
         self.rows_out, self.latent_spans = self.rows_out + 1, self.latent_spans + spans
+        self.spans_without_parser += sum(len(spans_without_parser(text)) for text in turn_texts(row["messages"]))
         self.rows_with_latents += spans > 0
         counts["rows_out"] += 1
         counts["rows_with_latents"] += spans > 0
@@ -653,6 +658,7 @@ class ImportReport:
                       for name, counts in sorted(self.per_source.items())}
         return {"gap_import": self.settings, "rows_in": self.rows_in, "rows_out": self.rows_out,
                 "rows_with_latents": self.rows_with_latents, "latent_spans": self.latent_spans,
+                "spans_without_parser": self.spans_without_parser,
                 "dropped": {reason: self.dropped[reason] for reason in REASONS if self.dropped[reason]},
                 "per_source": per_source, "dropped_rows": self.dropped_rows}
 
@@ -671,6 +677,9 @@ def format_summary(report: ImportReport, output_dir: Path | None) -> str:
     lines = [f"gap import: {report.rows_in} rows in, {report.rows_out} out ({report.rows_with_latents} with latent "
              f"spans, {report.latent_spans} spans); dropped {sum(report.dropped.values())}: "
              f"{_dropped_text(report.dropped)}{target}"]
+    if report.spans_without_parser:
+        lines.append(f"  {report.spans_without_parser} span(s) have no <parser> text after them (`gap filter` removes "
+                     "their rows as missing_parser)")
     width = max((len(name) for name in report.per_source), default=0)
     for name, counts in sorted(report.per_source.items()):
         lines.append(f"  {name:<{width}}  in {counts['rows_in']}, out {counts['rows_out']}, with latents "

@@ -22,11 +22,12 @@ def png(image) -> bytes:
 
 def monet_record(sample_id, query, helpers=(), answer="\\boxed{3}", dataset=SOURCE, system="Think, then answer."):
     """A Monet SFT record: question image then text; each helper a (text ending with the marker, image path,
-    observation) triple; the answer text last."""
+    observation or None) triple; the answer text last."""
     reply = []
     for text, image, observation in helpers:
-        reply += [{"type": "text", "text": text}, {"type": "image", "image": image},
-                  {"type": "text", "text": f"<observation>{observation}</observation> "}]
+        reply += [{"type": "text", "text": text}, {"type": "image", "image": image}]
+        if observation is not None:
+            reply.append({"type": "text", "text": f"<observation>{observation}</observation> "})
     reply.append({"type": "text", "text": f"So the count is {answer}."})
     data = [{"role": "user", "content": [{"type": "image", "image": query},
                                          {"type": "text", "text": f"How many red cells? ({sample_id})"}]},
@@ -70,7 +71,7 @@ def test_monet_rows_become_gap_rows_with_latents_parsers_aux_images_answers_ids_
                                                      ("Check the right." + MONET_MARKER, "Visual_CoT/images/h1.png",
                                                       "no red cells")]),
         monet_record(1, "Visual_CoT/images/q1.png", answer="<observation>by eye</observation> \\boxed{5}"),
-        monet_record(2, "Visual_CoT/images/q2.png", [("Zoom." + MONET_MARKER, "Visual_CoT/images/h2.png", "two")]),
+        monet_record(2, "Visual_CoT/images/q2.png", [("Zoom." + MONET_MARKER, "Visual_CoT/images/h2.png", None)]),
     ]
     source = write_json(root / "Visual_CoT" / "train.jsonl", records, lines=True)
     out = tmp_path / "imported"
@@ -99,6 +100,7 @@ def test_monet_rows_become_gap_rows_with_latents_parsers_aux_images_answers_ids_
     report = report_of(out)
     assert (report["rows_in"], report["rows_out"], report["rows_with_latents"], report["latent_spans"]) == (3, 3, 2, 3)
     assert report["dropped"] == {} and report["dropped_rows"] == []
+    assert report["spans_without_parser"] == 1  # row 2's helper has no observation: gap filter's missing_parser
     assert report["per_source"] == {SOURCE: {"rows_in": 3, "rows_out": 3, "rows_with_latents": 2, "dropped": {}}}
 
 
