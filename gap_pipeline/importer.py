@@ -77,21 +77,17 @@ class ImageRoot:
     """Reads image bytes for the paths of rows, from a folder (archives in it read in place) or from one zip archive.
 
     A folder ``D`` may be shipped as ``D.zip`` beside where it would be: a path through ``D/`` that is not a file is
-    read from that archive, whose entries sit at its top level or under one folder named ``D``. Paths leave the root
+    read from that archive, under its folder ``D/`` when all its entries sit there, else (or when not found there) at
+    its top level; a zip root is read the same way. Paths leave the root
     neither through ``..`` nor as absolute paths elsewhere (the project's path rule; `allow_outside` lifts it for a
     folder root). Relative paths only, inside a zip root.
     """
 
     def __init__(self, root: str | os.PathLike | None, allow_outside: bool = False):
-        self.root = None if root is None else Path(root)
+        self.root = None if root is None else check_image_root(root)
         self.allow_outside = allow_outside
-        self._archives: dict[Path, tuple[zipfile.ZipFile, str]] = {}
+        self._archives: dict[Path, tuple[zipfile.ZipFile, str, set[str]]] = {}
         self._stack = ExitStack()
-        if self.root is not None and self.root.is_file() and not zipfile.is_zipfile(self.root):
-            raise ImportDataError(f"--image-root {self.root} is a file but not a zip archive; pass a folder or a .zip")
-        if self.root is not None and not self.root.exists():
-            raise ImportDataError(f"--image-root {self.root} does not exist; pass the folder (or .zip) the image paths "
-                               "are relative to")
 
     def __enter__(self) -> ImageRoot:
         return self
@@ -99,26 +95,32 @@ class ImageRoot:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _archive(self, path: Path) -> tuple[zipfile.ZipFile, str]:
+    def _archive(self, path: Path) -> tuple[zipfile.ZipFile, str, set[str]]:
+        """The open archive at `path`, the folder its entries all sit under (``D/`` for ``D.zip``, or ''), its files."""
         if path not in self._archives:
             try:
                 archive = self._stack.enter_context(zipfile.ZipFile(path))
             except (zipfile.BadZipFile, OSError) as error:
                 raise ImportDataError(f"{path}: not a readable zip archive ({error}); re-download it") from None
-            names = [name for name in archive.namelist() if not name.endswith("/")]
+            names = {name for name in archive.namelist() if not name.endswith("/")}
             prefix = path.stem + "/"
-            self._archives[path] = (archive, prefix if names and all(n.startswith(prefix) for n in names) else "")
+            self._archives[path] = (archive, prefix if names and all(n.startswith(prefix) for n in names) else "",
+                                    names)
         return self._archives[path]
 
     def _member(self, archive_path: Path, member: str, shown: str) -> bytes:
-        archive, prefix = self._archive(archive_path)
-        name = prefix + member
+        """Entry `member` of the archive: under its own folder ``D/`` when all its entries sit there, else (or when
+        not found there) at its top level."""
+        archive, prefix, files = self._archive(archive_path)
+        names = list(dict.fromkeys([prefix + member, member]))
+        try:
+            name = next(name for name in names if name in files)
+        except StopIteration:
+            raise Drop("missing_image", f"image {shown!r} is not in the archive {str(archive_path)!r} (no entry "
+                       f"{' or '.join(map(repr, names))})") from None
         try:
             return archive.read(name)
-        except KeyError:
-            raise Drop("missing_image", f"image {shown!r} is not in the archive {str(archive_path)!r} (no entry "
-                       f"{name!r})") from None
-        except (zipfile.BadZipFile, OSError, RuntimeError) as error:  # CRC error, encrypted entry
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as error:  # CRC error, encrypted or cut entry
             raise Drop("unreadable_image", f"image {shown!r}: entry {name!r} of {str(archive_path)!r} cannot be read "
                        f"({error})") from None
 
@@ -151,11 +153,23 @@ class ImageRoot:
         full = Path(os.path.abspath(full))
         parts = full.relative_to(root).parts if full.is_relative_to(root) else ()
         for cut in range(len(parts) - 1, 0, -1):  # the deepest folder first
-            archive = root.joinpath(*parts[:cut]).with_suffix(".zip")
+            folder = root.joinpath(*parts[:cut])
+            archive = folder.with_name(folder.name + ".zip")
             if archive.is_file():
                 return self._member(archive, "/".join(parts[cut:]), shown)
         raise Drop("missing_image", f"image {shown!r}: file {str(full)!r} does not exist, and no folder on its way "
                    "is shipped as a .zip")
+
+
+def check_image_root(root: str | os.PathLike) -> Path:
+    """`root` as a Path when it is a folder or a zip archive; else an `ImportDataError` naming ``--image-root``."""
+    root = Path(root)
+    if not root.exists():
+        raise ImportDataError(f"--image-root {root} does not exist; pass the folder (or .zip) the image paths are "
+                              "relative to")
+    if root.is_file() and not zipfile.is_zipfile(root):
+        raise ImportDataError(f"--image-root {root} is a file but not a zip archive; pass a folder or a .zip")
+    return root
 
 
 def _image_refs(value: Any) -> list[Any]:
@@ -834,6 +848,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise ImportDataError("--latent-marker is empty; give the text that marks a latent span")
     if not re.fullmatch(r"[\w-]+", markup.parser_tag):
         raise ImportDataError(f"--parser-tag {markup.parser_tag!r}: give a tag name such as observation (no brackets)")
+    if args.image_root is not None:
+        check_image_root(args.image_root)
     sources = [open_input(spec, args.split) for spec in args.input]
     return Plan(fmt, [(source, resolve_columns(fmt, args, source)) for source in sources], markup, args.image_root,
                 args.allow_outside_image_dir, args.strict)
@@ -841,7 +857,8 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 def _settings(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     return {"format": plan.fmt, "inputs": [source.name for source, _ in plan.sources], "split": args.split,
-            "image_root": args.image_root, "latent_marker": plan.markup.marker, "parser_tag": plan.markup.parser_tag,
+            "image_roots": {source.name: None if root is None else str(root) for source, _ in plan.sources
+                            for root in [args.image_root or source.image_root]}, "latent_marker": plan.markup.marker, "parser_tag": plan.markup.parser_tag,
             "drop_system": plan.markup.drop_system, "strict": plan.strict,
             "columns": {source.name: {k: v for k, v in columns.__dict__.items() if v not in (None, ())}
                         for source, columns in plan.sources}}

@@ -106,15 +106,20 @@ def test_monet_rows_become_gap_rows_with_latents_parsers_aux_images_answers_ids_
 
 def test_a_zip_given_as_image_root_is_read_in_place_with_paths_relative_to_it(tmp_path, tiny_image):
     archive = tmp_path / "images.zip"
-    with zipfile.ZipFile(archive, "w") as z:  # entries at the top level
-        z.writestr("q.png", png(tiny_image(seed=1)))
-        z.writestr("sub/h.png", png(tiny_image(seed=2)))
-    source = write_json(tmp_path / "train.json", [monet_record(7, "q.png", [("See." + MONET_MARKER, "sub/h.png", "x")])])
+    with zipfile.ZipFile(archive, "w") as z:  # every entry under the archive's own folder, as `zip -r images.zip images`
+        z.writestr("images/q.png", png(tiny_image(seed=1)))
+        z.writestr("images/sub/h.png", png(tiny_image(seed=2)))
+    records = [monet_record(7, "q.png", [("See." + MONET_MARKER, "sub/h.png", "x")]),  # relative to the folder
+               monet_record(8, "images/q.png"),  # or to the archive's top level
+               monet_record(9, "../q.png")]
+    source = write_json(tmp_path / "train.json", records)
     out = tmp_path / "out"
     assert gap_import("--format", "monet", "--input", source, "--image-root", archive, "--output-dir", out) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.zip", "out", "train.json"]  # nothing extracted
     rows = datasets.load_from_disk(str(out))
+    assert rows["id"] == [f"{SOURCE}-7", f"{SOURCE}-8"]
     assert len(rows[0]["aux_images"]) == 1 and rows[0]["aux_images"][0].size == tiny_image(seed=2).size
+    assert [e["reason"] for e in report_of(out)["dropped_rows"]] == ["path_outside_root"]
 
 
 def test_each_broken_monet_row_is_dropped_and_named_with_its_reason(monet_root, tmp_path, capsys):
