@@ -269,3 +269,15 @@ def test_imported_monet_rows_go_through_gap_targets(monet_root, tmp_path, tiny_b
     result = datasets.load_from_disk(str(targets)).with_format("numpy")
     assert [len(v) for v in result["latent_targets"]] == [2 * 4, 0, 1 * 4]
     assert list(result["id"]) == [f"{SOURCE}-0", f"{SOURCE}-1", f"{SOURCE}-2"]
+
+
+def test_flags_of_another_format_and_a_bad_image_root_are_refused_before_anything_is_read(tmp_path, capsys):
+    source = write_json(tmp_path / "train.json", [monet_record(0, "q.png")])
+    out = tmp_path / "out"
+    assert gap_import("--format", "monet", "--input", source, "--output-dir", out, "--question-column", "q") == 2
+    assert "--question-column map columns of --format messages / columns" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not an archive")
+    for root, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "notes.txt", "not a zip archive")):
+        assert gap_import("--format", "monet", "--input", source, "--output-dir", out, "--image-root", root) == 2
+        assert f"--image-root {root}" in (error := capsys.readouterr().err) and message in error
+    assert not out.exists()
