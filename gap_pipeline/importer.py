@@ -227,6 +227,8 @@ def _kind(item: Mapping) -> str:
     kind = item.get("type")
     if kind in ("text", "image"):
         return kind
+    if kind == "image_url":  # OpenAI style: {"type": "image_url", "image_url": {"url": ...}}
+        return "image"
     if kind is None and (item.get("image") is not None or item.get("image_url") is not None):
         return "image"
     if kind is None and item.get("text") is not None:
@@ -302,8 +304,8 @@ def _spaced_placeholders(text: str) -> str:
     from .data import LATENT_PLACEHOLDER
 
     placeholder = re.escape(LATENT_PLACEHOLDER)
-    return re.sub(placeholder + r"(?=\S)", LATENT_PLACEHOLDER + " ", re.sub(r"(?<=\S)" + placeholder,
-                                                                           " " + LATENT_PLACEHOLDER, text))
+    text = re.sub(r"(?<=\S)" + placeholder, " " + LATENT_PLACEHOLDER, text)
+    return re.sub(placeholder + r"(?=\S)", LATENT_PLACEHOLDER + " ", text)
 
 
 def _tag_to_parser(text: str, tag: str) -> str:

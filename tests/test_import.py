@@ -205,6 +205,23 @@ def test_messages_rows_from_parquet_with_an_aux_column_and_the_papers_marker(tmp
     assert report_of(out)["rows_with_latents"] == 1
 
 
+def test_messages_rows_with_inline_query_and_helper_images(tmp_path, tiny_image):
+    tiny_image(seed=1).save(tmp_path / "q.png")
+    tiny_image(seed=2).save(tmp_path / "h.png")
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "q.png"}},
+                                             {"type": "text", "text": "Which row?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Look.<latent>"},
+                                                  {"type": "image", "image": "h.png"},
+                                                  {"type": "text", "text": "<parser>row 2</parser><answer>2</answer>"}]}]
+    source = write_json(tmp_path / "rows.jsonl", [{"messages": messages, "id": "m1"}], lines=True)
+    out = tmp_path / "out"
+    assert gap_import("--format", "messages", "--input", source, "--output-dir", out) == 0
+    row = datasets.load_from_disk(str(out))[0]
+    assert row["messages"][1]["content"][0]["text"] == "Look. <latent> <parser>row 2</parser><answer>2</answer>"
+    assert (row["id"], row["data_source"], row["answer"], len(row["images"]), len(row["aux_images"])) == (
+        "m1", "rows", "2", 1, 1)
+
+
 def test_columns_layout_is_read_from_the_files_and_an_unknown_one_lists_its_columns_and_the_flags(
         tmp_path, tiny_image, capsys):
     rows = [{"prompt": "How many?", "teacher": f"Count. {LATENT_PLACEHOLDER} <parser>four</parser> \\boxed{{4}}",
