@@ -23,7 +23,6 @@ shipped as ``D.zip``), never extracted. A row that cannot be imported is dropped
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import posixpath
@@ -53,7 +52,8 @@ ROLE_DEFAULTS = {"question": ("question",), "response": ("response",), "images":
                  "aux": ("aux_images",), "answer": ("answer",), "id": ("id",), "source": ("data_source",)}
 ROLE_FLAGS = {"question": "--question-column", "response": "--response-column", "images": "--image-column",
               "aux": "--aux-column", "answer": "--answer-column", "id": "--id-column", "source": "--source-column"}
-ROWS_PER_SHARD = 1000  # rows converted and written together (their images are in memory at once)
+ROWS_PER_SHARD = 1000  # rows converted and written together (their images are in memory at once) ...
+SHARD_BYTES = 256 * 2**20  # ... or fewer, when their image bytes reach this
 LISTED_DROPS = 5  # dropped rows printed in the summary (the report lists all)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -747,13 +747,26 @@ def import_rows(plan: Plan, report: ImportReport) -> Iterator[dict]:
                 yield row
 
 
+def _batches(rows: Iterator[dict], max_rows: int, max_bytes: int) -> Iterator[list[dict]]:
+    """`rows` in lists of at most `max_rows` rows whose images hold at most `max_bytes` (one row more if it alone does)."""
+    batch, size = [], 0
+    for row in rows:
+        batch.append(row)
+        size += sum(len(image["bytes"]) for column in ("images", "aux_images") for image in row[column])
+        if len(batch) >= max_rows or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _write_shards(rows: Iterator[dict], cache: Path, rows_per_shard: int):
-    """`rows` as one memory-mapped `datasets.Dataset`, written to `cache` `rows_per_shard` rows at a time (so memory
-    holds one shard's images); None when there is no row."""
+    """`rows` as one memory-mapped `datasets.Dataset`, written to `cache` one shard at a time (at most
+    `rows_per_shard` rows and `SHARD_BYTES` of images in memory); None when there is no row."""
     import datasets
 
     shards = []
-    while batch := list(itertools.islice(rows, rows_per_shard)):
+    for batch in _batches(rows, rows_per_shard, SHARD_BYTES):
         path = cache / f"shard-{len(shards):05d}"
         datasets.Dataset.from_list(batch, features=features()).save_to_disk(str(path))
         shards.append(datasets.load_from_disk(str(path)))
@@ -809,6 +822,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"dropped and named in {REPORT_NAME})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD, metavar="N",
+                        help=f"rows converted and written together, their images in memory (default {ROWS_PER_SHARD}; "
+                        f"fewer when their images reach {SHARD_BYTES // 2**20} MiB)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
     markup = parser.add_argument_group("markup")
@@ -874,8 +890,10 @@ def run(args: argparse.Namespace) -> int:
     if args.image_root and Path(args.image_root).is_dir():
         inputs["--image-root"] = args.image_root
     output_dir = check_output_dir(args.output_dir, ImportDataError, overwrite=args.overwrite, inputs=inputs)
+    if args.rows_per_shard < 1:
+        raise ImportDataError(f"--rows-per-shard must be >= 1, got {args.rows_per_shard}")
     plan = _plan(args)
     report = ImportReport(_settings(args, plan))
-    write_import(plan, report, output_dir, progress=not args.no_progress)
+    write_import(plan, report, output_dir, progress=not args.no_progress, rows_per_shard=args.rows_per_shard)
     print(format_summary(report, output_dir))
     return 0

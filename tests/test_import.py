@@ -279,7 +279,8 @@ def test_imported_monet_rows_go_through_gap_targets(monet_root, tmp_path, tiny_b
                monet_record(2, "Visual_CoT/images/q2.png", [("C." + MONET_MARKER, "Visual_CoT/images/h2.png", "z")])]
     source = write_json(root / "Visual_CoT" / "train.json", records)
     data = tmp_path / "imported"
-    assert gap_import("--format", "monet", "--input", source, "--image-root", root, "--output-dir", data) == 0
+    assert gap_import("--format", "monet", "--input", source, "--image-root", root, "--output-dir", data,
+                      "--rows-per-shard", "2") == 0  # two shards, joined in input order
     targets = tmp_path / "targets"
     assert main(["targets", "--data", str(data), "--model", str(tiny_base_dir), "--output-dir", str(targets),
                  "--latent-tokens-per-span", "4", "--device", "cpu", "--no-progress"]) == 0
