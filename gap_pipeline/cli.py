@@ -30,6 +30,7 @@ from . import GapError, __version__
 
 # subcommand name -> module that implements it (see the module docstring for the contract)
 COMMANDS: dict[str, str] = {
+    "import": "gap_pipeline.importer",
     "tiny-model": "gap_pipeline.tiny",
     "fit-pca": "gap_pipeline.pca",
     "targets": "gap_pipeline.targets",

@@ -57,6 +57,7 @@ __all__ = [
     "count_latent_placeholders",
     "from_dataset",
     "image_count_problem",
+    "image_path_outside",
     "load_image",
     "load_jsonl",
     "max_image_pixels",
@@ -230,6 +231,11 @@ def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
         return None
     root = os.path.abspath(image_dir)
     return None if os.path.commonpath([root, os.path.abspath(_resolve(path, image_dir))]) == root else path
+
+
+def image_path_outside(image: Any, image_dir: str | os.PathLike) -> str | None:
+    """The path of `image` when it is a path that leaves `image_dir` (the path rule of `validate_row`), else None."""
+    return _outside_image_dir(image, image_dir)
 
 
 def add_allow_outside_image_dir_argument(parser) -> None:
