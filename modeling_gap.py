@@ -1065,23 +1065,6 @@ def _as_pca(pca):
         raise ValueError(f"The PCA must provide `mean`, `components` and `eigenvalues`; missing {error}.") from None
 
 
-def _register_checkpoint_layout():
-    """Save and load GAP checkpoints in Qwen2.5-VL's key layout on the Hub (`model.layers.*`, `visual.*`), as the
-    stock class does: transformers finds a model's key renames by its class name, so GAP's must be registered.
-    Tools that read Qwen2.5-VL checkpoints then read GAP's; folders in the in-memory layout load as well."""
-    try:
-        from transformers.conversion_mapping import (
-            get_checkpoint_conversion_mapping,
-            register_checkpoint_conversion_mapping,
-        )
-    except ImportError:  # a transformers without registrable renames: keys stay in the in-memory layout
-        return
-    renames = get_checkpoint_conversion_mapping(Qwen2_5_VLForConditionalGeneration.__name__)
-    if renames is not None:
-        register_checkpoint_conversion_mapping(GapForConditionalGeneration.__name__, renames, overwrite=True)
-
-
-_register_checkpoint_layout()
 GapConfig.register_for_auto_class()
 GapForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 

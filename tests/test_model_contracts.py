@@ -4,8 +4,6 @@ return_dict, torch.compile (fullgraph), meta-device initialisation, default conf
 pre-shifted labels, embedding resizes. Decoding modes are in test_generate.py.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
@@ -205,22 +203,3 @@ def test_eager_and_sdpa_attention_agree_with_a_latent_span(tiny_gap):
         model.set_attn_implementation(original)
     torch.testing.assert_close(outputs["eager"].logits, outputs["sdpa"].logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs["eager"].latent_loss, outputs["sdpa"].latent_loss, rtol=1e-4, atol=1e-6)
-
-
-def test_checkpoints_are_saved_in_qwen2_5_vl_key_layout_and_both_layouts_load(tmp_path, tiny_gap, tiny_base_dir):
-    """Tools that read Qwen2.5-VL checkpoints (vLLM, converters) find GAP's weights under the same keys."""
-    from safetensors.torch import load_file, save_file
-
-    tiny_gap.save_pretrained(tmp_path / "gap")
-    saved = set(load_file(tmp_path / "gap" / "model.safetensors"))
-    stock = set(load_file(Path(tiny_base_dir) / "model.safetensors"))
-    assert {key for key in saved if not key.startswith("latent_head.")} == stock
-    # a folder written in the in-memory layout (GAP before this layout) loads to the same weights
-    tiny_gap.save_pretrained(tmp_path / "old")
-    save_file({k: v.contiguous() for k, v in tiny_gap.state_dict().items()}, tmp_path / "old" / "model.safetensors",
-              metadata={"format": "pt"})
-    for folder in ("gap", "old"):
-        loaded, info = GapForConditionalGeneration.from_pretrained(tmp_path / folder, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], folder
-        for (name, expected), actual in zip(tiny_gap.state_dict().items(), loaded.state_dict().values()):
-            assert torch.equal(actual, expected), (folder, name)

@@ -42,12 +42,6 @@ SUITE_CANNOT_KNOW_GAP: dict[str, str] = {
     # checkpoints' auto_map), so the test has nothing to run on GAP either way. What it checks, a state dict
     # through torch.save and back, is independent of the class.
     "test_torch_save_load": "needs MODEL_MAPPING to name a base class other than the one tested",
-    # Both shrink the vocabulary by 15 rows, below the latent token ids (added after the base vocabulary, as
-    # `from_qwen2_5_vl` adds them). GAP refuses a resize that drops its latent tokens on purpose (issue 25 item 7:
-    # accepted, it failed later with an IndexError); growing and shrinking above them are tested in
-    # tests/test_model_contracts.py.
-    "test_resize_tokens_embeddings": "GAP refuses a resize that drops its latent token ids (by design)",
-    "test_resize_embeddings_untied": "GAP refuses a resize that drops its latent token ids (by design)",
 }
 
 # Modules that test_modeling_common imports but the sdist does not ship: replaced by mixins without tests, so the
