@@ -42,6 +42,18 @@ SUITE_CANNOT_KNOW_GAP: dict[str, str] = {
     # checkpoints' auto_map), so the test has nothing to run on GAP either way. What it checks, a state dict
     # through torch.save and back, is independent of the class.
     "test_torch_save_load": "needs MODEL_MAPPING to name a base class other than the one tested",
+    # Both shrink the vocabulary by 15 rows, below the latent token ids (added after the base vocabulary, as
+    # `from_qwen2_5_vl` adds them). GAP refuses a resize that drops its latent tokens on purpose (issue 25 item 7:
+    # accepted, it failed later with an IndexError); the refusal is tested in tests/test_model_contracts.py.
+    "test_resize_tokens_embeddings": "GAP refuses a resize that drops its latent token ids (by design)",
+    "test_resize_embeddings_untied": "GAP refuses a resize that drops its latent token ids (by design)",
+    # Stock saves in the Hub's key layout (`model.layers.*`, `visual.*`) through renames registered for its class
+    # name; GAP keeps transformers' in-memory layout (`model.language_model.*`, `model.visual.*`), so the test finds
+    # no renames to check and skips. Registering Qwen2.5-VL's renames for GAP was tried: the Trainer's
+    # `resume_from_checkpoint` (transformers 5.24) then loads the renamed keys with `load_state_dict(strict=False)`
+    # and silently resumes from the initial weights (tests/test_train_extras.py::test_resumed_run_equals_an_
+    # uninterrupted_one failed). Both layouts load with `from_pretrained`; vLLM maps the in-memory layout too.
+    "test_reverse_loading_mapping": "GAP keeps the in-memory key layout: renamed keys break the Trainer's resume",
 }
 
 # Modules that test_modeling_common imports but the sdist does not ship: replaced by mixins without tests, so the
