@@ -54,7 +54,7 @@ from .data import TARGETS_COLUMN
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import write_json_file
-from .provenance import data_fingerprint, model_fingerprint, record_differences
+from .provenance import data_fingerprint, is_secret_name, model_fingerprint, record_differences, without_secrets
 
 __all__ = [
     "RUN_RECORD",
@@ -132,6 +132,12 @@ class GapSFTConfig(SFTConfig):
         super().__post_init__()
         if self.latent_head_learning_rate is None:
             self.latent_head_learning_rate = self.learning_rate
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The arguments as pickled, which is how the Trainer saves them (`training_args.bin` in every saved and
+        pushed folder): every field named like a secret (`is_secret_name`: ``hub_token``...) is None there. The
+        arguments in memory keep it, so pushes still authenticate."""
+        return {name: None if is_secret_name(name) else value for name, value in self.__dict__.items()}
 
 
 class GapSFTTrainer(SFTTrainer):
@@ -728,7 +734,7 @@ def run_record(script_args: Any, training_args: GapSFTConfig, model_args: Any) -
         "model": model_fingerprint(model_args.model_name_or_path),
         "data": data_fingerprint(script_args.dataset_path),
         "pca": data_fingerprint(script_args.pca_path) if script_args.pca_path else None,
-        "settings": json.loads(json.dumps(settings, default=str)),
+        "settings": without_secrets(json.loads(json.dumps(settings, default=str))),
     }
 
 

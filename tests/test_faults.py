@@ -612,3 +612,26 @@ def test_a_missing_model_folder_is_one_error_before_anything_is_read_or_written(
            "no such folder; pass the folder of a GAP or Qwen2.5-VL checkpoint.")
     assert len(err) == 1 and err[0].startswith(f"error: --model {model}: {fix}")
     assert not out.exists()  # a corrected rerun starts clean (difficulty's run.json never records the typo)
+
+
+# secrets -----------------------------------------------------------------------------------------------------------
+
+
+def test_hub_token_never_reaches_the_model_card_run_record_or_saved_arguments(work, tmp_path, monkeypatch):
+    import torch
+
+    import train_sft
+
+    secret = "hf_doNotLeakThisToken123"
+    monkeypatch.setenv("HF_TOKEN", secret)  # a token in the environment is never recorded either
+    out = tmp_path / "out"
+    argv = train_argv(work, out, "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                      "--hub_token", secret)
+    train_sft.main(*parse_train_argv(argv), argv=argv)
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert {"README.md", "training_args.bin", "gap_run.json"} <= {path.name for path in written}
+    assert [path for path in written if secret.encode() in path.read_bytes()] == []
+    saved = torch.load(out / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.learning_rate == 2e-3  # the rest of the arguments as they were
+    card = (out / "README.md").read_text()
+    assert "--hub_token" not in card and "--max_steps 1" in card
