@@ -222,14 +222,15 @@ def _image_path(image: Any) -> str | None:
 
 
 def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
-    """The path of `image` when it is a path that leaves `image_dir` (``..`` or an absolute path elsewhere), else None.
+    """The path of `image` when it is a path that leaves `image_dir` (``..``, an absolute path elsewhere, or a
+    symlink, of the file or of a folder on its way, that resolves elsewhere), else None.
 
-    Lexical: a symlink inside the folder counts as inside (the user placed it)."""
+    Judged on the resolved path (every symlink followed), which is what opening the file reads."""
     path = _image_path(image)
     if path is None:
         return None
-    root = os.path.abspath(image_dir)
-    return None if os.path.commonpath([root, os.path.abspath(_resolve(path, image_dir))]) == root else path
+    root = os.path.realpath(image_dir)
+    return None if os.path.commonpath([root, os.path.realpath(_resolve(path, image_dir))]) == root else path
 
 
 def add_allow_outside_image_dir_argument(parser) -> None:

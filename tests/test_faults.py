@@ -373,11 +373,28 @@ def test_pca_path_with_a_gap_checkpoint_is_an_error_not_ignored(work, tmp_path):
 # data ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("escape", ["../secret.png", "ABSOLUTE"])
+def _escaping_path(tmp_path, folder, escape):
+    """An image path, as a row of `folder` gives it, that reaches tmp_path/secret.png outside `folder`: '..', an
+    absolute path, a symlink in the folder to the file, or a path through a symlinked folder."""
+    if escape == "ABSOLUTE":
+        return str(tmp_path / "secret.png")
+    if escape == "SYMLINKED FILE":
+        (folder / "link.png").symlink_to(tmp_path / "secret.png")
+        return "link.png"
+    if escape == "SYMLINKED FOLDER":
+        (folder / "up").symlink_to(tmp_path, target_is_directory=True)
+        return "up/secret.png"
+    return escape
+
+
+ESCAPES = ["../secret.png", "ABSOLUTE", "SYMLINKED FILE", "SYMLINKED FOLDER"]
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
 def test_image_paths_stay_inside_the_data_folder_unless_allowed(tmp_path, rows_jsonl, tiny_base_dir, tiny_image,
                                                                  capsys, escape):
     tiny_image(seed=9).save(tmp_path / "secret.png")  # a file outside the data folder
-    path = str(tmp_path / "secret.png") if escape == "ABSOLUTE" else escape
+    path = _escaping_path(tmp_path, rows_jsonl.parent, escape)
     rows = [json.loads(line) for line in rows_jsonl.read_text().splitlines()]
     rows[1]["aux_images"] = [path]
     rows_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -400,15 +417,15 @@ class Echo:  # answers every question with its gold answer
 """
 
 
-@pytest.mark.parametrize("escape", ["../secret.png", "ABSOLUTE"])
-@pytest.mark.parametrize("command", ["evaluate", "difficulty"])
-def test_evaluate_and_difficulty_read_images_only_inside_the_data_folder_unless_allowed(
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("command", ["evaluate", "difficulty", "audit"])
+def test_evaluate_difficulty_and_audit_read_images_only_inside_the_data_folder_unless_allowed(
         tmp_path, tiny_image, two_gap_dirs, capsys, command, escape):
     folder = tmp_path / "data"
     folder.mkdir()
     tiny_image(seed=0).save(folder / "q.png")
     tiny_image(seed=9).save(tmp_path / "secret.png")  # a file outside the data folder
-    path = str(tmp_path / "secret.png") if escape == "ABSOLUTE" else escape
+    path = _escaping_path(tmp_path, folder, escape)
     rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
                                          {"role": "assistant", "content": "A"}], "images": [image], "answer": "A"}
             for i, image in enumerate(["q.png", path])]
@@ -417,6 +434,10 @@ def test_evaluate_and_difficulty_read_images_only_inside_the_data_folder_unless_
     out = tmp_path / "out"
     if command == "evaluate":
         args = _evaluate_args(two_gap_dirs[0], data, out)
+    elif command == "audit":  # the audit's report.html would carry a thumbnail of the image
+        (folder / "eval.jsonl").write_text(json.dumps({**rows[0], "id": "e0"}) + "\n")
+        args = ["audit", "--train", str(data), "--eval", str(folder / "eval.jsonl"), "--output-dir", str(out),
+                "--no-progress"]
     else:
         (tmp_path / "echo.py").write_text(_ECHO_SAMPLER)
         args = ["difficulty", "--dataset", str(data), "--output-dir", str(out), "--num-samples", "2", "--sampler",
