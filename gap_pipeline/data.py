@@ -55,6 +55,7 @@ __all__ = [
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
+    "dataset_base_dir",
     "from_dataset",
     "image_count_problem",
     "load_image",
@@ -212,6 +213,14 @@ def _resolve(path: str, image_dir: str | os.PathLike | None) -> Path:
     if not p.is_absolute() and image_dir is not None:
         p = Path(image_dir) / p
     return p
+
+
+def dataset_base_dir(path: str | os.PathLike) -> Path:
+    """The image folder of the data at `path`, by one rule for every input form: relative image paths resolve in it,
+    and every path must stay inside it (unless --allow-outside-image-dir): a data file's folder, or the dataset
+    folder (``save_to_disk``) itself. ``--image-dir``, where a command takes it, replaces it."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
 
 
 def _image_path(image: Any) -> str | None:
@@ -585,7 +594,8 @@ def from_dataset(
     """Check any `datasets.Dataset` of this schema and return it with image columns as `datasets.Image` lists.
 
     String image entries are resolved against `image_dir` (default: the working directory) and, when it is
-    given, must stay inside it unless `allow_outside_image_dir`. A `GapDataError` lists the bad rows.
+    given, must stay inside it unless `allow_outside_image_dir`; a command reading a dataset folder passes the folder
+    (`dataset_base_dir`) unless told another. A `GapDataError` lists the bad rows.
     """
     from datasets import Image, List, Value
 

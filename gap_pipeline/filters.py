@@ -33,7 +33,8 @@ import torch
 from processing_gap import LATENT_PLACEHOLDER
 
 from . import GapError
-from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, load_jsonl, turn_texts
+from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, dataset_base_dir,
+                   load_jsonl, turn_texts)
 from .datasets_io import (atomic_files_into, atomic_output_dir, datasets_progress_bars, load_dataset_folder,
                           utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
@@ -425,7 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="the rows: a JSONL file, or a dataset folder (save_to_disk; a `gap targets` folder too)")
     parser.add_argument("--image-dir", default=None,
-                        help="folder a JSONL file's image paths are relative to (default: the JSONL file's folder)")
+                        help="folder the image paths are relative to and stay inside (default: the JSONL file's folder, or the "
+                        "dataset folder)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--targets", default=None,
@@ -468,7 +470,7 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
             base_dir = Path(args.image_dir) if args.image_dir else data.resolve().parent
             rows = load_jsonl(data, base_dir, check_images=False, allow_outside_image_dir=args.allow_outside_image_dir)
         elif data.is_dir():
-            base_dir = Path(args.image_dir) if args.image_dir else None
+            base_dir = Path(args.image_dir) if args.image_dir else dataset_base_dir(data)
             rows = load_dataset_folder(data, None, FilterError, "{path} is not a dataset folder written by "
                                        "save_to_disk ({exc}); pass a JSONL file or such a folder")
             check_rows(rows.select_columns([c for c in rows.column_names if c != TARGETS_COLUMN]),

@@ -21,7 +21,8 @@ from transformers import AutoConfig, PretrainedConfig, Qwen2_5_VLConfig
 from configuration_gap import GapConfig
 
 from . import GapError
-from .data import IMAGE_COLUMNS, check_image_paths, count_image_entries, load_image, load_jsonl, messages_of
+from .data import (IMAGE_COLUMNS, check_image_paths, count_image_entries, dataset_base_dir, load_image, load_jsonl,
+                   messages_of)
 from .datasets_io import load_dataset_folder
 
 __all__ = [
@@ -84,12 +85,6 @@ def load_rows(path: str | os.PathLike, split: str | None = None, *, image_column
     if not allow_outside_image_dir:
         check_image_paths(dataset, dataset_base_dir(p), columns=image_columns, source=str(p))
     return dataset
-
-
-def dataset_base_dir(path: str | os.PathLike) -> Path:
-    """The folder against which relative image paths of a dataset are resolved."""
-    p = Path(path)
-    return p if p.is_dir() else p.parent
 
 
 def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -661,7 +661,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``gap targets``."""
     parser.add_argument("--data", required=True, help="a JSONL file of rows, or a dataset folder (save_to_disk)")
     parser.add_argument(
-        "--image-dir", default=None, help="folder the image paths are relative to (default: the JSONL file's folder)"
+        "--image-dir", default=None,
+        help="folder the image paths are relative to and stay inside (default: the JSONL file's folder, or the dataset "
+        "folder)"
     )
     parser.add_argument("--model", required=True, help="Qwen2.5-VL or GAP checkpoint folder whose vision tower encodes")
     parser.add_argument(
@@ -707,7 +709,7 @@ def _default_k(model_dir: Path) -> tuple[int, str]:
 
 
 def _load_data(args):
-    from .data import from_dataset, load_jsonl
+    from .data import dataset_base_dir, from_dataset, load_jsonl
 
     path = Path(args.data)
     if path.is_file():
@@ -716,7 +718,7 @@ def _load_data(args):
     if path.is_dir():
         dataset = load_dataset_folder(path, None, TargetsError, "{path} is not a dataset saved with "
                                       "Dataset.save_to_disk ({exc}); pass such a folder or a .jsonl file")
-        return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path),
+        return from_dataset(dataset, image_dir=args.image_dir or dataset_base_dir(path), check_images=not args.no_check_images, source=str(path),
                             allow_outside_image_dir=args.allow_outside_image_dir)
     raise TargetsError(f"--data {path}: no such file or folder.")
 

@@ -2,6 +2,7 @@
 ends in a correct result or in one error naming the problem, with earlier outputs intact."""
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -656,3 +657,39 @@ def test_hub_token_never_reaches_the_model_card_run_record_or_saved_arguments(wo
     assert saved.hub_token is None and saved.learning_rate == 2e-3  # the rest of the arguments as they were
     card = (out / "README.md").read_text()
     assert "--hub_token" not in card and "--max_steps 1" in card
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("command", ["targets", "filter"])
+def test_a_dataset_folder_gets_the_path_rule_of_a_jsonl(tmp_path, rows_jsonl, tiny_base_dir, tiny_image, capsys,
+                                                        command, escape):
+    """A save_to_disk folder's image paths resolve inside that folder, as a JSONL's inside its own: an escape is
+    refused (never read, never embedded in the output) without --image-dir."""
+    rows = [json.loads(line) for line in rows_jsonl.read_text().splitlines()]
+    for row in rows:
+        row["messages"][1]["content"] = [{"type": "text", "text": row["messages"][1]["content"]}]
+    tiny_image(seed=9).save(tmp_path / "secret.png")
+
+    def dataset_folder(name, escape=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        for image in ("q.png", "a0.png", "a1.png"):
+            (folder / image).write_bytes((rows_jsonl.parent / image).read_bytes())
+        edited = [dict(row) for row in rows]
+        if escape is not None:
+            edited[1]["aux_images"] = [_escaping_path(tmp_path, folder, escape)]
+        datasets.Dataset.from_list(edited).save_to_disk(str(folder))
+        return folder, edited[1]["aux_images"][0]
+
+    escaping, path = dataset_folder("escaping", escape)
+    out = tmp_path / "out"
+    if command == "targets":
+        args = _targets_args(escaping, tiny_base_dir, out, "--latent-tokens-per-span", str(K))
+    else:
+        args = ["filter", "--data", str(escaping), "--model", str(tiny_base_dir), "--output-dir", str(out)]
+    assert gap_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"row 1 (id='r1'), field 'aux_images': entry 0 path {path!r} leaves the image folder" in err
+    assert not out.exists()
+    inside, _ = dataset_folder("inside")
+    assert gap_main([*args[:2], str(inside), *args[3:]]) == 0  # relative paths resolve in the dataset folder
