@@ -52,6 +52,7 @@ __all__ = [
     "add_max_image_pixels_argument",
     "aux_count_problem",
     "check_image_paths",
+    "check_messages",
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
@@ -63,6 +64,7 @@ __all__ = [
     "max_image_pixels",
     "messages_problem",
     "row_name",
+    "special_token_problem",
     "strip_latent_placeholders",
     "strip_latent_spans",
     "turn_texts",
@@ -74,6 +76,8 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 IMAGE_COLUMNS = ("images", "aux_images")
 TARGETS_COLUMN = "latent_targets"  # a row's (n_spans * K, d) latent targets, as `gap targets` writes them
+# Text shaped like a special token of the Qwen2.5-VL tokenizer (`<|im_end|>`, `<|image_pad|>`, GAP's `<|latent_pad|>`).
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[^\s<>|]{1,64}\|>")
 # How many row errors a GapDataError message lists before summarising the rest.
 MAX_LISTED_ERRORS = 20
 
@@ -322,7 +326,7 @@ def messages_problem(messages: Any) -> str | None:
     """What is wrong with a row's ``messages`` (TRL's conversational format, GAP's rules), or None.
 
     A non-empty list of {"role", "content"} dicts with known roles and image/text items, a non-empty assistant
-    turn, and ``<latent>`` only in assistant turns. `validate_row` and `GapDataCollator` both check rows with it.
+    turn, no literal special token and ``<latent>`` only in assistant turns (`special_token_problem`). `validate_row` and `GapDataCollator` both check rows with it.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         return "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)"
@@ -345,6 +349,22 @@ def messages_problem(messages: Any) -> str | None:
         if message.get("role") == "assistant" and not "".join(_texts(message)).strip():
             return (f"message {m} (assistant) is empty: the row would train on the end-of-turn token alone; write the "
                     "response or drop the row")
+    return special_token_problem(messages)
+
+
+def special_token_problem(messages: list[dict]) -> str | None:
+    """Text of `messages` that would become structure instead of text, or None: a literal special token in any turn
+    (anything shaped ``<|name|>``: the chat template's ``<|im_start|>``/``<|im_end|>``, ``<|vision_start|>``,
+    ``<|image_pad|>``, GAP's ``<|latent_start|>``/``<|latent_pad|>``/``<|latent_end|>``...), which the tokenizer would
+    read as that token, or a ``<latent>`` placeholder outside an assistant turn, which the processor would expand
+    into a latent span. The one check of row text for every command that tokenizes rows (`messages_problem`, and the
+    question of `gap_pipeline.inference.prompt_of_row`)."""
+    for m, message in enumerate(messages):
+        for text in _texts(message):
+            token = SPECIAL_TOKEN_TEXT.search(text)
+            if token is not None:
+                return (f"message {m} ({message.get('role')}) holds the literal special token {token.group()!r}, which "
+                        "the tokenizer would read as that token and not as text; remove it from the row")
     misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
     if misplaced:
         return (
@@ -509,6 +529,21 @@ def check_image_paths(rows: Iterable[dict], image_dir: str | os.PathLike, *, col
             if problem is not None:
                 errors.append(RowProblem(index, column, problem, row.get("id")))
                 break
+    raise_row_errors(errors, source)
+
+
+def check_messages(dataset, source: str = "the dataset", batch_size: int = 1000) -> None:
+    """Raise a `GapDataError` listing every row of the `datasets.Dataset` whose ``messages`` `messages_problem`
+    refuses, reading only that column (and ``id``): for rows checked when they were written, perhaps by an older
+    version, before training starts rather than at the step that draws them."""
+    columns = ["messages"] + (["id"] if "id" in dataset.column_names else [])
+    errors = []
+    for start, batch in zip(range(0, len(dataset), batch_size), dataset.select_columns(columns).iter(batch_size)):
+        ids = batch.get("id", [None] * len(batch["messages"]))
+        for offset, (messages, row_id) in enumerate(zip(batch["messages"], ids)):
+            problem = messages_problem(messages)
+            if problem is not None:
+                errors.append(RowProblem(start + offset, "messages", problem, row_id))
     raise_row_errors(errors, source)
 
 

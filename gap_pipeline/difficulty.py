@@ -26,7 +26,7 @@ from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .datasets_io import append_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
-                        load_model_and_processor, load_rows, prompt_of_row)
+                        load_model_and_processor, load_rows, prompt_of_row, question_of_row)
 from .plugins import import_object
 from .provenance import RUN_RECORD, check_or_record
 from .targets import TARGETS_COLUMN
@@ -560,6 +560,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(report, time.time() - started))
         return 0
     checker = load_checker(args.checker)
+    columns = [name for name in (args.messages_column,) if name in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):  # every question, before anything is recorded
+        question_of_row(row, index, args.messages_column)
     config = _run_config(args, dataset)
     check_run_config(output_dir, config)  # before the model loads
     settings = SamplerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)

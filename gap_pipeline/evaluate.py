@@ -27,7 +27,8 @@ from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
 from .datasets_io import append_json_lines, utf8_lines, write_json_file
-from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
+from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, special_token_problem,
+                   undecoded_images)
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
 from .targets import TARGETS_COLUMN
 from .provenance import RUN_RECORD, check_or_record, data_fingerprint, model_fingerprint
@@ -167,6 +168,10 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
         hint = fields.get("hint", "")
         text = mcq_prompt(fields["question"], options, hint if hint.lower() != "nan" else None)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        problem = special_token_problem(messages)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
         extra = {key: record[key] for key in ("category",) if record.get(key)}
         items.append(EvalItem(index, messages, [image], fields["answer"], options or None, extra))
     return items, problems

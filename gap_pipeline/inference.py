@@ -22,7 +22,7 @@ from configuration_gap import GapConfig
 
 from . import GapError
 from .data import (IMAGE_COLUMNS, check_image_paths, count_image_entries, dataset_base_dir, load_image, load_jsonl,
-                   messages_of)
+                   messages_of, special_token_problem)
 from .datasets_io import load_dataset_folder
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "model_type_of",
     "open_image",
     "prompt_of_row",
+    "question_of_row",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -120,17 +121,10 @@ def open_image(value: Any, base_dir: str | os.PathLike | None = None, where: str
         ) from None
 
 
-def prompt_of_row(
-    row: Mapping[str, Any],
-    index: int,
-    *,
-    messages_column: str = "messages",
-    images_column: str = "images",
-    base_dir: str | os.PathLike | None = None,
-) -> tuple[list[dict[str, Any]], list]:
-    """The question of a row: ``(messages, images)``: its cleaned messages before the first assistant turn, and the
-    first n of its images opened, n being the number of image items in those messages (TRL's order). A row without a
-    user turn or with fewer images than it refers to raises :class:`RowError` naming row `index`."""
+def question_of_row(row: Mapping[str, Any], index: int, messages_column: str = "messages") -> list[dict[str, Any]]:
+    """The question of a row: its cleaned messages before the first assistant turn. A row without a user turn, or
+    whose question holds text that would forge structure (`special_token_problem`), raises :class:`RowError` naming
+    row `index`; opens no image, so a command can check every row's question before any heavy work."""
     raw = messages_of(row, index, messages_column, RowError)
     if raw is None:
         raise RowError(
@@ -142,6 +136,24 @@ def prompt_of_row(
         raise RowError(
             f"row {index} has no user turn before its first assistant turn; the question must be a user message"
         )
+    problem = special_token_problem(prompt)
+    if problem is not None:
+        raise RowError(f"row {index}, field '{messages_column}': {problem}")
+    return prompt
+
+
+def prompt_of_row(
+    row: Mapping[str, Any],
+    index: int,
+    *,
+    messages_column: str = "messages",
+    images_column: str = "images",
+    base_dir: str | os.PathLike | None = None,
+) -> tuple[list[dict[str, Any]], list]:
+    """``(messages, images)``: the row's question (`question_of_row`), and the first n of its images opened, n being
+    the number of image items in those messages (TRL's order). A row with fewer images than it refers to raises
+    :class:`RowError` naming row `index`, like a bad question."""
+    prompt = question_of_row(row, index, messages_column)
     n_images = count_image_entries(prompt)
     images = list(row.get(images_column) or [])
     if len(images) < n_images:

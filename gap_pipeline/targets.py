@@ -43,7 +43,7 @@ from configuration_gap import check_latent_budget
 
 from . import GapError
 from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
-from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument
+from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_messages
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
 
@@ -269,7 +269,7 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
     """The dataset folder `path` written by `gap targets` (memory-mapped; a DatasetDict narrowed to `split`),
     checked against the K and d of a GAP model's `config` when one is given (`check_targets_compatible`, then
     `check_targets_finite`), and against the vision tower of the checkpoint folder `vision_tower` when one is given
-    (`check_targets_encoder`)."""
+    (`check_targets_encoder`); with a `config` (to train) every row's messages are checked too (`check_messages`)."""
     if not Path(path).is_dir():
         raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
     dataset = load_dataset_folder(
@@ -281,6 +281,7 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
         check_targets_encoder(dataset, vision_tower, where=str(path))
     if config is not None:
         check_targets_finite(dataset, path)
+        check_messages(dataset, str(path))
     return dataset
 
 
