@@ -8,7 +8,8 @@
   result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`).
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
   :func:`atomic_files_into`).
-* Refusing an ``--output-dir`` that is an input or holds something (:func:`check_output_dir`).
+* Refusing an output folder that is, contains or lies inside an input (:func:`check_apart_from_inputs`), or an
+  ``--output-dir`` that holds something (:func:`check_output_dir`).
 * Reading a text file line by line, a non-UTF-8 byte named by file and line (:func:`utf8_lines`).
 * Turning the ``datasets`` progress bars on or off for a block (:func:`datasets_progress_bars`).
 """
@@ -20,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +30,7 @@ __all__ = [
     "append_json_lines",
     "atomic_files_into",
     "atomic_output_dir",
+    "check_apart_from_inputs",
     "check_output_dir",
     "datasets_progress_bars",
     "load_dataset_folder",
@@ -144,14 +146,36 @@ def datasets_progress_bars(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
+def check_apart_from_inputs(output: str | os.PathLike,
+                            inputs: Mapping[str, str | os.PathLike | None] | Iterable[tuple[str, str | os.PathLike]],
+                            error_cls: type[Exception], option: str = "--output-dir") -> None:
+    """One `error_cls` naming `option` when the output folder `output` is one of the `inputs` (what the message calls
+    it -> a file or folder, or such pairs; None or a path that does not exist, such as a Hub id, is skipped),
+    contains one, or lies inside an input folder: writing or replacing it could then delete or alter that input.
+    Judged on resolved paths (symlinks followed)."""
+    out = Path(output).resolve()
+    for name, given in inputs.items() if isinstance(inputs, Mapping) else inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if out == source:
+            relation = "is"
+        elif out in source.parents:
+            relation = "contains"
+        elif source in out.parents and source.is_dir():
+            relation = "lies inside"
+        else:
+            continue
+        raise error_cls(f"{option} {output} {relation} the {name} {given}; writing there could delete or alter an "
+                        "input: choose a folder apart from every input")
+
+
 def check_output_dir(output_dir: str | os.PathLike, error_cls: type[Exception], *, overwrite: bool = False,
-                     inputs: dict[str, str | os.PathLike] | None = None) -> Path:
-    """`output_dir` as a Path; one `error_cls` naming ``--output-dir`` and the fix when it is the folder of one of
-    the `inputs` (what the message calls it -> folder), a file, or a non-empty folder and not `overwrite`."""
+                     inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """`output_dir` as a Path; one `error_cls` naming ``--output-dir`` and the fix when it is, contains or lies inside
+    one of the `inputs` (`check_apart_from_inputs`), is a file, or is a non-empty folder and not `overwrite`."""
     output_dir = Path(output_dir)
-    for name, folder in (inputs or {}).items():
-        if output_dir.resolve() == Path(folder).resolve():
-            raise error_cls(f"--output-dir is the {name} folder; write to a new folder")
+    check_apart_from_inputs(output_dir, inputs or {}, error_cls)
     if output_dir.exists() and not output_dir.is_dir():
         raise error_cls(f"--output-dir {output_dir} exists and is not a folder")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

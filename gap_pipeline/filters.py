@@ -35,8 +35,8 @@ from processing_gap import LATENT_PLACEHOLDER
 from . import GapError
 from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, dataset_base_dir,
                    load_jsonl, turn_texts)
-from .datasets_io import (atomic_files_into, atomic_output_dir, datasets_progress_bars, load_dataset_folder,
-                          utf8_lines, write_json_file)
+from .datasets_io import (atomic_files_into, atomic_output_dir, check_apart_from_inputs, datasets_progress_bars,
+                          load_dataset_folder, utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
 from .targets import (TARGETS_COLUMN, load_targets_dataset, load_vision_tower, targets_for_images, targets_metadata,
                       tower_dtype)
@@ -495,10 +495,8 @@ def _outputs(args) -> dict[str, Path]:
         outputs["targets"] = output_dir / Path(args.targets).name
     if len(set(outputs.values())) != len(outputs):
         raise FilterError(f"--data and --targets have the same name {Path(args.data).name!r}; rename one of them")
-    for name, path in outputs.items():
-        source = Path(getattr(args, name))
-        if path.resolve() == source.resolve():
-            raise FilterError(f"--output-dir {output_dir} would overwrite the input {source}; choose another folder")
+    check_apart_from_inputs(output_dir, {"--data": args.data, "--targets": args.targets, "--image-dir": args.image_dir,
+                                         "--model folder": args.model}, FilterError)
     existing = [str(p) for p in [*outputs.values(), output_dir / REPORT_NAME] if p.exists()]
     if existing and not args.overwrite:
         raise FilterError(f"{existing} exist; pass --overwrite to replace them")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import GapError
-from .datasets_io import atomic_files_into
+from .datasets_io import atomic_files_into, check_apart_from_inputs
 from .inference import resolve_device
 from .targets import TARGETS_COLUMN as DEFAULT_COLUMN
 from .targets import load_targets_dataset
@@ -699,6 +699,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_apart_from_inputs(args.output_dir, {"--targets": args.targets}, PcaError)
     earlier = [name for name in (PCA_FILENAME, REPORT_FILENAME) if (Path(args.output_dir) / name).exists()]
     if earlier and not args.overwrite:
         raise PcaError(f"--output-dir {args.output_dir} already holds {' and '.join(earlier)} of an earlier fit; "

@@ -786,7 +786,8 @@ def _resume_record(args, model_dir: Path, K: int, device, model_dtype: str, data
 def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> None:
     from transformers import AutoImageProcessor
 
-    inputs = {"--model": args.model, "--data": args.data} | ({"--image-dir": args.image_dir} if args.image_dir else {})
+    inputs = {"--model folder": args.model, "--data": args.data, "--image-dir": args.image_dir,
+              "--processor": args.processor}
     check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     given = args.latent_tokens_per_span is not None
     K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)

@@ -773,3 +773,72 @@ def test_training_refuses_rows_whose_text_holds_special_tokens_before_the_first_
                                            r"literal special token '<\|im_end\|>'"):
         train_sft.main(*parse_train_argv(argv), argv=argv)
     assert not (tmp_path / "out").exists()
+
+
+# outputs apart from inputs -----------------------------------------------------------------------------------------
+
+
+def _command_args(command, data, model, out):
+    """Arguments of `command` reading the rows `data` (and its folder) and the checkpoint folder `model`, writing
+    `out`; every command that writes takes --overwrite where it has one, so only the path rule can stop it."""
+    folder = data.parent
+    return {
+        "targets": ["targets", "--data", data, "--model", model, "--output-dir", out, "--overwrite"],
+        "filter": ["filter", "--data", data, "--model", model, "--output-dir", out, "--overwrite"],
+        "difficulty": ["difficulty", "--dataset", data, "--model", model, "--output-dir", out],
+        "evaluate": ["evaluate", "--data", data, "--model", model, "--output-dir", out, "--overwrite"],
+        "audit": ["audit", "--train", data, "--eval", data, "--output-dir", out],
+        "lmms-task": ["lmms-task", "--data", data, "--name", "t", "--output-dir", out],
+        "norm-profile": ["norm-profile", "--dataset", data, "--model", model, "--output-dir", out],
+        "fit-pca": ["fit-pca", "--targets", folder, "--output-dir", out, "--overwrite"],
+        "convert": ["convert", "--base", model, "--pca", folder / "q.png", "--output-dir", out, "--overwrite"],
+    }[command]
+
+
+@pytest.mark.parametrize("where", ["the data's folder", "a folder holding the data's folder", "the model folder",
+                                   "inside the model folder", "inside the --targets folder"])
+@pytest.mark.parametrize("command", ["targets", "filter", "difficulty", "evaluate", "audit", "lmms-task",
+                                     "norm-profile", "fit-pca", "convert"])
+def test_no_command_writes_into_over_or_inside_an_input(tmp_path, rows_jsonl, tiny_base_dir, capsys, command, where):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_base_dir, model)
+    folder = rows_jsonl.parent
+    args = _command_args(command, rows_jsonl, model, "OUT")
+    if "model" in where and str(model) not in map(str, args) or "targets" in where and command != "fit-pca":
+        pytest.skip(f"gap {command} reads no such folder")
+    out, relation = {"the data's folder": (folder, "contains"), "a folder holding the data's folder": (tmp_path, "contains"),
+                     "the model folder": (model, "is"), "inside the model folder": (model / "out", "lies inside"),
+                     "inside the --targets folder": (folder / "out", "lies inside")}[where]
+    if command == "fit-pca" and where == "the data's folder":
+        relation = "is"  # its input is that folder
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert gap_main([str(out) if arg == "OUT" else str(arg) for arg in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output-dir {out} {relation} the "), err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before  # nothing touched
+
+
+def test_difficulty_output_dataset_equal_to_the_dataset_is_refused_up_front(tmp_path, rows_jsonl, capsys):
+    (tmp_path / "echo.py").write_text(_ECHO_SAMPLER)
+    before = rows_jsonl.read_bytes()
+    args = ["difficulty", "--dataset", str(rows_jsonl), "--output-dir", str(tmp_path / "out"), "--num-samples", "2",
+            "--sampler", f"{tmp_path / 'echo.py'}:Echo", "--no-progress", "--output-dataset", str(rows_jsonl)]
+    assert gap_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output-dataset {rows_jsonl} is the --dataset {rows_jsonl}; writing there could delete or "
+                   "alter an input: choose a folder apart from every input"]
+    assert rows_jsonl.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_training_output_dir_apart_from_every_input(work, tmp_path):
+    import train_sft
+    from gap_pipeline.trainer import TrainingError
+
+    for out, relation in ((work.root, "contains the --model_name_or_path"),
+                          (work.data / "out", "lies inside the --dataset_path")):
+        argv = train_argv(work, out, "--max_steps", "1")
+        with pytest.raises(TrainingError, match=f"--output_dir {out} {relation}"):
+            train_sft.main(*parse_train_argv(argv), argv=argv)
+        assert not (work.data / "out").exists()
