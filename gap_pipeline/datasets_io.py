@@ -7,7 +7,7 @@
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``, and appending
   result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`).
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
-  :func:`atomic_files_into`).
+  :func:`atomic_files_into`), and removing what a killed run left of that (:func:`remove_stale_staging`).
 * Refusing an output folder that is, contains or lies inside an input (:func:`check_apart_from_inputs`), or an
   ``--output-dir`` that holds something (:func:`check_output_dir`).
 * Reading a text file line by line, a non-UTF-8 byte named by file and line (:func:`utf8_lines`).
@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,6 +36,7 @@ __all__ = [
     "check_output_dir",
     "datasets_progress_bars",
     "load_dataset_folder",
+    "remove_stale_staging",
     "select_split",
     "utf8_lines",
     "write_json_file",
@@ -54,6 +57,23 @@ def atomic_files_into(folder: str | os.PathLike) -> Iterator[Path]:
             os.replace(file, folder / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(path: str | os.PathLike, command: str) -> None:
+    """Remove what a killed run of `command` left beside the output `path`: the temporary folders of
+    :func:`atomic_output_dir` / :func:`atomic_files_into` (``.<name>.tmp-*``) and, once `path` exists, an old output
+    set aside by :func:`atomic_output_dir` (``.<name>.old-*``); each named on stderr. The name is matched literally
+    (`glob.escape`), so an output called ``run*`` never sweeps another output's folders. Run it only while no other
+    process writes `path` (one at a time)."""
+    path = Path(path)
+    name = glob.escape(path.name)
+    patterns = [f".{name}.tmp-*"] + ([f".{name}.old-*"] if path.exists() else [])
+    for stale in sorted(p for pattern in patterns for p in path.parent.glob(pattern)):
+        print(f"{command}: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 def utf8_lines(path: str | os.PathLike, error_cls: type[Exception] = ValueError) -> Iterator[str]:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
+from .datasets_io import (atomic_output_dir, check_output_dir, load_dataset_folder, remove_stale_staging,
+                          write_json_file)
 from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_messages
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
@@ -734,9 +735,7 @@ def run(args: argparse.Namespace) -> int:
     """
     check_model_folder(args.model, "--model", TargetsError)
     output_dir = Path(args.output_dir)
-    for stale in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
-        print(f"gap targets: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
-        shutil.rmtree(stale)
+    remove_stale_staging(output_dir, "gap targets")
     cache_dir = output_dir.with_name(f".{output_dir.name}.cache")
     try:
         _run(args, Path(args.model), output_dir, cache_dir)

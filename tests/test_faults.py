@@ -73,6 +73,19 @@ def test_targets_temporary_folders_of_a_killed_run_are_removed_by_the_next_run(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "targets"]
 
 
+@pytest.mark.parametrize("name", ["t*", "t?", "[t]", "t[!x]"])
+def test_the_stale_staging_sweep_removes_only_the_outputs_own_folders(tmp_path, rows_jsonl, tiny_base_dir, capsys,
+                                                                      name):
+    """An output name with glob characters sweeps its own leftovers, never another output's staging folder."""
+    others = [tmp_path / ".targets.tmp-live", tmp_path / ".t.tmp-live", tmp_path / ".ts.tmp-live"]
+    for other in others:
+        (other / "keep").mkdir(parents=True)
+    (tmp_path / f".{name}.tmp-x1").mkdir()  # what a kill during this output's final write leaves
+    assert gap_main(_targets_args(rows_jsonl, tiny_base_dir, tmp_path / name, "--latent-tokens-per-span", str(K))) == 0
+    assert all((other / "keep").is_dir() for other in others)
+    assert not (tmp_path / f".{name}.tmp-x1").exists() and (tmp_path / name).is_dir()
+
+
 @pytest.fixture()
 def five_rows(tmp_path, tiny_image):
     """Five rows with one latent span each (one aux image per row); images beside the JSONL."""
