@@ -60,7 +60,6 @@ from gap_pipeline.targets import load_targets_dataset
 from gap_pipeline.trainer import (
     GapSFTConfig,
     GapSFTTrainer,
-    RunRecordCallback,
     TrainingError,
     apply_global_batch_size,
     last_checkpoint_of_run,
@@ -182,11 +181,10 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         base_model=model_args.model_name_or_path, base_model_id=script_args.base_model_id, datasets=datasets,
         command=command_line(argv if argv is not None else sys.argv), difficulty_threshold=tau,
     )
+    record, resume = run_record(script_args, training_args, model_args), training_args.resume_from_checkpoint
     trainer = GapSFTTrainer(model, args=training_args, data_collator=collator, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=processor,
-                            peft_config=get_peft_config(model_args), training_run=training_run)
-    record, resume = run_record(script_args, training_args, model_args), training_args.resume_from_checkpoint
-    trainer.add_callback(RunRecordCallback(record))
+                            peft_config=get_peft_config(model_args), training_run=training_run, run_record=record)
     if resume == "last":
         resume = last_checkpoint_of_run(training_args.output_dir, record)
     trainer.train(resume_from_checkpoint=resume)

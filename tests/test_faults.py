@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from gap_pipeline.cli import main as gap_main
 from gap_pipeline.targets import targets_metadata
@@ -357,6 +358,72 @@ def test_resume_last_continues_only_a_complete_checkpoint_of_the_same_run(work, 
     assert train_sft.main(*parse_train_argv(again), argv=again).state.global_step == 3  # resumed checkpoint-2
     assert "skipping checkpoint-3 is incomplete" in caplog.text
     assert (out / "checkpoint-3" / RUN_RECORD).is_file()  # rewritten whole by the resumed run
+
+
+_KILLED_TRAINING = """
+import sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import transformers.trainer as trainer_module
+
+import train_sft
+
+reached, argv = Path(sys.argv[2]), sys.argv[3:]
+rotate = trainer_module.rotate_checkpoints
+
+
+def hook(output_dir, save_total_limit=None, **kwargs):  # the Trainer's rotation, then the kill at step 2
+    rotate(output_dir, save_total_limit=save_total_limit, **kwargs)
+    if sorted(path.name for path in Path(output_dir).glob("checkpoint-*")) == ["checkpoint-2"]:
+        reached.touch()
+        time.sleep(600)
+
+
+trainer_module.rotate_checkpoints = hook
+train_sft.main(*train_sft.make_parser().parse_args_and_config(argv[1:]), argv=argv)
+"""
+
+
+def test_a_kill_after_checkpoint_rotation_leaves_the_run_resumable_to_the_uninterrupted_result(work, tmp_path):
+    """save_total_limit 1: the Trainer writes checkpoint-2, deletes checkpoint-1, and is killed there (before any
+    on_save callback); `resume last` continues from checkpoint-2 and ends with the weights of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    import train_sft
+    from tests.support import REPO, clean_env
+
+    def argv(out, *extra):
+        return train_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                          "--save_total_limit", "1", "--lr_scheduler_type", "constant", *extra)
+
+    train_sft.main(*parse_train_argv(argv(tmp_path / "reference")), argv=argv(tmp_path / "reference"))
+    out, reached = tmp_path / "run", tmp_path / "reached"
+    (tmp_path / "killed_training.py").write_text(_KILLED_TRAINING)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_training.py"), str(REPO), str(reached), *argv(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
+    try:
+        deadline = time.monotonic() + 600
+        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-1 rotated away
+    resumed = train_sft.main(*parse_train_argv(argv(out, "--resume_from_checkpoint", "last")),
+                             argv=argv(out, "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 3
+    trained, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert trained.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_reused_gap_init_must_come_from_the_same_base_pca_and_options(work, tmp_path):
