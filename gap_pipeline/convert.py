@@ -21,7 +21,7 @@ from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS, LATENT_
 
 from . import GapError
 from .datasets_io import check_output_dir, write_json_file
-from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of, resolve_dtype
+from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, model_type_of, resolve_dtype
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
@@ -56,10 +56,8 @@ def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_pe
         raise ConversionError("--head-type pca needs --pca (the pca.safetensors written by `gap fit-pca`)")
     if latent_head_type == "full" and pca is not None:
         raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
-    try:
-        model_type = model_type_of(base)
-    except GapError as exc:
-        raise ConversionError(f"--base: {exc}") from None
+    check_model_folder(base, "--base", ConversionError)
+    model_type = model_type_of(base)
     if model_type == GAP_MODEL_TYPE:
         raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
     if model_type != QWEN_MODEL_TYPE:

@@ -4,6 +4,8 @@
   :func:`gap_pipeline.inference.load_rows` and :func:`gap_pipeline.targets.load_targets_dataset` (targets for
   `gap fit-pca`, `gap targets` and `train_sft.py`); each passes its own
   error class and the message for a folder that is not a saved dataset.
+* Reading a JSON file or checking a safetensors file, damage named by file and fix (:func:`read_json_file`,
+  :func:`check_safetensors`).
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``, and appending
   result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`).
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
@@ -34,8 +36,10 @@ __all__ = [
     "atomic_output_dir",
     "check_apart_from_inputs",
     "check_output_dir",
+    "check_safetensors",
     "datasets_progress_bars",
     "load_dataset_folder",
+    "read_json_file",
     "remove_stale_staging",
     "select_split",
     "utf8_lines",
@@ -201,6 +205,39 @@ def check_output_dir(output_dir: str | os.PathLike, error_cls: type[Exception], 
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise error_cls(f"--output-dir {output_dir} is not empty; choose a new folder or pass --overwrite")
     return output_dir
+
+
+def read_json_file(path: str | os.PathLike, error_cls: type[Exception], fix: str, expect: type = dict) -> Any:
+    """The JSON value (of type `expect`) in the file `path`; a file that cannot be read or is not such JSON (truncated,
+    garbage, not UTF-8) is one `error_cls` naming it, what is wrong and `fix`."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        problem = f"is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror})"
+    else:
+        if isinstance(value, expect):
+            return value
+        problem = f"holds a JSON {type(value).__name__}, not a {expect.__name__}"
+    raise error_cls(f"{path} {problem}; {fix}")
+
+
+def check_safetensors(path: str | os.PathLike, error_cls: type[Exception], fix: str) -> None:
+    """One `error_cls` naming `path` and `fix` when it is not a whole safetensors file: a header that does not parse
+    or does not cover the file (a truncated copy, a save cut short, garbage), or a file that cannot be read. Reads
+    only the header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise error_cls(f"{path} is not a whole safetensors file ({error}); {fix}") from None
+    except OSError as error:
+        raise error_cls(f"{path} cannot be read ({error.strerror}); {fix}") from None
 
 
 def write_json_file(path: str | os.PathLike, payload: Any, default_name: str | None = None) -> Path:

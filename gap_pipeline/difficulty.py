@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, check_apart_from_inputs, write_json_file
+from .datasets_io import append_json_lines, check_apart_from_inputs, read_json_file, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row, question_of_row)
 from .plugins import import_object
@@ -423,7 +423,7 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
     missing = [row for row in range(len(dataset)) if row not in results]
     if missing:
         run_file = output_dir / RUN_RECORD
-        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        run = read_json_file(run_file, DifficultyError, "use a new --output-dir") if run_file.is_file() else {}
         shards = sorted(path.name for path in output_dir.glob(f"{RESULTS_DIRNAME}/*.jsonl"))
         raise DifficultyError(
             f"{len(missing)} of {len(dataset)} rows have no result yet (first: {missing[:10]}); results files: "

@@ -23,10 +23,11 @@ from configuration_gap import GapConfig
 from . import GapError
 from .data import (IMAGE_COLUMNS, check_image_paths, count_image_entries, dataset_base_dir, load_image, load_jsonl,
                    messages_of, special_token_problem)
-from .datasets_io import load_dataset_folder
+from .datasets_io import check_safetensors, load_dataset_folder, read_json_file
 
 __all__ = [
     "RowError",
+    "check_checkpoint_files",
     "check_model_folder",
     "checkpoint_model_type",
     "clean_messages",
@@ -211,20 +212,43 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return getattr(torch, dtype)
 
 
+# What to do about a damaged checkpoint file (a truncated or garbage config.json, index or weight file).
+DAMAGED_CHECKPOINT = "the checkpoint is damaged (a copy or save cut short?): copy or save the checkpoint again"
+
+
 def model_type_of(path: str | os.PathLike) -> str:
     """The ``model_type`` in ``path/config.json``."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise GapError(f"{path} is not a model folder: it has no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f).get("model_type", "")
+    return str(read_json_file(config_path, GapError, DAMAGED_CHECKPOINT).get("model_type", ""))
+
+
+def check_checkpoint_files(folder: Path, error_cls: type[GapError] = GapError) -> None:
+    """One `error_cls` naming the file when the checkpoint `folder`'s config.json, weight index or a safetensors
+    weight file is damaged (does not parse, or a weight file's header does not cover it) or listed but missing.
+    Reads the headers only."""
+    read_json_file(folder / "config.json", error_cls, DAMAGED_CHECKPOINT)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_file(index, error_cls, DAMAGED_CHECKPOINT).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise error_cls(f"{index} has no weight_map; {DAMAGED_CHECKPOINT}")
+        files = sorted({folder / str(name) for name in weight_map.values()})
+    else:
+        files = [file for file in (folder / "model.safetensors",) if file.exists()]
+    for file in files:
+        if not file.is_file():
+            raise error_cls(f"{file}, listed in {index.name}, is missing; {DAMAGED_CHECKPOINT}")
+        check_safetensors(file, error_cls, DAMAGED_CHECKPOINT)
 
 
 def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapError] = GapError, *,
                        hub_id_ok: bool = False) -> None:
-    """One `error_cls` naming `flag` when `path` is not a checkpoint folder (missing, or without config.json), raised
-    before a step reads or writes anything, so a mistyped folder never becomes a Hub download or a traceback. With
-    `hub_id_ok` a name that does not look like a path (``org/name``) is left to the Hub."""
+    """One `error_cls` naming `flag` when `path` is not a checkpoint folder (missing, or without config.json), or
+    naming the file when one is damaged (`check_checkpoint_files`), raised before a step reads or writes anything,
+    so a mistyped folder never becomes a Hub download or a traceback. With `hub_id_ok` a name that does not look
+    like a path (``org/name``) is left to the Hub."""
     path = str(path)
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
     if hub_id_ok and not looks_local:
@@ -236,6 +260,7 @@ def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapEr
     if not (folder / "config.json").is_file():
         raise error_cls(f"{flag} {path}: the folder has no config.json; pass the checkpoint folder itself (the one "
                         "holding config.json and the weights).")
+    check_checkpoint_files(folder, error_cls)
 
 
 def checkpoint_model_type(path: str, revision: str | None = None, error_cls: type[GapError] = GapError) -> str | None:

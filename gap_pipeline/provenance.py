@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GapError
-from .datasets_io import write_json_file
+from .datasets_io import read_json_file, write_json_file
 
 __all__ = ["RUN_RECORD", "ProvenanceError", "check_or_record", "command_without_secrets", "data_fingerprint",
            "is_secret_name", "model_fingerprint", "record_differences", "without_secrets"]
@@ -145,7 +145,7 @@ def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, 
     folder = Path(folder)
     path = folder / filename
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json_file(path, ProvenanceError, f"it records what produced the {what} beside it: {fresh}")
         differences = record_differences(stored, record)
         if differences:
             raise ProvenanceError(

@@ -54,7 +54,7 @@ from .collator import GapDataCollator, ImageFeatureCache
 from .data import TARGETS_COLUMN
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
-from .datasets_io import write_json_file
+from .datasets_io import read_json_file, write_json_file
 from .provenance import data_fingerprint, is_secret_name, model_fingerprint, record_differences, without_secrets
 
 __all__ = [
@@ -768,7 +768,8 @@ def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]
             skipped.append(f"{path.name} is incomplete (no {' or '.join(missing)}: the run stopped while writing it, "
                            "or an older version wrote it)")
             continue
-        differences = record_differences(json.loads((path / RUN_RECORD).read_text(encoding="utf-8")), record)
+        stored = read_json_file(path / RUN_RECORD, TrainingError, "pass a checkpoint folder to --resume_from_checkpoint")
+        differences = record_differences(stored, record)
         if differences:
             skipped.append(f"{path.name} belongs to another run ({'; '.join(differences)})")
             continue

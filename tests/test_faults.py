@@ -922,3 +922,113 @@ def test_training_output_dir_apart_from_every_input(work, tmp_path):
         with pytest.raises(TrainingError, match=f"--output_dir {out} {relation}"):
             train_sft.main(*parse_train_argv(argv), argv=argv)
         assert not (work.data / "out").exists()
+
+
+# damaged files -----------------------------------------------------------------------------------------------------
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x00garbage\xff" * 7)
+
+
+@pytest.fixture()
+def answered_jsonl(rows_jsonl):
+    """`rows_jsonl` with a gold answer per row (gap evaluate and gap difficulty score them)."""
+    rows = [{**json.loads(line), "answer": "A"} for line in rows_jsonl.read_text().splitlines()]
+    rows_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows_jsonl
+
+
+def _one_error(capsys, status, *names):
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert status == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err[-2000:]
+    assert all(str(name) in lines[-1] for name in names), lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+@pytest.mark.parametrize("command", ["evaluate", "targets", "convert"])
+def test_a_damaged_model_file_is_one_error_naming_the_file(tmp_path, answered_jsonl, tiny_base_dir, two_gap_dirs,
+                                                           capsys, command, file, how):
+    rows_jsonl = answered_jsonl
+    import shutil
+
+    from gap_pipeline.pca import save_pca
+
+    model = tmp_path / "model"
+    shutil.copytree(two_gap_dirs[0] if command == "evaluate" else tiny_base_dir, model)
+    _damage(model / file, how)
+    out = tmp_path / "out"
+    if command == "evaluate":
+        args = _evaluate_args(model, rows_jsonl, out)
+    elif command == "targets":
+        args = _targets_args(rows_jsonl, model, out, "--latent-tokens-per-span", str(K))
+    else:
+        basis = torch.linalg.qr(torch.randn(32, 4))[0].T
+        pca = save_pca(tmp_path / "pca", torch.zeros(32), basis, torch.ones(4))
+        args = ["convert", "--base", str(model), "--pca", str(pca), "--output-dir", str(out)]
+    error = _one_error(capsys, gap_main(args), model / file)
+    assert ("copy or save the checkpoint again" in error) and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not orthonormal"])
+def test_a_damaged_pca_basis_is_one_error_before_the_model_loads(tmp_path, tiny_base_dir, capsys, how):
+    from safetensors.torch import save_file
+
+    from gap_pipeline.pca import save_pca
+
+    basis = torch.linalg.qr(torch.randn(32, 4))[0].T
+    pca = save_pca(tmp_path / "pca", torch.zeros(32), basis, torch.ones(4))
+    if how == "not orthonormal":  # a basis edited or written by another tool
+        save_file({"mean": torch.zeros(32), "components": basis * 3.0, "eigenvalues": torch.ones(4)}, str(pca))
+    else:
+        _damage(pca, how)
+    out = tmp_path / "out"
+    error = _one_error(capsys, gap_main(["convert", "--base", str(tiny_base_dir), "--pca", str(pca), "--output-dir",
+                                         str(out)]), pca)
+    assert "gap fit-pca" in error and not out.exists()
+    if how == "not orthonormal":
+        assert "not orthonormal" in error
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize("command", ["evaluate", "difficulty"])
+def test_a_damaged_run_record_is_one_error_naming_it(tmp_path, answered_jsonl, two_gap_dirs, capsys, command, how):
+    rows_jsonl = answered_jsonl
+    out = tmp_path / "out"
+    if command == "evaluate":
+        args = _evaluate_args(two_gap_dirs[0], rows_jsonl, out)
+    else:
+        (tmp_path / "echo.py").write_text(_ECHO_SAMPLER)
+        args = ["difficulty", "--dataset", str(rows_jsonl), "--output-dir", str(out), "--num-samples", "2",
+                "--sampler", f"{tmp_path / 'echo.py'}:Echo", "--no-progress", "--no-merge"]
+    assert gap_main(args) == 0
+    _damage(out / "run.json", how)
+    capsys.readouterr()
+    _one_error(capsys, gap_main(args), out / "run.json")
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter_config.json", "garbage adapter_config.json",
+                                    "no adapter weights", "truncated adapter weights"])
+def test_a_damaged_or_incomplete_adapter_folder_is_one_error_naming_the_file(tmp_path, two_gap_dirs, capsys, damage):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(two_gap_dirs[0]), "r": 4,
+                                  "target_modules": ["q_proj"]}, indent=2))
+    weights = adapter / "adapter_model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(weights))
+    if damage == "no adapter weights":
+        weights.unlink()
+    else:
+        _damage(weights if "weights" in damage else config, damage.split()[0])
+    out = tmp_path / "merged"
+    named = weights if "weights" in damage else config
+    error = _one_error(capsys, gap_main(["merge-lora", "--adapter", str(adapter), "--output-dir", str(out)]), named)
+    assert ("train_sft.py --use_peft" in error if damage == "no adapter weights" else "save the adapter again" in error)
+    assert not out.exists()
