@@ -1032,3 +1032,73 @@ def test_a_damaged_or_incomplete_adapter_folder_is_one_error_naming_the_file(tmp
     error = _one_error(capsys, gap_main(["merge-lora", "--adapter", str(adapter), "--output-dir", str(out)]), named)
     assert ("train_sft.py --use_peft" in error if damage == "no adapter weights" else "save the adapter again" in error)
     assert not out.exists()
+
+
+_KILLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import modeling_gap
+
+from gap_pipeline.cli import main
+
+reached = Path(sys.argv[2])
+save = modeling_gap.GapForConditionalGeneration.save_pretrained
+
+
+def hook(self, *args, **kwargs):  # the weights are written, the processor not yet: the kill comes here
+    save(self, *args, **kwargs)
+    reached.touch()
+    time.sleep(600)
+
+
+modeling_gap.GapForConditionalGeneration.save_pretrained = hook
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_uninterrupted_one(tmp_path,
+                                                                                                tiny_base_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from gap_pipeline.pca import save_pca
+    from tests.support import REPO, clean_env
+
+    basis = torch.linalg.qr(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))[0].T
+    pca = save_pca(tmp_path / "pca", torch.zeros(64), basis, torch.ones(4))
+
+    def args(out):
+        return ["convert", "--base", str(tiny_base_dir), "--pca", str(pca), "--output-dir", str(tmp_path / out),
+                "--latent-tokens-per-span", "4", "--latent-adapter-size", "16"]
+
+    assert gap_main(args("reference")) == 0
+    reached = tmp_path / "reached"
+    (tmp_path / "killed_conversion.py").write_text(_KILLED_CONVERSION)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_conversion.py"), str(REPO), str(reached),
+                              *args("gap")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
+    try:
+        deadline = time.monotonic() + 600
+        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    assert not (tmp_path / "gap").exists()  # only the hidden staging folder, which the rerun removes
+    assert gap_main(args("gap")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gap", "killed_conversion.py", "pca", "reached", "reference"]
+    assert sorted(p.name for p in (tmp_path / "gap").iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
+    converted, expected = load_file(tmp_path / "gap" / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert converted.keys() == expected.keys()
+    for name, value in expected.items():  # the latent head's adapter is drawn afresh by each conversion
+        if name.startswith("latent_head.") and not name.startswith("latent_head.pca_"):
+            assert converted[name].shape == value.shape, name
+        else:
+            torch.testing.assert_close(converted[name], value, rtol=0, atol=0, msg=name)
