@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, check_apart_from_inputs, read_json_file, write_json_file
+from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, read_json_file, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row, question_of_row)
 from .plugins import import_object
@@ -552,8 +552,10 @@ def run(args: argparse.Namespace) -> int:
     shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
     inputs = {"--dataset": args.dataset, "--model folder": args.model}
     check_apart_from_inputs(output_dir, inputs, DifficultyError)
+    check_writable(output_dir, DifficultyError)
     if args.output_dataset is not None:
         check_apart_from_inputs(args.output_dataset, inputs, DifficultyError, option="--output-dataset")
+        check_writable(args.output_dataset, DifficultyError, option="--output-dataset")
     if args.model is not None and is_default_sampler(args.sampler) and not args.merge:
         check_model_folder(args.model, "--model", DifficultyError)  # before run.json records a mistyped folder
     dataset = load_rows(args.dataset, split=args.split, image_columns=(args.images_column,),

@@ -26,7 +26,7 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import append_json_lines, check_apart_from_inputs, utf8_lines, write_json_file
+from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, utf8_lines, write_json_file
 from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, special_token_problem,
                    undecoded_images)
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
@@ -531,6 +531,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_folder(args.model, "--model", EvaluationError)
     check_apart_from_inputs(args.output_dir, {"--model folder": args.model, "--data": args.data}, EvaluationError)
+    check_writable(args.output_dir, EvaluationError)
     state = PartialState(cpu=not torch.cuda.is_available())
     interventions = _parse_list(args.interventions, str)
     unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))

@@ -35,8 +35,8 @@ from processing_gap import LATENT_PLACEHOLDER
 from . import GapError
 from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, dataset_base_dir,
                    load_jsonl, turn_texts)
-from .datasets_io import (atomic_files_into, atomic_output_dir, check_apart_from_inputs, datasets_progress_bars,
-                          load_dataset_folder, utf8_lines, write_json_file)
+from .datasets_io import (atomic_files_into, atomic_output_dir, check_apart_from_inputs, claimed_output,
+                          datasets_progress_bars, load_dataset_folder, utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
 from .targets import (TARGETS_COLUMN, load_targets_dataset, load_vision_tower, targets_for_images, targets_metadata,
                       tower_dtype)
@@ -513,6 +513,12 @@ def run(args: argparse.Namespace) -> int:
         raise FilterError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_model_folder(args.model, "--model", FilterError)
     outputs = _outputs(args)
+    with claimed_output(args.output_dir, FilterError, "gap filter", inside=outputs.values()):
+        return _filter(args, thresholds, outputs)
+
+
+def _filter(args: argparse.Namespace, thresholds: FilterThresholds, outputs: dict[str, Path]) -> int:
+    """Measure, decide and write, once `run` holds the output folder."""
     rows, targets, base_dir = _load_inputs(args)
     processor = load_processor(args.model)  # a GAP folder's too (AutoTokenizer would ask to trust its code)
     query_encoder = None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import GapError
-from .datasets_io import atomic_files_into, check_apart_from_inputs, check_safetensors
+from .datasets_io import atomic_files_into, check_apart_from_inputs, check_safetensors, claimed_output
 from .inference import resolve_device
 from .targets import TARGETS_COLUMN as DEFAULT_COLUMN
 from .targets import load_targets_dataset
@@ -712,22 +712,23 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise PcaError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     device = resolve_device(args.device)
-    vectors = iter_target_vectors(
-        args.targets,
-        column=args.column,
-        split=args.split,
-        rows_per_batch=args.rows_per_batch,
-        progress=not args.no_progress,
-    )
-    fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
-    k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
-    source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
-    report = fit.report(k, target=target, extra=source)
-    basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
     out_dir = Path(args.output_dir)
-    with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
-        save_basis(staging, basis)
-        write_report(staging / REPORT_FILENAME, report)
+    with claimed_output(out_dir, PcaError, "gap fit-pca"):
+        vectors = iter_target_vectors(
+            args.targets,
+            column=args.column,
+            split=args.split,
+            rows_per_batch=args.rows_per_batch,
+            progress=not args.no_progress,
+        )
+        fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
+        k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
+        source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
+        report = fit.report(k, target=target, extra=source)
+        basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
+        with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
+            save_basis(staging, basis)
+            write_report(staging / REPORT_FILENAME, report)
     print(format_summary(report))
     print(f"  wrote {out_dir / PCA_FILENAME} and {out_dir / REPORT_FILENAME}")
     return 0

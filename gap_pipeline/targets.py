@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import (atomic_output_dir, check_output_dir, load_dataset_folder, remove_stale_staging,
+from .datasets_io import (atomic_output_dir, check_output_dir, claimed_output, load_dataset_folder,
                           write_json_file)
 from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_messages
 from .inference import check_model_folder, resolve_device
@@ -731,23 +731,26 @@ def run(args: argparse.Namespace) -> int:
     The dataset is written beside --output-dir and renamed into place when complete; an existing output is replaced
     only then. The partial folder ``.<output-dir>.cache`` is removed once the output is in place; after a failure it
     is kept only when it holds committed shards. The final write's temporary folder is removed on failure, and a
-    killed run's on the next run.
+    killed run's on the next run. One run at a time writes an output (`claimed_output`): a second one is an error.
     """
     check_model_folder(args.model, "--model", TargetsError)
     output_dir = Path(args.output_dir)
-    remove_stale_staging(output_dir, "gap targets")
+    inputs = {"--model folder": args.model, "--data": args.data, "--image-dir": args.image_dir,
+              "--processor": args.processor}
+    check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     cache_dir = output_dir.with_name(f".{output_dir.name}.cache")
-    try:
-        _run(args, Path(args.model), output_dir, cache_dir)
-    except BaseException:
-        done = committed_shards(cache_dir) if cache_dir.is_dir() else []
-        if done:
-            print(f"gap targets: {len(done)} committed shard(s) kept in {cache_dir}; rerun the same command to continue",
-                  file=sys.stderr)
-        else:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    with claimed_output(output_dir, TargetsError, "gap targets"):
+        try:
+            _run(args, Path(args.model), output_dir, cache_dir)
+        except BaseException:
+            done = committed_shards(cache_dir) if cache_dir.is_dir() else []
+            if done:
+                print(f"gap targets: {len(done)} committed shard(s) kept in {cache_dir}; rerun the same command to "
+                      "continue", file=sys.stderr)
+            else:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return 0
 
 
@@ -785,9 +788,6 @@ def _resume_record(args, model_dir: Path, K: int, device, model_dtype: str, data
 def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> None:
     from transformers import AutoImageProcessor
 
-    inputs = {"--model folder": args.model, "--data": args.data, "--image-dir": args.image_dir,
-              "--processor": args.processor}
-    check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     given = args.latent_tokens_per_span is not None
     K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
     try:

@@ -11,7 +11,7 @@ import torch
 
 from gap_pipeline.cli import main as gap_main
 from gap_pipeline.targets import targets_metadata
-from tests.support import parse_train_argv, png_base64, train_argv
+from tests.support import clean_env, parse_train_argv, png_base64, train_argv
 
 K = 4
 
@@ -1102,3 +1102,130 @@ def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_un
             assert converted[name].shape == value.shape, name
         else:
             torch.testing.assert_close(converted[name], value, rtol=0, atol=0, msg=name)
+
+
+# one run per output, leftovers, permissions -----------------------------------------------------------------------
+
+
+def test_a_second_targets_run_into_the_same_output_is_one_error_and_leaves_the_first_intact(
+        tmp_path, five_rows, tiny_base_dir, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def args(out):
+        return _targets_args(five_rows, tiny_base_dir, tmp_path / out, "--latent-tokens-per-span", str(K),
+                             "--batch-size", "1", "--rows-per-shard", "2")
+
+    assert gap_main(args("reference")) == 0
+    (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
+    reached = tmp_path / "reached"
+    first = subprocess.Popen([sys.executable, str(tmp_path / "killed_run.py"), "encoding", str(reached),
+                              *args("targets")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not reached.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), first.stderr.read().decode()[-2000:] if first.poll() is not None else "timed out"
+        capsys.readouterr()
+        assert gap_main(args("targets")) == 2  # while the first one encodes row 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --output-dir {tmp_path / 'targets'} is being written by another gap targets run (it "
+                       f"holds {tmp_path / '.targets.lock'}); wait for it to finish, or choose another folder"]
+        committed = sorted(p.name for p in (tmp_path / ".targets.cache").glob("shard-*.arrow"))
+        assert "shard-00000.arrow" in committed  # the first run's work is untouched
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        first.stderr.close()
+    assert gap_main(args("targets")) == 0  # the lock died with the first run: the rerun resumes it
+    _same_targets(tmp_path / "targets", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("command", ["filter", "audit", "fit-pca"])
+def test_staging_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path, rows_jsonl, tiny_base_dir, capsys,
+                                                                     command):
+    targets = tmp_path / "targets"
+    assert gap_main(_targets_args(rows_jsonl, tiny_base_dir, targets, "--latent-tokens-per-span", str(K))) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    leftovers = [tmp_path / ".out.tmp-k1"]  # what a kill while writing the output's files leaves
+    if command == "filter":
+        args = ["filter", "--data", str(targets), "--model", str(tiny_base_dir), "--output-dir", str(out)]
+        leftovers.append(out / ".targets.tmp-k2")  # ... and while writing the kept dataset folder
+    elif command == "audit":
+        args = ["audit", "--train", str(rows_jsonl), "--eval", str(rows_jsonl), "--output-dir", str(out),
+                "--no-progress"]
+    else:
+        args = ["fit-pca", "--targets", str(targets), "--output-dir", str(out), "--no-progress"]
+    for leftover in leftovers:
+        (leftover / "part").mkdir(parents=True)
+    capsys.readouterr()
+    assert gap_main(args) == 0
+    err = capsys.readouterr().err
+    for leftover in leftovers:
+        assert not leftover.exists() and f"gap {command}: removing {leftover}, left by an unfinished earlier run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out", "targets"]  # no lock file stays either
+
+
+def _unprivileged_gap(args, home):
+    """`gap ARGS` in a subprocess that file permissions bind: as the `nobody` user when the tests run as root (root
+    reads and writes through them), as this user otherwise. Returns (status, stderr)."""
+    import shutil
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "gap_pipeline", *map(str, args)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot bind")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    env = {**clean_env(), "HOME": str(home), "HF_HOME": str(home / "hf")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return done.returncode, done.stderr
+
+
+@pytest.fixture()
+def shared_dir(tmp_path_factory):
+    """A folder every user may enter (pytest's own are private to their owner), removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="gap-perm-"))
+    folder.chmod(0o777)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o777 if path.is_dir() else 0o666)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("fault", ["read-only output folder", "unreadable data file", "unreadable model file"])
+@pytest.mark.parametrize("command", ["targets", "evaluate"])
+def test_permission_faults_are_one_error_up_front(shared_dir, rows_jsonl, tiny_base_dir, two_gap_dirs, command,
+                                                  fault):
+    import shutil
+
+    data, model, out = shared_dir / "data", shared_dir / "model", shared_dir / "out"
+    shutil.copytree(rows_jsonl.parent, data)
+    rows = [{**json.loads(line), "answer": "A"} for line in (data / "train.jsonl").read_text().splitlines()]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(two_gap_dirs[0] if command == "evaluate" else tiny_base_dir, model)
+    (shared_dir / "home").mkdir()
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    for path in [shared_dir, *shared_dir.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    denied = {"read-only output folder": out, "unreadable data file": data / "train.jsonl",
+              "unreadable model file": model / "config.json"}[fault]
+    denied.chmod(0o555 if denied.is_dir() else 0o000)
+    if command == "targets":
+        args = _targets_args(data / "train.jsonl", model, out, "--latent-tokens-per-span", str(K), "--overwrite")
+    else:
+        args = _evaluate_args(model, data / "train.jsonl", out)
+    status, err = _unprivileged_gap(args, shared_dir / "home")
+    lines = err.strip().splitlines()
+    assert status == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err[-3000:]
+    assert str(denied) in lines[-1] and "Permission denied" in lines[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing lost
