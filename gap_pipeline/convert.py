@@ -126,7 +126,8 @@ def convert_checkpoint(
     base = Path(base)
     _check_arguments(base, pca, latent_tokens_per_span, latent_head_type, latent_adapter_size, latent_loss_weight,
                      latent_loss_reduction)
-    output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite, inputs={"base checkpoint": base, "PCA basis": pca})
+    output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite,
+                                  inputs={"base checkpoint": base, "PCA basis": pca})
     basis = load_pca(pca) if pca is not None else None
 
     base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=resolve_dtype(dtype)).eval()

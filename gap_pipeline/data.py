@@ -326,7 +326,8 @@ def messages_problem(messages: Any) -> str | None:
     """What is wrong with a row's ``messages`` (TRL's conversational format, GAP's rules), or None.
 
     A non-empty list of {"role", "content"} dicts with known roles and image/text items, a non-empty assistant
-    turn, no literal special token and ``<latent>`` only in assistant turns (`special_token_problem`). `validate_row` and `GapDataCollator` both check rows with it.
+    turn, no literal special token and ``<latent>`` only in assistant turns (`special_token_problem`).
+    `validate_row` and `GapDataCollator` both check rows with it.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         return "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)"

@@ -426,8 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="the rows: a JSONL file, or a dataset folder (save_to_disk; a `gap targets` folder too)")
     parser.add_argument("--image-dir", default=None,
-                        help="folder the image paths are relative to and stay inside (default: the JSONL file's folder, or the "
-                        "dataset folder)")
+                        help="folder the image paths are relative to and stay inside (default: the JSONL file's "
+                        "folder, or the dataset folder)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--targets", default=None,

@@ -720,7 +720,8 @@ def _load_data(args):
     if path.is_dir():
         dataset = load_dataset_folder(path, None, TargetsError, "{path} is not a dataset saved with "
                                       "Dataset.save_to_disk ({exc}); pass such a folder or a .jsonl file")
-        return from_dataset(dataset, image_dir=args.image_dir or dataset_base_dir(path), check_images=not args.no_check_images, source=str(path),
+        return from_dataset(dataset, image_dir=args.image_dir or dataset_base_dir(path),
+                            check_images=not args.no_check_images, source=str(path),
                             allow_outside_image_dir=args.allow_outside_image_dir)
     raise TargetsError(f"--data {path}: no such file or folder.")
 

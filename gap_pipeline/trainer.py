@@ -768,7 +768,8 @@ def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]
             skipped.append(f"{path.name} is incomplete (no {' or '.join(missing)}: the run stopped while writing it, "
                            "or an older version wrote it)")
             continue
-        stored = read_json_file(path / RUN_RECORD, TrainingError, "pass a checkpoint folder to --resume_from_checkpoint")
+        stored = read_json_file(path / RUN_RECORD, TrainingError,
+                                "pass a checkpoint folder to --resume_from_checkpoint")
         differences = record_differences(stored, record)
         if differences:
             skipped.append(f"{path.name} belongs to another run ({'; '.join(differences)})")

@@ -405,8 +405,8 @@ def test_a_kill_after_checkpoint_rotation_leaves_the_run_resumable_to_the_uninte
     train_sft.main(*parse_train_argv(argv(tmp_path / "reference")), argv=argv(tmp_path / "reference"))
     out, reached = tmp_path / "run", tmp_path / "reached"
     (tmp_path / "killed_training.py").write_text(_KILLED_TRAINING)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_training.py"), str(REPO), str(reached), *argv(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
+    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_training.py"), str(REPO), str(reached),
+                              *argv(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
     try:
         deadline = time.monotonic() + 600
         while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -832,7 +832,8 @@ def test_a_question_holding_special_tokens_is_a_bad_row_in_evaluate_and_refused_
     assert gap_main(["difficulty", "--dataset", str(data), "--output-dir", str(out), "--num-samples", "2",
                      "--sampler", f"{tmp_path / 'echo.py'}:Echo", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {expected}") and not out.exists()  # nothing recorded: the fixed data reruns cleanly
+    # nothing recorded: the fixed data reruns cleanly
+    assert len(err) == 1 and err[0].startswith(f"error: {expected}") and not out.exists()
 
 
 def test_training_refuses_rows_whose_text_holds_special_tokens_before_the_first_step(work, tmp_path):
@@ -888,8 +889,9 @@ def test_no_command_writes_into_over_or_inside_an_input(tmp_path, rows_jsonl, ti
     args = _command_args(command, rows_jsonl, model, "OUT")
     if "model" in where and str(model) not in map(str, args) or "targets" in where and command != "fit-pca":
         pytest.skip(f"gap {command} reads no such folder")
-    out, relation = {"the data's folder": (folder, "contains"), "a folder holding the data's folder": (tmp_path, "contains"),
-                     "the model folder": (model, "is"), "inside the model folder": (model / "out", "lies inside"),
+    out, relation = {"the data's folder": (folder, "contains"),
+                     "a folder holding the data's folder": (tmp_path, "contains"), "the model folder": (model, "is"),
+                     "inside the model folder": (model / "out", "lies inside"),
                      "inside the --targets folder": (folder / "out", "lies inside")}[where]
     if command == "fit-pca" and where == "the data's folder":
         relation = "is"  # its input is that folder
@@ -1094,8 +1096,9 @@ def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_un
     assert not (tmp_path / "gap").exists()  # only the hidden staging folder, which the rerun removes
     assert gap_main(args("gap")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gap", "killed_conversion.py", "pca", "reached", "reference"]
-    assert sorted(p.name for p in (tmp_path / "gap").iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
-    converted, expected = load_file(tmp_path / "gap" / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    gap, reference = tmp_path / "gap", tmp_path / "reference"
+    assert sorted(p.name for p in gap.iterdir()) == sorted(p.name for p in reference.iterdir())
+    converted, expected = load_file(gap / "model.safetensors"), load_file(reference / "model.safetensors")
     assert converted.keys() == expected.keys()
     for name, value in expected.items():  # the latent head's adapter is drawn afresh by each conversion
         if name.startswith("latent_head.") and not name.startswith("latent_head.pca_"):
