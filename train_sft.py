@@ -53,13 +53,13 @@ from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS
 from gap_pipeline import GapError
 from gap_pipeline.collator import GapDataCollator
 from gap_pipeline.convert import ensure_gap_checkpoint
+from gap_pipeline.datasets_io import check_apart_from_inputs
 from gap_pipeline.inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, checkpoint_model_type
 from gap_pipeline.model_card import TrainingRun, command_line
 from gap_pipeline.targets import load_targets_dataset
 from gap_pipeline.trainer import (
     GapSFTConfig,
     GapSFTTrainer,
-    RunRecordCallback,
     TrainingError,
     apply_global_batch_size,
     last_checkpoint_of_run,
@@ -133,6 +133,11 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         raise TrainingError("Quantized loading is not supported by train_sft.py (the latent head trains in fp32).")
     if model_args.model_name_or_path is None:
         raise TrainingError("Pass --model_name_or_path: a GAP checkpoint or a plain Qwen2.5-VL checkpoint folder.")
+    inputs = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_path": script_args.dataset_path,
+              "--eval_dataset_path": script_args.eval_dataset_path, "--pca_path": script_args.pca_path}
+    check_apart_from_inputs(training_args.output_dir, inputs, TrainingError, option="--output_dir")
+    if script_args.converted_model_dir is not None:
+        check_apart_from_inputs(script_args.converted_model_dir, inputs, TrainingError, option="--converted_model_dir")
     set_seed(training_args.seed)  # before the model exists: converting draws the latent head's adapter weights
     path, revision = model_args.model_name_or_path, model_args.model_revision
     model_type = checkpoint_model_type(path, revision, TrainingError)
@@ -176,11 +181,10 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         base_model=model_args.model_name_or_path, base_model_id=script_args.base_model_id, datasets=datasets,
         command=command_line(argv if argv is not None else sys.argv), difficulty_threshold=tau,
     )
+    record, resume = run_record(script_args, training_args, model_args), training_args.resume_from_checkpoint
     trainer = GapSFTTrainer(model, args=training_args, data_collator=collator, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=processor,
-                            peft_config=get_peft_config(model_args), training_run=training_run)
-    record, resume = run_record(script_args, training_args, model_args), training_args.resume_from_checkpoint
-    trainer.add_callback(RunRecordCallback(record))
+                            peft_config=get_peft_config(model_args), training_run=training_run, run_record=record)
     if resume == "last":
         resume = last_checkpoint_of_run(training_args.output_dir, record)
     trainer.train(resume_from_checkpoint=resume)

@@ -34,7 +34,8 @@ import numpy as np
 
 from . import GapError
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, turn_texts, undecoded_images
-from .datasets_io import atomic_files_into, datasets_progress_bars, write_json_file
+from .datasets_io import (atomic_files_into, check_apart_from_inputs, claimed_output, datasets_progress_bars,
+                          write_json_file)
 from .evaluate import decode_base64_image, iter_tsv_records
 from .inference import RowError, dataset_base_dir, load_rows, prompt_of_row
 
@@ -564,14 +565,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gap audit``: fingerprint, match, write audit.json and report.html, print the summary line."""
-    result = audit(
-        args.train, args.eval, image_threshold=args.image_threshold, question_threshold=args.question_threshold,
-        num_proc=args.num_proc, progress=not args.no_progress, allow_outside_image_dir=args.allow_outside_image_dir,
-    )
+    check_apart_from_inputs(args.output_dir, [*(("--train data", path) for path in args.train),
+                                              *(("--eval data", path) for path in args.eval)], AuditError)
     output_dir = Path(args.output_dir)
-    with atomic_files_into(output_dir) as staging:  # both files appear together, or neither changes
-        write_json_file(staging / "audit.json", audit_json(result), "audit.json")
-        (staging / "report.html").write_text(render_html(result, args.html_max_pairs), encoding="utf-8")
+    with claimed_output(output_dir, AuditError, "gap audit"):
+        result = audit(
+            args.train, args.eval, image_threshold=args.image_threshold, question_threshold=args.question_threshold,
+            num_proc=args.num_proc, progress=not args.no_progress, allow_outside_image_dir=args.allow_outside_image_dir,
+        )
+        with atomic_files_into(output_dir) as staging:  # both files appear together, or neither changes
+            write_json_file(staging / "audit.json", audit_json(result), "audit.json")
+            (staging / "report.html").write_text(render_html(result, args.html_max_pairs), encoding="utf-8")
     print(format_summary(result, output_dir))
     exact = result.counts["exact_image"] + result.counts["exact_question"]
     if args.fail_on_exact and exact:

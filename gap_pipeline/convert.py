@@ -20,8 +20,8 @@ from typing import Any
 from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS, LATENT_TOKENS, check_latent_budget
 
 from . import GapError
-from .datasets_io import check_output_dir, write_json_file
-from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, model_type_of, resolve_dtype
+from .datasets_io import atomic_output_dir, check_output_dir, remove_stale_staging, write_json_file
+from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, model_type_of, resolve_dtype
 from .provenance import check_or_record, data_fingerprint, model_fingerprint
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
@@ -56,10 +56,8 @@ def _check_arguments(base: Path, pca: str | os.PathLike | None, latent_tokens_pe
         raise ConversionError("--head-type pca needs --pca (the pca.safetensors written by `gap fit-pca`)")
     if latent_head_type == "full" and pca is not None:
         raise ConversionError("--head-type full has no PCA; drop --pca (or use --head-type pca)")
-    try:
-        model_type = model_type_of(base)
-    except GapError as exc:
-        raise ConversionError(f"--base: {exc}") from None
+    check_model_folder(base, "--base", ConversionError)
+    model_type = model_type_of(base)
     if model_type == GAP_MODEL_TYPE:
         raise ConversionError(f"--base {base} is already a GAP checkpoint; pass the Qwen2.5-VL folder it came from")
     if model_type != QWEN_MODEL_TYPE:
@@ -110,6 +108,9 @@ def convert_checkpoint(
 ) -> ConversionReport:
     """Convert the Qwen2.5-VL folder `base` into a GAP folder `output_dir`; returns a :class:`ConversionReport`.
 
+    The folder is written beside `output_dir` and renamed into place when complete (with `overwrite`, a non-empty
+    `output_dir` is replaced then), so a kill or failure never leaves one that looks complete.
+
     `pca` (a ``pca.safetensors`` or a folder holding one) is required for ``latent_head_type="pca"`` and
     refused for ``"full"``. `dtype` is ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or
     ``"float16"``; the latent head and PCA buffers are fp32 whatever it is.
@@ -125,7 +126,8 @@ def convert_checkpoint(
     base = Path(base)
     _check_arguments(base, pca, latent_tokens_per_span, latent_head_type, latent_adapter_size, latent_loss_weight,
                      latent_loss_reduction)
-    output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite, inputs={"base checkpoint": base})
+    output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite,
+                                  inputs={"base checkpoint": base, "PCA basis": pca})
     basis = load_pca(pca) if pca is not None else None
 
     base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=resolve_dtype(dtype)).eval()
@@ -150,13 +152,13 @@ def convert_checkpoint(
     del base_model
     processor = GapProcessor.from_qwen2_5_vl_processor(base_processor, tokenizer, latent_tokens_per_span=latent_tokens_per_span)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output_dir))
-    processor.save_pretrained(str(output_dir))
-    missing_code = [name for name in ("configuration_gap.py", "modeling_gap.py", "processing_gap.py")
-                    if not (output_dir / name).is_file()]
-    if missing_code:
-        raise RuntimeError(f"saving did not write the remote-code files {missing_code} into {output_dir}")
+    with atomic_output_dir(output_dir) as staging:  # never a folder that looks complete and is not
+        model.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
+        missing_code = [name for name in ("configuration_gap.py", "modeling_gap.py", "processing_gap.py")
+                        if not (staging / name).is_file()]
+        if missing_code:
+            raise RuntimeError(f"saving did not write the remote-code files {missing_code} into {output_dir}")
     return _conversion_report(base, output_dir, pca, model, tokens_before, rows_before, had_tokens, weights_dtype)
 
 
@@ -286,7 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mean: per element (default); sum: squared L2 over d, Eq. 2 literally")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype of the saved weights (default: auto = the base checkpoint's); the latent head stays fp32")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (once the new one "
+                        "is complete)")
     parser.add_argument("--verify", action="store_true",
                         help="reload the result with trust_remote_code and compare its logits with the base (loads both)")
 
@@ -294,6 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gap convert``."""
     started = time.time()
+    remove_stale_staging(args.output_dir, "gap convert")
     report = convert_checkpoint(
         args.base, args.output_dir, args.pca, latent_tokens_per_span=args.latent_tokens_per_span,
         latent_head_type=args.head_type, latent_adapter_size=args.latent_adapter_size,

@@ -52,9 +52,11 @@ __all__ = [
     "add_max_image_pixels_argument",
     "aux_count_problem",
     "check_image_paths",
+    "check_messages",
     "check_rows",
     "count_image_entries",
     "count_latent_placeholders",
+    "dataset_base_dir",
     "from_dataset",
     "image_count_problem",
     "image_path_outside",
@@ -63,6 +65,7 @@ __all__ = [
     "max_image_pixels",
     "messages_problem",
     "row_name",
+    "special_token_problem",
     "strip_latent_placeholders",
     "strip_latent_spans",
     "turn_texts",
@@ -74,6 +77,8 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 IMAGE_COLUMNS = ("images", "aux_images")
 TARGETS_COLUMN = "latent_targets"  # a row's (n_spans * K, d) latent targets, as `gap targets` writes them
+# Text shaped like a special token of the Qwen2.5-VL tokenizer (`<|im_end|>`, `<|image_pad|>`, GAP's `<|latent_pad|>`).
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[^\s<>|]{1,64}\|>")
 # How many row errors a GapDataError message lists before summarising the rest.
 MAX_LISTED_ERRORS = 20
 
@@ -215,6 +220,14 @@ def _resolve(path: str, image_dir: str | os.PathLike | None) -> Path:
     return p
 
 
+def dataset_base_dir(path: str | os.PathLike) -> Path:
+    """The image folder of the data at `path`, by one rule for every input form: relative image paths resolve in it,
+    and every path must stay inside it (unless --allow-outside-image-dir): a data file's folder, or the dataset
+    folder (``save_to_disk``) itself. ``--image-dir``, where a command takes it, replaces it."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
 def _image_path(image: Any) -> str | None:
     """The path of an image entry that is a path or a ``{"bytes": None, "path"}`` dict, else None."""
     if isinstance(image, dict) and image.get("bytes") is None:
@@ -223,14 +236,15 @@ def _image_path(image: Any) -> str | None:
 
 
 def _outside_image_dir(image: Any, image_dir: str | os.PathLike) -> str | None:
-    """The path of `image` when it is a path that leaves `image_dir` (``..`` or an absolute path elsewhere), else None.
+    """The path of `image` when it is a path that leaves `image_dir` (``..``, an absolute path elsewhere, or a
+    symlink, of the file or of a folder on its way, that resolves elsewhere), else None.
 
-    Lexical: a symlink inside the folder counts as inside (the user placed it)."""
+    Judged on the resolved path (every symlink followed), which is what opening the file reads."""
     path = _image_path(image)
     if path is None:
         return None
-    root = os.path.abspath(image_dir)
-    return None if os.path.commonpath([root, os.path.abspath(_resolve(path, image_dir))]) == root else path
+    root = os.path.realpath(image_dir)
+    return None if os.path.commonpath([root, os.path.realpath(_resolve(path, image_dir))]) == root else path
 
 
 def image_path_outside(image: Any, image_dir: str | os.PathLike) -> str | None:
@@ -318,7 +332,8 @@ def messages_problem(messages: Any) -> str | None:
     """What is wrong with a row's ``messages`` (TRL's conversational format, GAP's rules), or None.
 
     A non-empty list of {"role", "content"} dicts with known roles and image/text items, a non-empty assistant
-    turn, and ``<latent>`` only in assistant turns. `validate_row` and `GapDataCollator` both check rows with it.
+    turn, no literal special token and ``<latent>`` only in assistant turns (`special_token_problem`).
+    `validate_row` and `GapDataCollator` both check rows with it.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         return "must be a non-empty list of {'role', 'content'} messages (TRL conversational format)"
@@ -341,6 +356,22 @@ def messages_problem(messages: Any) -> str | None:
         if message.get("role") == "assistant" and not "".join(_texts(message)).strip():
             return (f"message {m} (assistant) is empty: the row would train on the end-of-turn token alone; write the "
                     "response or drop the row")
+    return special_token_problem(messages)
+
+
+def special_token_problem(messages: list[dict]) -> str | None:
+    """Text of `messages` that would become structure instead of text, or None: a literal special token in any turn
+    (anything shaped ``<|name|>``: the chat template's ``<|im_start|>``/``<|im_end|>``, ``<|vision_start|>``,
+    ``<|image_pad|>``, GAP's ``<|latent_start|>``/``<|latent_pad|>``/``<|latent_end|>``...), which the tokenizer would
+    read as that token, or a ``<latent>`` placeholder outside an assistant turn, which the processor would expand
+    into a latent span. The one check of row text for every command that tokenizes rows (`messages_problem`, and the
+    question of `gap_pipeline.inference.prompt_of_row`)."""
+    for m, message in enumerate(messages):
+        for text in _texts(message):
+            token = SPECIAL_TOKEN_TEXT.search(text)
+            if token is not None:
+                return (f"message {m} ({message.get('role')}) holds the literal special token {token.group()!r}, which "
+                        "the tokenizer would read as that token and not as text; remove it from the row")
     misplaced = count_latent_placeholders(messages, role=None) - count_latent_placeholders(messages)
     if misplaced:
         return (
@@ -508,6 +539,21 @@ def check_image_paths(rows: Iterable[dict], image_dir: str | os.PathLike, *, col
     raise_row_errors(errors, source)
 
 
+def check_messages(dataset, source: str = "the dataset", batch_size: int = 1000) -> None:
+    """Raise a `GapDataError` listing every row of the `datasets.Dataset` whose ``messages`` `messages_problem`
+    refuses, reading only that column (and ``id``): for rows checked when they were written, perhaps by an older
+    version, before training starts rather than at the step that draws them."""
+    columns = ["messages"] + (["id"] if "id" in dataset.column_names else [])
+    errors = []
+    for start, batch in zip(range(0, len(dataset), batch_size), dataset.select_columns(columns).iter(batch_size)):
+        ids = batch.get("id", [None] * len(batch["messages"]))
+        for offset, (messages, row_id) in enumerate(zip(batch["messages"], ids)):
+            problem = messages_problem(messages)
+            if problem is not None:
+                errors.append(RowProblem(start + offset, "messages", problem, row_id))
+    raise_row_errors(errors, source)
+
+
 def raise_row_errors(errors: list[RowProblem], source: str) -> None:
     """Raise a `GapDataError` listing `errors` (the first `MAX_LISTED_ERRORS`, then a count), if there are any."""
     if not errors:
@@ -590,7 +636,8 @@ def from_dataset(
     """Check any `datasets.Dataset` of this schema and return it with image columns as `datasets.Image` lists.
 
     String image entries are resolved against `image_dir` (default: the working directory) and, when it is
-    given, must stay inside it unless `allow_outside_image_dir`. A `GapDataError` lists the bad rows.
+    given, must stay inside it unless `allow_outside_image_dir`; a command reading a dataset folder passes the folder
+    (`dataset_base_dir`) unless told another. A `GapDataError` lists the bad rows.
     """
     from datasets import Image, List, Value
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, write_json_file
+from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, read_json_file, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
-                        load_model_and_processor, load_rows, prompt_of_row)
+                        load_model_and_processor, load_rows, prompt_of_row, question_of_row)
 from .plugins import import_object
 from .provenance import RUN_RECORD, check_or_record
 from .targets import TARGETS_COLUMN
@@ -423,7 +423,7 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
     missing = [row for row in range(len(dataset)) if row not in results]
     if missing:
         run_file = output_dir / RUN_RECORD
-        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        run = read_json_file(run_file, DifficultyError, "use a new --output-dir") if run_file.is_file() else {}
         shards = sorted(path.name for path in output_dir.glob(f"{RESULTS_DIRNAME}/*.jsonl"))
         raise DifficultyError(
             f"{len(missing)} of {len(dataset)} rows have no result yet (first: {missing[:10]}); results files: "
@@ -550,6 +550,12 @@ def run(args: argparse.Namespace) -> int:
 
         datasets.disable_progress_bars()
     shard_rows(0, args.num_shards, args.shard_index)  # validates the shard arguments
+    inputs = {"--dataset": args.dataset, "--model folder": args.model}
+    check_apart_from_inputs(output_dir, inputs, DifficultyError)
+    check_writable(output_dir, DifficultyError)
+    if args.output_dataset is not None:
+        check_apart_from_inputs(args.output_dataset, inputs, DifficultyError, option="--output-dataset")
+        check_writable(args.output_dataset, DifficultyError, option="--output-dataset")
     if args.model is not None and is_default_sampler(args.sampler) and not args.merge:
         check_model_folder(args.model, "--model", DifficultyError)  # before run.json records a mistyped folder
     dataset = load_rows(args.dataset, split=args.split, image_columns=(args.images_column,),
@@ -560,6 +566,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(report, time.time() - started))
         return 0
     checker = load_checker(args.checker)
+    columns = [name for name in (args.messages_column,) if name in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):  # every question, before anything is recorded
+        question_of_row(row, index, args.messages_column)
     config = _run_config(args, dataset)
     check_run_config(output_dir, config)  # before the model loads
     settings = SamplerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)

@@ -26,8 +26,9 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import append_json_lines, utf8_lines, write_json_file
-from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
+from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, utf8_lines, write_json_file
+from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, special_token_problem,
+                   undecoded_images)
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
 from .targets import TARGETS_COLUMN
 from .provenance import RUN_RECORD, check_or_record, data_fingerprint, model_fingerprint
@@ -167,6 +168,10 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
         hint = fields.get("hint", "")
         text = mcq_prompt(fields["question"], options, hint if hint.lower() != "nan" else None)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        problem = special_token_problem(messages)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
         extra = {key: record[key] for key in ("category",) if record.get(key)}
         items.append(EvalItem(index, messages, [image], fields["answer"], options or None, extra))
     return items, problems
@@ -525,6 +530,8 @@ def run(args: argparse.Namespace) -> int:
     from configuration_gap import check_latent_budget
 
     check_model_folder(args.model, "--model", EvaluationError)
+    check_apart_from_inputs(args.output_dir, {"--model folder": args.model, "--data": args.data}, EvaluationError)
+    check_writable(args.output_dir, EvaluationError)
     state = PartialState(cpu=not torch.cuda.is_available())
     interventions = _parse_list(args.interventions, str)
     unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))

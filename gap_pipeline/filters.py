@@ -33,9 +33,10 @@ import torch
 from processing_gap import LATENT_PLACEHOLDER
 
 from . import GapError
-from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, load_jsonl, turn_texts
-from .datasets_io import (atomic_files_into, atomic_output_dir, datasets_progress_bars, load_dataset_folder,
-                          utf8_lines, write_json_file)
+from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_rows, dataset_base_dir,
+                   load_jsonl, turn_texts)
+from .datasets_io import (atomic_files_into, atomic_output_dir, check_apart_from_inputs, claimed_output,
+                          datasets_progress_bars, load_dataset_folder, utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
 from .targets import (TARGETS_COLUMN, load_targets_dataset, load_vision_tower, targets_for_images, targets_metadata,
                       tower_dtype)
@@ -425,7 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="the rows: a JSONL file, or a dataset folder (save_to_disk; a `gap targets` folder too)")
     parser.add_argument("--image-dir", default=None,
-                        help="folder a JSONL file's image paths are relative to (default: the JSONL file's folder)")
+                        help="folder the image paths are relative to and stay inside (default: the JSONL file's "
+                        "folder, or the dataset folder)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--targets", default=None,
@@ -468,7 +470,7 @@ def _load_inputs(args) -> tuple[Any, Any, Path | None]:
             base_dir = Path(args.image_dir) if args.image_dir else data.resolve().parent
             rows = load_jsonl(data, base_dir, check_images=False, allow_outside_image_dir=args.allow_outside_image_dir)
         elif data.is_dir():
-            base_dir = Path(args.image_dir) if args.image_dir else None
+            base_dir = Path(args.image_dir) if args.image_dir else dataset_base_dir(data)
             rows = load_dataset_folder(data, None, FilterError, "{path} is not a dataset folder written by "
                                        "save_to_disk ({exc}); pass a JSONL file or such a folder")
             check_rows(rows.select_columns([c for c in rows.column_names if c != TARGETS_COLUMN]),
@@ -493,10 +495,8 @@ def _outputs(args) -> dict[str, Path]:
         outputs["targets"] = output_dir / Path(args.targets).name
     if len(set(outputs.values())) != len(outputs):
         raise FilterError(f"--data and --targets have the same name {Path(args.data).name!r}; rename one of them")
-    for name, path in outputs.items():
-        source = Path(getattr(args, name))
-        if path.resolve() == source.resolve():
-            raise FilterError(f"--output-dir {output_dir} would overwrite the input {source}; choose another folder")
+    check_apart_from_inputs(output_dir, {"--data": args.data, "--targets": args.targets, "--image-dir": args.image_dir,
+                                         "--model folder": args.model}, FilterError)
     existing = [str(p) for p in [*outputs.values(), output_dir / REPORT_NAME] if p.exists()]
     if existing and not args.overwrite:
         raise FilterError(f"{existing} exist; pass --overwrite to replace them")
@@ -513,6 +513,12 @@ def run(args: argparse.Namespace) -> int:
         raise FilterError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_model_folder(args.model, "--model", FilterError)
     outputs = _outputs(args)
+    with claimed_output(args.output_dir, FilterError, "gap filter", inside=outputs.values()):
+        return _filter(args, thresholds, outputs)
+
+
+def _filter(args: argparse.Namespace, thresholds: FilterThresholds, outputs: dict[str, Path]) -> int:
+    """Measure, decide and write, once `run` holds the output folder."""
     rows, targets, base_dir = _load_inputs(args)
     processor = load_processor(args.model)  # a GAP folder's too (AutoTokenizer would ask to trust its code)
     query_encoder = None

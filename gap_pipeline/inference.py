@@ -21,11 +21,13 @@ from transformers import AutoConfig, PretrainedConfig, Qwen2_5_VLConfig
 from configuration_gap import GapConfig
 
 from . import GapError
-from .data import IMAGE_COLUMNS, check_image_paths, count_image_entries, load_image, load_jsonl, messages_of
-from .datasets_io import load_dataset_folder
+from .data import (IMAGE_COLUMNS, check_image_paths, count_image_entries, dataset_base_dir, load_image, load_jsonl,
+                   messages_of, special_token_problem)
+from .datasets_io import check_safetensors, load_dataset_folder, read_json_file
 
 __all__ = [
     "RowError",
+    "check_checkpoint_files",
     "check_model_folder",
     "checkpoint_model_type",
     "clean_messages",
@@ -36,6 +38,7 @@ __all__ = [
     "model_type_of",
     "open_image",
     "prompt_of_row",
+    "question_of_row",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -86,12 +89,6 @@ def load_rows(path: str | os.PathLike, split: str | None = None, *, image_column
     return dataset
 
 
-def dataset_base_dir(path: str | os.PathLike) -> Path:
-    """The folder against which relative image paths of a dataset are resolved."""
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
 def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Plain-dict copies of `messages` with None-valued keys dropped from messages and content items."""
     def drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,17 +122,10 @@ def open_image(value: Any, base_dir: str | os.PathLike | None = None, where: str
         ) from None
 
 
-def prompt_of_row(
-    row: Mapping[str, Any],
-    index: int,
-    *,
-    messages_column: str = "messages",
-    images_column: str = "images",
-    base_dir: str | os.PathLike | None = None,
-) -> tuple[list[dict[str, Any]], list]:
-    """The question of a row: ``(messages, images)``: its cleaned messages before the first assistant turn, and the
-    first n of its images opened, n being the number of image items in those messages (TRL's order). A row without a
-    user turn or with fewer images than it refers to raises :class:`RowError` naming row `index`."""
+def question_of_row(row: Mapping[str, Any], index: int, messages_column: str = "messages") -> list[dict[str, Any]]:
+    """The question of a row: its cleaned messages before the first assistant turn. A row without a user turn, or
+    whose question holds text that would forge structure (`special_token_problem`), raises :class:`RowError` naming
+    row `index`; opens no image, so a command can check every row's question before any heavy work."""
     raw = messages_of(row, index, messages_column, RowError)
     if raw is None:
         raise RowError(
@@ -147,6 +137,24 @@ def prompt_of_row(
         raise RowError(
             f"row {index} has no user turn before its first assistant turn; the question must be a user message"
         )
+    problem = special_token_problem(prompt)
+    if problem is not None:
+        raise RowError(f"row {index}, field '{messages_column}': {problem}")
+    return prompt
+
+
+def prompt_of_row(
+    row: Mapping[str, Any],
+    index: int,
+    *,
+    messages_column: str = "messages",
+    images_column: str = "images",
+    base_dir: str | os.PathLike | None = None,
+) -> tuple[list[dict[str, Any]], list]:
+    """``(messages, images)``: the row's question (`question_of_row`), and the first n of its images opened, n being
+    the number of image items in those messages (TRL's order). A row with fewer images than it refers to raises
+    :class:`RowError` naming row `index`, like a bad question."""
+    prompt = question_of_row(row, index, messages_column)
     n_images = count_image_entries(prompt)
     images = list(row.get(images_column) or [])
     if len(images) < n_images:
@@ -204,20 +212,43 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return getattr(torch, dtype)
 
 
+# What to do about a damaged checkpoint file (a truncated or garbage config.json, index or weight file).
+DAMAGED_CHECKPOINT = "the checkpoint is damaged (a copy or save cut short?): copy or save the checkpoint again"
+
+
 def model_type_of(path: str | os.PathLike) -> str:
     """The ``model_type`` in ``path/config.json``."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise GapError(f"{path} is not a model folder: it has no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f).get("model_type", "")
+    return str(read_json_file(config_path, GapError, DAMAGED_CHECKPOINT).get("model_type", ""))
+
+
+def check_checkpoint_files(folder: Path, error_cls: type[GapError] = GapError) -> None:
+    """One `error_cls` naming the file when the checkpoint `folder`'s config.json, weight index or a safetensors
+    weight file is damaged (does not parse, or a weight file's header does not cover it) or listed but missing.
+    Reads the headers only."""
+    read_json_file(folder / "config.json", error_cls, DAMAGED_CHECKPOINT)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_file(index, error_cls, DAMAGED_CHECKPOINT).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise error_cls(f"{index} has no weight_map; {DAMAGED_CHECKPOINT}")
+        files = sorted({folder / str(name) for name in weight_map.values()})
+    else:
+        files = [file for file in (folder / "model.safetensors",) if file.exists()]
+    for file in files:
+        if not file.is_file():
+            raise error_cls(f"{file}, listed in {index.name}, is missing; {DAMAGED_CHECKPOINT}")
+        check_safetensors(file, error_cls, DAMAGED_CHECKPOINT)
 
 
 def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapError] = GapError, *,
                        hub_id_ok: bool = False) -> None:
-    """One `error_cls` naming `flag` when `path` is not a checkpoint folder (missing, or without config.json), raised
-    before a step reads or writes anything, so a mistyped folder never becomes a Hub download or a traceback. With
-    `hub_id_ok` a name that does not look like a path (``org/name``) is left to the Hub."""
+    """One `error_cls` naming `flag` when `path` is not a checkpoint folder (missing, or without config.json), or
+    naming the file when one is damaged (`check_checkpoint_files`), raised before a step reads or writes anything,
+    so a mistyped folder never becomes a Hub download or a traceback. With `hub_id_ok` a name that does not look
+    like a path (``org/name``) is left to the Hub."""
     path = str(path)
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
     if hub_id_ok and not looks_local:
@@ -229,6 +260,7 @@ def check_model_folder(path: str | os.PathLike, flag: str, error_cls: type[GapEr
     if not (folder / "config.json").is_file():
         raise error_cls(f"{flag} {path}: the folder has no config.json; pass the checkpoint folder itself (the one "
                         "holding config.json and the weights).")
+    check_checkpoint_files(folder, error_cls)
 
 
 def checkpoint_model_type(path: str, revision: str | None = None, error_cls: type[GapError] = GapError) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import GapError
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
+from .datasets_io import check_apart_from_inputs
 
 HELP = "Write an lmms-eval task folder (YAML + scorer with the project's answer checker) for a dataset or TSV."
 
@@ -135,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .evaluate import load_items
 
+    check_apart_from_inputs(args.output_dir, {"--data": args.data}, LmmsTaskError)
     items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir)
     for problem in problems:
         print(f"gap lmms-task: bad row skipped: {problem}", file=sys.stderr)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from . import GapError
-from .datasets_io import check_output_dir
+from .datasets_io import check_output_dir, check_safetensors, read_json_file
 
 __all__ = ["LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora"]
 
@@ -59,18 +58,30 @@ def configure_lora(peft_config: Any, config: Any) -> Any:
     return peft_config
 
 
+# What a merge needs: the folder `train_sft.py --use_peft` saved.
+_ADAPTER_FOLDER = "pass the folder `train_sft.py --use_peft` saved (its --output_dir or a checkpoint-N folder in it)"
+_DAMAGED_ADAPTER = "the adapter is damaged (a copy or save cut short?): copy or save the adapter again"
+
+
 def _adapter_config(adapter: Path) -> dict:
+    """The adapter's adapter_config.json, once the folder also holds whole adapter weights; a missing or damaged
+    file is one `MergeError` naming it."""
     path = adapter / "adapter_config.json"
     if not path.is_file():
-        raise MergeError(
-            f"{adapter} holds no adapter_config.json: pass the folder `train_sft.py --use_peft` saved (its "
-            f"--output_dir or a checkpoint-N folder in it)"
-        )
-    return json.loads(path.read_text())
+        raise MergeError(f"{adapter} holds no adapter_config.json: {_ADAPTER_FOLDER}")
+    config = read_json_file(path, MergeError, _DAMAGED_ADAPTER)
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            return config
+        raise MergeError(f"{weights} is missing: {adapter} holds adapter_config.json but no adapter weights; "
+                         f"{_ADAPTER_FOLDER}")
+    check_safetensors(weights, MergeError, _DAMAGED_ADAPTER)
+    return config
 
 
 def _base_folder(adapter: Path, config: dict, base) -> Path:
-    from gap_pipeline.inference import GAP_MODEL_TYPE, model_type_of
+    from gap_pipeline.inference import GAP_MODEL_TYPE, check_checkpoint_files, model_type_of
 
     given = base is not None
     base = base if given else config.get("base_model_name_or_path")
@@ -80,6 +91,7 @@ def _base_folder(adapter: Path, config: dict, base) -> Path:
     if not (base / "config.json").is_file():
         where = "--base" if given else f"the adapter's base_model_name_or_path ({base})"
         raise MergeError(f"{where} is not a checkpoint folder here; pass --base with the GAP folder the run trained on")
+    check_checkpoint_files(base, MergeError)
     model_type = model_type_of(base)
     if model_type != GAP_MODEL_TYPE:
         raise MergeError(

@@ -23,6 +23,8 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_gap import LATENT_INTERVENTIONS
 
+from .provenance import command_without_secrets, is_secret_name
+
 __all__ = [
     "PAPER_TITLE",
     "RemoteCodeOnPush",
@@ -101,9 +103,9 @@ def _relative(path: str) -> str:
 
 def public_command(command: str) -> str:
     """`command` (one shell line) with every absolute path, also in ``--name=/path``, relative to the working
-    directory, so it still runs from there."""
+    directory, so it still runs from there, and without secrets (`command_without_secrets`)."""
     words = []
-    for word in shlex.split(command):
+    for word in command_without_secrets(shlex.split(command)):
         name, equals, value = word.partition("=")
         words.append(f"{name}={_relative(value)}" if equals and name.startswith("-") else _relative(word))
     return shlex.join(words)
@@ -111,13 +113,15 @@ def public_command(command: str) -> str:
 
 def published_run(run: TrainingRun) -> TrainingRun:
     """`run` as a card publishes it: the base model and the datasets by Hub id or folder name (`public_name`),
-    absolute paths in the command (`public_command`) and in the hyperparameters relative to the working directory."""
+    absolute paths in the command (`public_command`) and in the hyperparameters relative to the working directory;
+    no secret (`public_command`, and no hyperparameter named like one)."""
     return dataclasses.replace(
         run,
         base_model=None if run.base_model is None else public_name(run.base_model),
         datasets=[public_name(name) for name in run.datasets],
         command=None if run.command is None else public_command(run.command),
-        hyperparameters={name: _relative(v) if isinstance(v, str) else v for name, v in run.hyperparameters.items()},
+        hyperparameters={name: _relative(v) if isinstance(v, str) else v for name, v in run.hyperparameters.items()
+                         if not is_secret_name(name)},
     )
 
 
@@ -382,7 +386,7 @@ class RemoteCodeOnPush(TrainerCallback):
 
 def command_line(argv: list[str]) -> str:
     """The command that started this process, as one shell line: `python train_sft.py ...`, without the
-    `--local_rank` a launcher adds."""
+    `--local_rank` a launcher adds and without secrets (`command_without_secrets`: ``--hub_token``...)."""
     args, skip = [], False
     for arg in argv[1:]:
         if skip or arg == "--local_rank":
@@ -390,4 +394,4 @@ def command_line(argv: list[str]) -> str:
             continue
         if not arg.startswith("--local_rank="):
             args.append(arg)
-    return shlex.join(["python", os.path.basename(argv[0]) if argv else "train_sft.py", *args])
+    return shlex.join(["python", os.path.basename(argv[0]) if argv else "train_sft.py", *command_without_secrets(args)])

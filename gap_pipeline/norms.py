@@ -68,6 +68,7 @@ from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument
+from .datasets_io import check_apart_from_inputs
 from .inference import GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, encode_prompts
 
 FORMAT_NAME = "gap-norm-profile"
@@ -622,6 +623,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise NormProfileError(str(exc)) from None
     check_model_folder(args.model, "--model", NormProfileError)
+    check_apart_from_inputs(args.output_dir, {"--model folder": args.model, "--dataset": args.dataset,
+                                              "--images folder": args.images}, NormProfileError)
     started = time.time()
     if args.images is not None:
         samples, total = folder_samples(args.images, args.prompt or DEFAULT_PROMPT, limit=args.max_samples)

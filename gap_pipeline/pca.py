@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import GapError
-from .datasets_io import atomic_files_into
+from .datasets_io import atomic_files_into, check_apart_from_inputs, check_safetensors, claimed_output
 from .inference import resolve_device
 from .targets import TARGETS_COLUMN as DEFAULT_COLUMN
 from .targets import load_targets_dataset
@@ -366,24 +366,31 @@ def _pca_file(path: str | os.PathLike) -> Path:
     return p if p.suffix == ".safetensors" else p / PCA_FILENAME
 
 
-def _validate_basis(mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor, where: str) -> None:
+def _validate_basis(mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor, where: str,
+                    fix: str = "") -> None:
+    """One `PcaError` starting with `where` (and ending with `fix`) unless the tensors make a PCA basis: shapes
+    (d,), (k, d), (k,), finite values, and orthonormal component rows (to 1e-4)."""
     if mean.dim() != 1:
-        raise PcaError(f"{where}: mean must be 1-D (d,), got shape {tuple(mean.shape)}")
+        raise PcaError(f"{where}: mean must be 1-D (d,), got shape {tuple(mean.shape)}{fix}")
     d = mean.numel()
     if components.dim() != 2 or components.shape[1] != d:
         raise PcaError(
-            f"{where}: components must have shape (k, d={d}), got {tuple(components.shape)}"
+            f"{where}: components must have shape (k, d={d}), got {tuple(components.shape)}{fix}"
         )
     k = components.shape[0]
     if k < 1:
-        raise PcaError(f"{where}: components has no rows (k = 0)")
+        raise PcaError(f"{where}: components has no rows (k = 0){fix}")
     if eigenvalues.shape != (k,):
         raise PcaError(
-            f"{where}: eigenvalues must have shape (k={k},), got {tuple(eigenvalues.shape)}"
+            f"{where}: eigenvalues must have shape (k={k},), got {tuple(eigenvalues.shape)}{fix}"
         )
     for name, t in (("mean", mean), ("components", components), ("eigenvalues", eigenvalues)):
         if not bool(torch.isfinite(t).all()):
-            raise PcaError(f"{where}: {name} contains non-finite values")
+            raise PcaError(f"{where}: {name} contains non-finite values{fix}")
+    gram = components.double() @ components.double().T
+    err = float((gram - torch.eye(k, dtype=gram.dtype)).abs().max())
+    if err > 1e-4:
+        raise PcaError(f"{where}: components rows are not orthonormal (max |P P^T - I| = {err:.3g}){fix}")
 
 
 def save_pca(
@@ -407,10 +414,6 @@ def save_pca(
 
     mean_t, comp_t, eig_t = f32(mean), f32(components), f32(eigenvalues)
     _validate_basis(mean_t, comp_t, eig_t, "save_pca")
-    gram = comp_t.double() @ comp_t.double().T
-    err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
-    if err > 1e-4:
-        raise PcaError(f"save_pca: components rows are not orthonormal (max |P P^T - I| = {err:.3g})")
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
             **{str(key): _meta_str(value) for key, value in (metadata or {}).items()},
             "d": str(mean_t.numel()), "k": str(comp_t.shape[0])}
@@ -430,10 +433,10 @@ def load_pca(path: str | os.PathLike, device: str | torch.device = "cpu") -> Pca
     from safetensors import safe_open
 
     f = _pca_file(path)
+    refit = f"run `gap fit-pca --targets ... --output-dir {f.parent}`"
     if not f.is_file():
-        raise PcaError(
-            f"no PCA basis at {f}; run `gap fit-pca --targets ... --output-dir {f.parent}` first"
-        )
+        raise PcaError(f"no PCA basis at {f}; {refit} first")
+    check_safetensors(f, PcaError, f"{refit} again")
     with safe_open(str(f), framework="pt", device=str(device)) as handle:
         metadata = dict(handle.metadata() or {})
         keys = set(handle.keys())
@@ -441,7 +444,7 @@ def load_pca(path: str | os.PathLike, device: str | torch.device = "cpu") -> Pca
         if missing:
             raise PcaError(f"{f} is not a PCA basis: missing tensors {missing} (has {sorted(keys)})")
         tensors = {name: handle.get_tensor(name).to(torch.float32) for name in ("mean", "components", "eigenvalues")}
-    _validate_basis(tensors["mean"], tensors["components"], tensors["eigenvalues"], str(f))
+    _validate_basis(tensors["mean"], tensors["components"], tensors["eigenvalues"], str(f), f"; {refit} again")
     return PcaBasis(metadata=metadata, **tensors)
 
 
@@ -699,6 +702,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_apart_from_inputs(args.output_dir, {"--targets": args.targets}, PcaError)
     earlier = [name for name in (PCA_FILENAME, REPORT_FILENAME) if (Path(args.output_dir) / name).exists()]
     if earlier and not args.overwrite:
         raise PcaError(f"--output-dir {args.output_dir} already holds {' and '.join(earlier)} of an earlier fit; "
@@ -708,22 +712,23 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise PcaError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     device = resolve_device(args.device)
-    vectors = iter_target_vectors(
-        args.targets,
-        column=args.column,
-        split=args.split,
-        rows_per_batch=args.rows_per_batch,
-        progress=not args.no_progress,
-    )
-    fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
-    k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
-    source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
-    report = fit.report(k, target=target, extra=source)
-    basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
     out_dir = Path(args.output_dir)
-    with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
-        save_basis(staging, basis)
-        write_report(staging / REPORT_FILENAME, report)
+    with claimed_output(out_dir, PcaError, "gap fit-pca"):
+        vectors = iter_target_vectors(
+            args.targets,
+            column=args.column,
+            split=args.split,
+            rows_per_batch=args.rows_per_batch,
+            progress=not args.no_progress,
+        )
+        fit = fit_pca(vectors, chunk_size=args.chunk_size, device=device)
+        k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
+        source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
+        report = fit.report(k, target=target, extra=source)
+        basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
+        with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
+            save_basis(staging, basis)
+            write_report(staging / REPORT_FILENAME, report)
     print(format_summary(report))
     print(f"  wrote {out_dir / PCA_FILENAME} and {out_dir / REPORT_FILENAME}")
     return 0

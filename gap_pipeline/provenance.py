@@ -8,6 +8,10 @@ differs and how to start fresh, so results of one model or data set are never re
 Fingerprints are content hashes, cheap enough to take on every run: a file is hashed whole; a model folder
 by its config, its weight index and the size, head and tail of each weight file (a retrained checkpoint
 changes the tail even when its config and shapes do not).
+
+No secret is ever recorded: a setting or argument named like one (:func:`is_secret_name`: ``hub_token``, ``api_key``,
+``*_password``...) is left out of every record (:func:`without_secrets`), of the command line a model card shows
+(:func:`command_without_secrets`) and of the training arguments saved beside a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,15 +23,58 @@ from pathlib import Path
 from typing import Any
 
 from . import GapError
-from .datasets_io import write_json_file
+from .datasets_io import read_json_file, write_json_file
 
-__all__ = ["RUN_RECORD", "ProvenanceError", "check_or_record", "data_fingerprint", "model_fingerprint",
-           "record_differences"]
+__all__ = ["RUN_RECORD", "ProvenanceError", "check_or_record", "command_without_secrets", "data_fingerprint",
+           "is_secret_name", "model_fingerprint", "record_differences", "without_secrets"]
 
 RUN_RECORD = "run.json"  # the record's name in an output folder of gap difficulty and gap evaluate
 
 _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+# A name holds a secret when its last word is one of these, or any word is one of `_SECRET_ANYWHERE`; the tokenizer's
+# special-token settings (`pad_token`, `eos_token`...) are text, not secrets.
+_SECRET_LAST = {"token", "key"}
+_SECRET_ANYWHERE = {"secret", "secrets", "password", "passwd", "credential", "credentials", "apikey"}
+_TOKENIZER_TOKENS = {f"{name}_token" for name in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument or setting called `name` (``--hub-token``, ``hub_token``, ``wandb_api_key``...) holds a
+    secret: its last word is ``token`` or ``key``, or a word is ``secret``, ``password``, ``credential``..."""
+    words = name.lower().lstrip("-").replace("-", "_").split("_")
+    if "_".join(words) in _TOKENIZER_TOKENS:
+        return False
+    return words[-1] in _SECRET_LAST or not _SECRET_ANYWHERE.isdisjoint(words)
+
+
+def without_secrets(value: Any) -> Any:
+    """`value` with every mapping key named like a secret (`is_secret_name`) left out, at any depth."""
+    if isinstance(value, dict):
+        return {key: without_secrets(item) for key, item in value.items()
+                if not (isinstance(key, str) and is_secret_name(key))}
+    if isinstance(value, (list, tuple)):
+        return [without_secrets(item) for item in value]
+    return value
+
+
+def command_without_secrets(args: list[str]) -> list[str]:
+    """Command-line `args` less every option named like a secret (`is_secret_name`) and its value
+    (``--hub_token X``, ``--hub_token=X``); the rest in order."""
+    kept, skip_value = [], False
+    for arg in args:
+        if skip_value and not arg.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = False
+        name, equals, _ = arg.partition("=")
+        if arg.startswith("-") and is_secret_name(name):
+            skip_value = not equals
+            continue
+        kept.append(arg)
+    return kept
 
 
 class ProvenanceError(GapError):
@@ -91,12 +138,14 @@ def check_or_record(folder: str | os.PathLike, filename: str, record: dict[str, 
 
     `has_results`: whether `folder` already holds results (a folder with results but no record was written by
     unknown inputs and is refused too). `what` names the results in the message, `fresh` the way to start over
-    (a flag or another folder). The record is JSON-normalised before comparing.
+    (a flag or another folder). The record is JSON-normalised and its secrets left out (`without_secrets`) before
+    comparing.
     """
+    record = without_secrets(json.loads(json.dumps(record)))
     folder = Path(folder)
     path = folder / filename
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json_file(path, ProvenanceError, f"it records what produced the {what} beside it: {fresh}")
         differences = record_differences(stored, record)
         if differences:
             raise ProvenanceError(

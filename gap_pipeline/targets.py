@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from configuration_gap import check_latent_budget
 
 from . import GapError
-from .datasets_io import atomic_output_dir, check_output_dir, load_dataset_folder, write_json_file
-from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument
+from .datasets_io import (atomic_output_dir, check_output_dir, claimed_output, load_dataset_folder,
+                          write_json_file)
+from .data import TARGETS_COLUMN, add_allow_outside_image_dir_argument, add_max_image_pixels_argument, check_messages
 from .inference import check_model_folder, resolve_device
 from .provenance import data_fingerprint, record_differences
 
@@ -269,7 +270,7 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
     """The dataset folder `path` written by `gap targets` (memory-mapped; a DatasetDict narrowed to `split`),
     checked against the K and d of a GAP model's `config` when one is given (`check_targets_compatible`, then
     `check_targets_finite`), and against the vision tower of the checkpoint folder `vision_tower` when one is given
-    (`check_targets_encoder`)."""
+    (`check_targets_encoder`); with a `config` (to train) every row's messages are checked too (`check_messages`)."""
     if not Path(path).is_dir():
         raise TargetsError(f"{path} is not a dataset folder written by `gap targets`.")
     dataset = load_dataset_folder(
@@ -281,6 +282,7 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
         check_targets_encoder(dataset, vision_tower, where=str(path))
     if config is not None:
         check_targets_finite(dataset, path)
+        check_messages(dataset, str(path))
     return dataset
 
 
@@ -661,7 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``gap targets``."""
     parser.add_argument("--data", required=True, help="a JSONL file of rows, or a dataset folder (save_to_disk)")
     parser.add_argument(
-        "--image-dir", default=None, help="folder the image paths are relative to (default: the JSONL file's folder)"
+        "--image-dir", default=None,
+        help="folder the image paths are relative to and stay inside (default: the JSONL file's folder, or the dataset "
+        "folder)"
     )
     parser.add_argument("--model", required=True, help="Qwen2.5-VL or GAP checkpoint folder whose vision tower encodes")
     parser.add_argument(
@@ -707,7 +711,7 @@ def _default_k(model_dir: Path) -> tuple[int, str]:
 
 
 def _load_data(args):
-    from .data import from_dataset, load_jsonl
+    from .data import dataset_base_dir, from_dataset, load_jsonl
 
     path = Path(args.data)
     if path.is_file():
@@ -716,7 +720,8 @@ def _load_data(args):
     if path.is_dir():
         dataset = load_dataset_folder(path, None, TargetsError, "{path} is not a dataset saved with "
                                       "Dataset.save_to_disk ({exc}); pass such a folder or a .jsonl file")
-        return from_dataset(dataset, image_dir=args.image_dir, check_images=not args.no_check_images, source=str(path),
+        return from_dataset(dataset, image_dir=args.image_dir or dataset_base_dir(path),
+                            check_images=not args.no_check_images, source=str(path),
                             allow_outside_image_dir=args.allow_outside_image_dir)
     raise TargetsError(f"--data {path}: no such file or folder.")
 
@@ -727,25 +732,26 @@ def run(args: argparse.Namespace) -> int:
     The dataset is written beside --output-dir and renamed into place when complete; an existing output is replaced
     only then. The partial folder ``.<output-dir>.cache`` is removed once the output is in place; after a failure it
     is kept only when it holds committed shards. The final write's temporary folder is removed on failure, and a
-    killed run's on the next run.
+    killed run's on the next run. One run at a time writes an output (`claimed_output`): a second one is an error.
     """
     check_model_folder(args.model, "--model", TargetsError)
     output_dir = Path(args.output_dir)
-    for stale in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
-        print(f"gap targets: removing {stale}, left by an unfinished earlier run", file=sys.stderr)
-        shutil.rmtree(stale)
+    inputs = {"--model folder": args.model, "--data": args.data, "--image-dir": args.image_dir,
+              "--processor": args.processor}
+    check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     cache_dir = output_dir.with_name(f".{output_dir.name}.cache")
-    try:
-        _run(args, Path(args.model), output_dir, cache_dir)
-    except BaseException:
-        done = committed_shards(cache_dir) if cache_dir.is_dir() else []
-        if done:
-            print(f"gap targets: {len(done)} committed shard(s) kept in {cache_dir}; rerun the same command to continue",
-                  file=sys.stderr)
-        else:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    with claimed_output(output_dir, TargetsError, "gap targets"):
+        try:
+            _run(args, Path(args.model), output_dir, cache_dir)
+        except BaseException:
+            done = committed_shards(cache_dir) if cache_dir.is_dir() else []
+            if done:
+                print(f"gap targets: {len(done)} committed shard(s) kept in {cache_dir}; rerun the same command to "
+                      "continue", file=sys.stderr)
+            else:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return 0
 
 
@@ -783,8 +789,6 @@ def _resume_record(args, model_dir: Path, K: int, device, model_dtype: str, data
 def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir: Path) -> None:
     from transformers import AutoImageProcessor
 
-    inputs = {"--model": args.model, "--data": args.data} | ({"--image-dir": args.image_dir} if args.image_dir else {})
-    check_output_dir(output_dir, TargetsError, overwrite=args.overwrite, inputs=inputs)
     given = args.latent_tokens_per_span is not None
     K, origin = (args.latent_tokens_per_span, "given") if given else _default_k(model_dir)
     try:

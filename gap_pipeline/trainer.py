@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_flash_attn_2_available, logging
 from trl import SFTConfig, SFTTrainer
@@ -53,14 +54,13 @@ from .collator import GapDataCollator, ImageFeatureCache
 from .data import TARGETS_COLUMN
 from .lora import configure_lora
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
-from .datasets_io import write_json_file
-from .provenance import data_fingerprint, model_fingerprint, record_differences
+from .datasets_io import read_json_file, write_json_file
+from .provenance import data_fingerprint, is_secret_name, model_fingerprint, record_differences, without_secrets
 
 __all__ = [
     "RUN_RECORD",
     "GapSFTConfig",
     "GapSFTTrainer",
-    "RunRecordCallback",
     "TrainingError",
     "apply_global_batch_size",
     "last_checkpoint_of_run",
@@ -133,6 +133,12 @@ class GapSFTConfig(SFTConfig):
         if self.latent_head_learning_rate is None:
             self.latent_head_learning_rate = self.learning_rate
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The arguments as pickled, which is how the Trainer saves them (`training_args.bin` in every saved and
+        pushed folder): every field named like a secret (`is_secret_name`: ``hub_token``...) is None there. The
+        arguments in memory keep it, so pushes still authenticate."""
+        return {name: None if is_secret_name(name) else value for name, value in self.__dict__.items()}
+
 
 class GapSFTTrainer(SFTTrainer):
     r"""`SFTTrainer` for `GapForConditionalGeneration`: L = L_LM + lambda * L_latent.
@@ -180,6 +186,7 @@ class GapSFTTrainer(SFTTrainer):
         *,
         peft_config: Any = None,
         training_run: TrainingRun | None = None,
+        run_record: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         if isinstance(model, str):
@@ -226,6 +233,7 @@ class GapSFTTrainer(SFTTrainer):
         self._sampling_micro_step = (None, 0)  # (global step, micro-batches seen in it): the coin flips' seed
         self._fp32_head_state: dict[str, torch.Tensor] = {}  # filled by `save_model` for `_save`
         self.training_run = training_run if training_run is not None else TrainingRun()
+        self.run_record = run_record
 
     @property
     def gap_model(self) -> PreTrainedModel:
@@ -540,6 +548,16 @@ class GapSFTTrainer(SFTTrainer):
         super()._save(output_dir, state_dict=state_dict)
         self.create_model_card(output_dir=output_dir)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, with `run_record` (`run_record()`: what produced the run) written into the
+        checkpoint folder first. The Trainer writes ``trainer_state.json`` last and then rotates older checkpoints
+        away (`save_total_limit`), so after a kill at any point the newest folder holding both files is complete and
+        of this run (`last_checkpoint_of_run`)."""
+        if self.run_record is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json_file(folder / RUN_RECORD, self.run_record)
+        super()._save_checkpoint(model, trial)
+
     def _gather_fp32_latent_head(self) -> dict[str, torch.Tensor]:
         """{state-dict key: fp32 CPU tensor} of the head's low-precision DeepSpeed parameters (empty otherwise)."""
         if not self.is_deepspeed_enabled or self.deepspeed is None or is_peft_model(self.model):
@@ -730,28 +748,15 @@ def run_record(script_args: Any, training_args: GapSFTConfig, model_args: Any) -
         "model": model_fingerprint(model_args.model_name_or_path),
         "data": data_fingerprint(script_args.dataset_path),
         "pca": data_fingerprint(script_args.pca_path) if script_args.pca_path else None,
-        "settings": json.loads(json.dumps(settings, default=str)),
+        "settings": without_secrets(json.loads(json.dumps(settings, default=str))),
     }
-
-
-class RunRecordCallback(TrainerCallback):
-    """Writes the run's record (model, data and settings fingerprints) into each checkpoint once it is complete.
-
-    The Trainer calls `on_save` after the checkpoint's last file is written, so a checkpoint without the record
-    was cut short (or written by another program); `last_checkpoint_of_run` resumes only recorded checkpoints.
-    """
-
-    def __init__(self, record: dict[str, Any]):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            write_json_file(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / RUN_RECORD, self.record)
 
 
 def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]) -> str:
     """The highest complete checkpoint in `output_dir` written by the run `record` describes (`--resume_from_checkpoint
-    last`). Newer checkpoints of another run, or cut short, are skipped with a warning; none left is an error."""
+    last`): it holds the record (`GapSFTTrainer` writes it first) and ``trainer_state.json`` (the Trainer's last file
+    before it rotates older checkpoints away). Newer checkpoints of another run, or cut short, are skipped with a
+    warning; none left is an error."""
     folder = Path(output_dir)
     checkpoints = []
     for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else []:
@@ -760,11 +765,14 @@ def last_checkpoint_of_run(output_dir: str | os.PathLike, record: dict[str, Any]
             checkpoints.append((int(step), path))
     skipped = []
     for _, path in sorted(checkpoints, reverse=True):
-        if not (path / RUN_RECORD).is_file():
-            skipped.append(f"{path.name} is incomplete (no {RUN_RECORD}: the run stopped while writing it, or an "
-                           "older version wrote it)")
+        missing = [name for name in (RUN_RECORD, TRAINER_STATE_NAME) if not (path / name).is_file()]
+        if missing:
+            skipped.append(f"{path.name} is incomplete (no {' or '.join(missing)}: the run stopped while writing it, "
+                           "or an older version wrote it)")
             continue
-        differences = record_differences(json.loads((path / RUN_RECORD).read_text(encoding="utf-8")), record)
+        stored = read_json_file(path / RUN_RECORD, TrainingError,
+                                "pass a checkpoint folder to --resume_from_checkpoint")
+        differences = record_differences(stored, record)
         if differences:
             skipped.append(f"{path.name} belongs to another run ({'; '.join(differences)})")
             continue

@@ -173,7 +173,7 @@ def test_fail_on_exact_passes_without_exact_pairs_and_a_single_file_keeps_bare_i
 
 
 def test_bad_arguments_are_one_error_line(tmp_path, files, capsys):
-    base = ["audit", "--train", str(files / "train.jsonl"), "--output-dir", str(tmp_path)]
+    base = ["audit", "--train", str(files / "train.jsonl"), "--output-dir", str(tmp_path / "out")]
     assert gap_main(base + ["--eval", str(tmp_path / "missing.tsv")]) == 2
     assert "missing.tsv: no such file or folder" in capsys.readouterr().err
     assert gap_main(base + ["--eval", str(files / "clean.tsv"), "--image-threshold", "1.5"]) == 2

@@ -72,3 +72,24 @@ def test_a_folder_whose_card_is_not_ours_has_no_training_run(tmp_path):
     assert read_training_run(tmp_path) is None
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\nA card without a gap block.\n", encoding="utf-8")
     assert read_training_run(tmp_path) is None
+
+
+def test_no_secret_argument_reaches_a_published_card_or_a_run_record(tiny_gap, machine, tmp_path):
+    import json
+
+    from gap_pipeline.model_card import command_line
+    from gap_pipeline.provenance import check_or_record
+
+    _, run = machine
+    secrets = ["hf_s1", "hf_s2", "k3", "pw4"]
+    argv = ["train_sft.py", "--hub_token", secrets[0], f"--hub-token={secrets[1]}", "--wandb_api_key", secrets[2],
+            "--db_password", secrets[3], "--latent_tokens_per_span", "4", "--pad_token", "<|endoftext|>"]
+    kept = "python train_sft.py --latent_tokens_per_span 4 --pad_token '<|endoftext|>'"
+    assert command_line(argv) == kept
+    run.command = shlex.join(["python", *argv])  # recorded by an older version, before secrets were left out
+    run.hyperparameters["hub_token"] = secrets[0]
+    card = render_model_card(tiny_gap.config, training=run)
+    assert not [secret for secret in secrets if secret in card] and f"```bash\n{kept}\n```" in card
+    check_or_record(tmp_path / "out", "run.json", {"settings": {"api_key": secrets[2], "seed": 0}}, what="results",
+                    has_results=False, fresh="start afresh")
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"settings": {"seed": 0}}

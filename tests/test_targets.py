@@ -228,4 +228,6 @@ def test_targets_refuse_to_write_into_the_model_folder(tiny_base_dir, capsys):
     status = gap_main(["targets", "--model", str(tiny_base_dir), "--data", str(tiny_base_dir / "missing.jsonl"),
                        "--output-dir", str(tiny_base_dir), "--overwrite"])
     assert status == 2
-    assert capsys.readouterr().err.strip() == "error: --output-dir is the --model folder; write to a new folder"
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output-dir {tiny_base_dir} is the --model folder {tiny_base_dir}; writing there could delete or "
+        "alter an input: choose a folder apart from every input")
