@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import GapError
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, write_json_file
+from .datasets_io import append_json_lines, read_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row)
 from .plugins import import_object
@@ -193,23 +193,8 @@ def results_path(output_dir: str | os.PathLike, num_shards: int, shard_index: in
 
 def _read_results_file(path: Path, repair: bool) -> dict[int, dict[str, Any]]:
     """Rows of one results file; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
-    results: dict[int, dict[str, Any]] = {}
-    data = path.read_bytes()
-    *lines, torn = data.split(b"\n")  # what follows the last "\n" was never fully flushed
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DifficultyError(
-                f"{path}, line {number} is not valid JSON; the results file is damaged: delete that line "
-                "(its row will be sampled again)"
-            ) from None
-        results[int(record["row"])] = record
-    if repair and torn:
-        os.truncate(path, len(data) - len(torn))
-    return results
+    records, _ = read_json_lines(path, DifficultyError, repair=repair, redo="its row will be sampled again")
+    return {int(record["row"]): record for record in records}
 
 
 def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None) -> dict[int, dict[str, Any]]:

@@ -26,7 +26,7 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import append_json_lines, utf8_lines, write_json_file
+from .datasets_io import append_json_lines, read_json_lines, utf8_lines, write_json_file
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
 from .targets import TARGETS_COLUMN
@@ -352,17 +352,20 @@ def _record_key(record):
     return (str(record["id"]), record["intervention"], int(record["budget"]))
 
 
-def read_records(output_dir: Path) -> list[dict]:
-    """Every record already written in `output_dir` (merged and per-rank files), without duplicates."""
+def read_records(output_dir: Path, repair: Path | None = None) -> list[dict]:
+    """Every record already written in `output_dir` (merged and per-rank files), without duplicates.
+
+    A torn last line (a kill or a full disk cut its write short) is dropped, so its row is scored again; in the file
+    `repair`, the one this process appends to, it is also cut off, with a notice. A damaged line before the last is an
+    `EvaluationError` naming the file and the line."""
     records: dict[tuple, dict] = {}
     for path in sorted(output_dir.glob("predictions*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # an empty line, or one cut by an interruption: generated again
-                    continue
-                records.setdefault(_record_key(record), record)
+        lines, torn = read_json_lines(path, EvaluationError, repair=path == repair, redo="its row is scored again")
+        if torn and path == repair:
+            print(f"gap evaluate: {path}: dropped its torn last line (a write cut short by a kill or a full disk); "
+                  "that row is scored again", file=sys.stderr)
+        for record in lines:
+            records.setdefault(_record_key(record), record)
     return list(records.values())
 
 
@@ -396,7 +399,8 @@ def evaluate(
     checker = checker or DefaultAnswerChecker()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    done = {_record_key(r) for r in read_records(output_dir)}
+    path = output_dir / (f"predictions.rank{rank}.jsonl" if world_size > 1 else "predictions.jsonl")
+    done = {_record_key(r) for r in read_records(output_dir, repair=path)}
     settings = [(BASE_SETTING, 0)] if not is_gap else [
         (intervention, budget if budget is not None else model.config.latent_tokens_per_span)
         for intervention in interventions
@@ -404,7 +408,6 @@ def evaluate(
     ]
     mine = items[rank::world_size]
     todo = [(s, item) for s in settings for item in mine if (item.id, s[0], s[1]) not in done]
-    path = output_dir / (f"predictions.rank{rank}.jsonl" if world_size > 1 else "predictions.jsonl")
     written = []
     generator = torch.Generator(device=model.device).manual_seed(seed + rank)
     bar = tqdm(total=len(todo), desc=f"evaluate[rank {rank}]", disable=not progress)

@@ -295,6 +295,29 @@ def test_evaluate_never_reports_another_runs_predictions_as_this_runs(tmp_path, 
     assert gap_main(_evaluate_args(first, other_data, out)) == 0  # the same run resumes
 
 
+def test_evaluate_resumed_over_a_torn_last_line_scores_that_row_again(tmp_path, tiny_image, two_gap_dirs, capsys):
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 3])
+    out = tmp_path / "eval"
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 0
+    whole = _predictions(out)
+    predictions = out / "predictions.jsonl"
+    text = predictions.read_text()
+    predictions.write_text(text[: len(text) - 20])  # a kill (or a full disk) cut the last write short
+    capsys.readouterr()
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 0
+    err = capsys.readouterr().err
+    assert f"{predictions}: dropped its torn last line" in err and "that row is scored again" in err
+    resumed = _predictions(out)
+    assert [r["id"] for r in resumed] == ["1", "2", "3"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in whole]
+    assert json.loads((out / "summary.json").read_text())[0]["n"] == 3
+    lines = predictions.read_text().splitlines()
+    predictions.write_text("\n".join([lines[0], lines[1][:-5], lines[2]]) + "\n")  # damage inside the file
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 2
+    assert f"{predictions}, line 2 is not valid JSON; the file is damaged: delete that line" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, two_gap_dirs, capsys):
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
     out = tmp_path / "eval"
