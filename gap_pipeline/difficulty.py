@@ -16,15 +16,16 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import GapError
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, read_json_lines, write_json_file
+from .datasets_io import append_json_lines, atomic_files_into, atomic_output_dir, read_json_lines, write_json_file
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row)
 from .plugins import import_object
@@ -354,13 +355,18 @@ class MergeReport:
 
 
 def _save_dataset(dataset, path: Path) -> None:
+    """Write `dataset` to `path` by its suffix, atomically: a kill or a full disk leaves the earlier output (or none),
+    never a half-written one."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        dataset.to_json(str(path), lines=suffix == ".jsonl", force_ascii=False)
-    elif suffix == ".parquet":
-        dataset.to_parquet(str(path))
+    if suffix in (".jsonl", ".json", ".parquet"):
+        with atomic_files_into(path.parent) as staging:
+            if suffix == ".parquet":
+                dataset.to_parquet(str(staging / path.name))
+            else:
+                dataset.to_json(str(staging / path.name), lines=suffix == ".jsonl", force_ascii=False)
     else:
-        dataset.save_to_disk(str(path))
+        with atomic_output_dir(path) as staging:
+            dataset.save_to_disk(str(staging))
 
 
 def merge_results(
@@ -432,19 +438,23 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
                 )
 
 
-def _try_merge(dataset, output_dir: Path, **kwargs) -> MergeReport | None:
-    """Merge unless another process holds ``OUT/merge.lock`` (then return None)."""
-    lock = output_dir / MERGE_LOCK
+@contextmanager
+def merge_lock(output_dir: Path) -> Iterator[bool]:
+    """Hold ``OUT/merge.lock`` inside the block; yields False when another live process holds it. The operating
+    system releases the lock of a process that dies, so a merge killed half way never blocks the next one."""
+    from filelock import FileLock, Timeout
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / MERGE_LOCK))
     try:
-        fd = os.open(str(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return merge_results(dataset, output_dir, **kwargs)
+        yield True
     finally:
-        lock.unlink(missing_ok=True)
+        lock.release()
 
 
 def format_summary(report: MergeReport, seconds: float | None = None) -> str:
@@ -541,7 +551,11 @@ def run(args: argparse.Namespace) -> int:
                         allow_outside_image_dir=args.allow_outside_image_dir)
     merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
     if args.merge:
-        report = merge_results(dataset, output_dir, **merge_kwargs)
+        with merge_lock(output_dir) as locked:
+            if not locked:
+                raise DifficultyError(f"another process is merging into {output_dir} now (it holds "
+                                      f"{output_dir / MERGE_LOCK}); wait for it to finish")
+            report = merge_results(dataset, output_dir, **merge_kwargs)
         print(format_summary(report, time.time() - started))
         return 0
     checker = load_checker(args.checker)
@@ -570,9 +584,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_merge:
         print("  every row is done; merge with --merge")
         return 0
-    report = _try_merge(dataset, output_dir, **merge_kwargs)
-    if report is None:
-        print(f"  another process is merging ({output_dir / MERGE_LOCK} exists); if none is, run with --merge")
-        return 0
+    with merge_lock(output_dir) as locked:
+        if not locked:
+            print(f"  another process is merging (it holds {output_dir / MERGE_LOCK}); it writes the dataset")
+            return 0
+        report = merge_results(dataset, output_dir, **merge_kwargs)
     print(format_summary(report, time.time() - started))
     return 0
