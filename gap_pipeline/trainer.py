@@ -41,7 +41,8 @@ from transformers.integrations.deepspeed import (
     unset_hf_deepspeed_config,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import is_flash_attn_2_available, logging
 from trl import SFTConfig, SFTTrainer
 
@@ -117,6 +118,16 @@ class GapSFTConfig(SFTConfig):
             "help": "With a frozen vision tower and a GapDataCollator, keep each training image's tower features (CPU "
             "memory, up to this many MB; then no more are added) so that later epochs skip its image processing and "
             "its tower forward (the features are the same); 0 = off. Emptied when train() starts."
+        },
+    )
+
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept a --resume_from_checkpoint folder without the optimizer or learning-rate scheduler state "
+            "(saved with --save_only_model, or files removed): training continues from its weights and step with a "
+            "fresh optimizer and schedule, so it ends with other weights than an uninterrupted run. Without it such "
+            "a checkpoint is an error."
         },
     )
 
@@ -257,7 +268,13 @@ class GapSFTTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`, with the image feature cache (if on) lent to the data collator for its duration: emptied
         first (the tower's weights may have changed, e.g. by `resume_from_checkpoint`), and taken back afterwards, so
-        that batches made outside training carry every image's pixels."""
+        that batches made outside training carry every image's pixels. A checkpoint to resume from must hold the
+        optimizer and scheduler state (`check_resume_state`)."""
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:  # the Trainer's own pick
+            resume = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume, (str, os.PathLike)):
+            self.check_resume_state(resume)
         if self._feature_cache is None:
             return super().train(*args, **kwargs)
         self._feature_cache.clear()
@@ -267,6 +284,37 @@ class GapSFTTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
         finally:
             collator.feature_cache = lent
+
+    def check_resume_state(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse to resume from `checkpoint` when it lacks what the Trainer would silently start afresh (the optimizer
+        or scheduler state), unless `args.resume_without_optimizer_state`, which resumes with a warning instead."""
+        folder = Path(checkpoint)
+        missing = []
+        if self.is_deepspeed_enabled:
+            if not any(folder.glob("global_step*")):
+                raise TrainingError(
+                    f"--resume_from_checkpoint {folder}: DeepSpeed resumes from its global_step* folder, which this "
+                    "checkpoint lacks (it was not saved under DeepSpeed); resume from a checkpoint of this DeepSpeed run"
+                )
+        elif not any((folder / name).exists() for name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)) and not any(
+                path.is_dir() for path in folder.glob("optimizer*")):
+            missing.append(f"the optimizer state ({OPTIMIZER_NAME})")
+        uses_deepspeed_scheduler = self.is_deepspeed_enabled and "scheduler" in self.args.hf_deepspeed_config.config
+        if not uses_deepspeed_scheduler and not (folder / SCHEDULER_NAME).is_file():
+            missing.append(f"the learning-rate scheduler state ({SCHEDULER_NAME})")
+        if not missing:
+            return
+        what = f"--resume_from_checkpoint {folder} lacks {' and '.join(missing)} (saved with --save_only_model, or " \
+               "files removed)"
+        if not self.args.resume_without_optimizer_state:
+            raise TrainingError(
+                f"{what}: the run would go on with a fresh optimizer and schedule and end with other weights than an "
+                "uninterrupted run. Resume from a complete checkpoint, or pass --resume_without_optimizer_state to "
+                "continue from its weights and step anyway."
+            )
+        logging.get_logger(__name__).warning(
+            f"{what}; continuing from its weights and step with a fresh optimizer and schedule "
+            "(--resume_without_optimizer_state): the result differs from an uninterrupted run")
 
     # -- data -----------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):

@@ -245,6 +245,26 @@ def test_cli_resumes_from_the_last_checkpoint(work, tmp_path):
     assert "--resume_from_checkpoint last" in (out / "README.md").read_text()
 
 
+def test_resuming_a_checkpoint_without_optimizer_state_is_an_error_unless_accepted(work, tmp_path, caplog):
+    from gap_pipeline.trainer import TrainingError
+
+    out = tmp_path / "out"
+    first = train_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    train_sft.main(*parse_train_argv(first), argv=first)
+    (out / "checkpoint-2" / "optimizer.pt").unlink()  # as --save_only_model writes it, or a removed file
+    weights = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    again = train_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                       "--resume_from_checkpoint", "last")
+    with pytest.raises(TrainingError, match=r"checkpoint-2 lacks the optimizer state \(optimizer.pt\) .* other "
+                                            r"weights than an uninterrupted run.*--resume_without_optimizer_state"):
+        train_sft.main(*parse_train_argv(again), argv=again)
+    assert not (out / "checkpoint-3").exists()
+    assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == weights  # nothing trained, nothing written
+    accepted = again + ["--resume_without_optimizer_state"]
+    assert train_sft.main(*parse_train_argv(accepted), argv=accepted).state.global_step == 3
+    assert "continuing from its weights and step with a fresh optimizer" in caplog.text
+
+
 # -- LoRA ------------------------------------------------------------------------------------------------------------
 
 
