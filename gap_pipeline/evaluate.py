@@ -66,6 +66,7 @@ class EvalItem:
     options: dict | None = None
     extra: dict = field(default_factory=dict)
     latent_targets: Any = None  # (n_spans * K, d) true latents, when the rows come from `gap targets`
+    latent_targets_k: int | None = None  # their K (None: not recorded)
 
     def checker_row(self) -> dict:
         row = {"id": self.id, "answer": self.gold, **self.extra}
@@ -172,15 +173,17 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
     return items, problems
 
 
-def load_dataset_items(path: str | Path, split: str | None = None, *,
-                       allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
+def load_dataset_items(path: str | Path, split: str | None = None, *, allow_outside_image_dir: bool = False,
+                       model: str | Path | None = None) -> tuple[list[EvalItem], list[str]]:
     """Items of a dataset in the project schema and one problem line per row that cannot be scored; image paths stay
-    inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
+    inside the data's folder unless `allow_outside_image_dir` (see `load_rows`). Latent targets (a `gap targets`
+    folder) must come from the vision tower of the checkpoint folder `model`, when one is given."""
     from .answers import AnswerError, gold_answer, normalize_options
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     # images stay undecoded until prompt_of_row opens them, so a bad image is a problem naming its row
     dataset = undecoded_images(load_rows(path, split, allow_outside_image_dir=allow_outside_image_dir), ["images"])
+    targets_k = _check_targets(dataset, path, model) if TARGETS_COLUMN in dataset.column_names else None
     base_dir = dataset_base_dir(path)
     items, problems = [], []
     seen: dict[str, str] = {}
@@ -195,16 +198,33 @@ def load_dataset_items(path: str | Path, split: str | None = None, *,
             problems.append(str(error))
             continue
         items.append(EvalItem(row_id, messages, images, gold, options or None,
-                              latent_targets=row.get(TARGETS_COLUMN)))
+                              latent_targets=row.get(TARGETS_COLUMN), latent_targets_k=targets_k))
     return items, problems
 
 
-def load_items(path: str | Path, split: str | None = None, *,
-               allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
-    """TSV benchmark files by extension (images inline), datasets otherwise."""
+def _check_targets(dataset, path, model) -> int | None:
+    """The K of the rows' latent targets (None when they record none), checked to come from `model`'s vision tower:
+    they are what the oracle feeds and what the fidelity columns compare with."""
+    from .targets import TargetsError, check_targets_encoder, targets_metadata
+    from transformers.utils import logging
+
+    try:
+        metadata = targets_metadata(dataset)
+    except TargetsError as exc:
+        logging.get_logger(__name__).warning(f"{path}: the latent targets' K and vision tower are unknown ({exc})")
+        return None
+    if model is not None:
+        check_targets_encoder(dataset, model, where=str(path),
+                              fix=f"compute the evaluation targets with `gap targets --model {model}`")
+    return int(metadata["latent_tokens_per_span"])
+
+
+def load_items(path: str | Path, split: str | None = None, *, allow_outside_image_dir: bool = False,
+               model: str | Path | None = None) -> tuple[list[EvalItem], list[str]]:
+    """TSV benchmark files by extension (images inline), datasets otherwise (`load_dataset_items`)."""
     if str(path).lower().endswith(".tsv"):
         return load_tsv_items(path)
-    return load_dataset_items(path, split, allow_outside_image_dir=allow_outside_image_dir)
+    return load_dataset_items(path, split, allow_outside_image_dir=allow_outside_image_dir, model=model)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -291,7 +311,7 @@ def _targets_as_spans(item: EvalItem, K: int):
     """The item's latent targets as (n_spans, K, d) fp32, or None when it has none or they are not K per span."""
     import torch
 
-    if item.latent_targets is None:
+    if item.latent_targets is None or item.latent_targets_k not in (None, K):  # spans of another K: none of this budget
         return None
     targets = torch.as_tensor(item.latent_targets, dtype=torch.float32)
     targets = targets.reshape(-1, targets.shape[-1])
@@ -523,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .answers import load_checker
-    from .inference import check_model_folder, load_model_and_processor
+    from .inference import GAP_MODEL_TYPE, check_model_folder, load_model_and_processor, model_type_of
 
     from configuration_gap import check_latent_budget
 
@@ -540,7 +560,9 @@ def run(args: argparse.Namespace) -> int:
                 check_latent_budget(budget, "--budgets")
     except ValueError as exc:
         raise EvaluationError(f"--budgets {args.budgets}: {exc}") from None
-    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir)
+    is_gap_folder = model_type_of(args.model) == GAP_MODEL_TYPE  # targets are compared with a GAP model's latents
+    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir,
+                                 model=args.model if is_gap_folder else None)
     if state.is_main_process:
         for problem in problems:
             print(f"gap evaluate: bad row: {problem}", file=sys.stderr)
@@ -558,6 +580,14 @@ def run(args: argparse.Namespace) -> int:
                 f"the 'oracle' intervention feeds each row's true latents, but rows {missing[:5]} ({len(missing)} in "
                 f"all) of {args.data} have none; run `gap targets` on the evaluation rows and pass its output folder "
                 "as --data"
+            )
+        pooled = {item.latent_targets_k for item in items} - {None}
+        other = sorted({budget or model.config.latent_tokens_per_span for budget in budgets} - pooled) if pooled else []
+        if other:
+            raise EvaluationError(
+                f"the 'oracle' intervention feeds the rows' latent targets, pooled for K={sorted(pooled)} per span, "
+                f"which budget(s) {other} cannot take; pass --budgets {','.join(map(str, sorted(pooled)))} or "
+                "compute targets of that K with `gap targets --latent-tokens-per-span`"
             )
     if args.overwrite and state.is_main_process:
         for pattern in RESULT_FILES:

@@ -64,6 +64,7 @@ __all__ = [
     "RunRecordCallback",
     "TrainingError",
     "apply_global_batch_size",
+    "check_targets_before_loading",
     "last_checkpoint_of_run",
     "load_for_training",
     "run_record",
@@ -746,6 +747,46 @@ def load_for_training(
     processor = GapProcessor.from_pretrained(path, **revision_kwargs, trust_remote_code=False,
                                              latent_tokens_per_span=model.config.latent_tokens_per_span)
     return model, processor
+
+
+def check_targets_before_loading(dataset_paths: list[str], model_path: str, *, revision: str | None = None,
+                                 converting: bool, latent_tokens_per_span: int | None) -> None:
+    """Before any heavy work (converting, loading the model): the latent targets in the `gap targets` folders
+    `dataset_paths` must have the K and width d the model will have and come from the vision tower of `model_path`
+    (a GAP checkpoint, or the Qwen2.5-VL base that `converting` turns into one; `latent_tokens_per_span`: the K given
+    on the command line). The K error names the training flag that fixes it."""
+    from transformers import Qwen2_5_VLConfig
+
+    from configuration_gap import GapConfig
+
+    from .convert import DEFAULT_LATENT_TOKENS_PER_SPAN
+    from .targets import check_targets_encoder, targets_metadata
+
+    config = (Qwen2_5_VLConfig if converting else GapConfig).from_pretrained(
+        model_path, **({} if revision is None else {"revision": revision}))
+    if latent_tokens_per_span is not None:
+        K, source = latent_tokens_per_span, "--latent_tokens_per_span"
+    elif converting:
+        K, source = DEFAULT_LATENT_TOKENS_PER_SPAN, "the conversion's default"
+    else:
+        K, source = config.latent_tokens_per_span, "the checkpoint's"
+    d = config.text_config.hidden_size
+    for path in dataset_paths:
+        metadata = targets_metadata(path)
+        if metadata["latent_tokens_per_span"] != K:
+            pooled = metadata["latent_tokens_per_span"]
+            raise TrainingError(
+                f"{path}: the latent targets were pooled for K={pooled} latent tokens per span, but the model "
+                f"{'would be converted with' if converting else 'has'} K={K} ({source}): pass --latent_tokens_per_span "
+                f"{pooled} to train with K={pooled}, or recompute the targets with `gap targets "
+                f"--latent-tokens-per-span {K}`."
+            )
+        if metadata["hidden_size"] != d:
+            raise TrainingError(
+                f"{path}: the latent targets have width d={metadata['hidden_size']} but {model_path} has hidden size "
+                f"d={d}: they come from another model's vision tower; rerun `gap targets --model {model_path}`."
+            )
+        check_targets_encoder(path, model_path)
 
 
 # -- resuming the same run -------------------------------------------------------------------------------------------
