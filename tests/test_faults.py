@@ -318,6 +318,21 @@ def test_evaluate_resumed_over_a_torn_last_line_scores_that_row_again(tmp_path, 
     assert f"{predictions}, line 2 is not valid JSON; the file is damaged: delete that line" in capsys.readouterr().err
 
 
+def test_a_model_folder_whose_config_and_processor_disagree_on_k_is_refused(tmp_path, tiny_image, two_gap_dirs,
+                                                                            capsys):
+    import shutil
+
+    model = tmp_path / "gap"
+    shutil.copytree(two_gap_dirs[0], model)
+    processor_config = json.loads((model / "processor_config.json").read_text())
+    processor_config["latent_tokens_per_span"] = 16
+    (model / "processor_config.json").write_text(json.dumps(processor_config))
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1])
+    assert gap_main(_evaluate_args(model, data, tmp_path / "eval")) == 2
+    assert (f"error: {model}: config.json has latent_tokens_per_span=4 but processor_config.json has 16; one folder "
+            "must give one K") in capsys.readouterr().err
+
+
 def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, two_gap_dirs, capsys):
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
     out = tmp_path / "eval"
