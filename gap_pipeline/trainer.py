@@ -52,7 +52,7 @@ from processing_gap import GapProcessor
 from . import GapError
 from .collator import GapDataCollator, ImageFeatureCache
 from .data import TARGETS_COLUMN
-from .lora import configure_lora
+from .lora import configure_lora, record_adapter_base
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import write_json_file
 from .provenance import data_fingerprint, model_fingerprint, record_differences
@@ -586,6 +586,9 @@ class GapSFTTrainer(SFTTrainer):
             state_dict = {**state_dict, **self._fp32_head_state}
         super()._save(output_dir, state_dict=state_dict)
         self.create_model_card(output_dir=output_dir)
+        if is_peft_model(self.model) and self.args.should_save:  # what `gap merge-lora` must merge the adapter into
+            record_adapter_base(output_dir if output_dir is not None else self.args.output_dir,
+                                next(iter(self.model.peft_config.values())).base_model_name_or_path)
 
     def _gather_fp32_latent_head(self) -> dict[str, torch.Tensor]:
         """{state-dict key: fp32 CPU tensor} of the head's low-precision DeepSpeed parameters (empty otherwise)."""
