@@ -23,6 +23,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,51 @@ COMMANDS: dict[str, str] = {
     "demo-data": "gap_pipeline.demo_task",
     "demo": "gap_pipeline.demo",
 }
+
+
+# -- argument types: a bad value is argparse's own error (usage line, `error: argument --x: ...`, exit status 2) -------
+
+
+def positive_int(value: str) -> int:
+    """An ``int`` >= 1 (a count, a size, a limit)."""
+    number = _int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return number
+
+
+def nonnegative_int(value: str) -> int:
+    """An ``int`` >= 0 (0 usually meaning "off")."""
+    number = _int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """A ``float`` that is neither NaN nor infinite (a threshold every comparison must be able to decide)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def comma_list(value: str) -> list[str]:
+    """A comma-separated list with at least one non-empty item (spaces around items dropped)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must name at least one item (comma-separated), got {value!r}")
+    return items
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
 
 
 def read_help(module_name: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import GapError
+from .cli import finite_float, nonnegative_int, positive_int
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .datasets_io import append_json_lines, atomic_files_into, atomic_output_dir, read_json_lines, write_json_file
@@ -484,13 +485,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the dataset with the new columns goes: a folder (save_to_disk) or a .jsonl/.json/"
                         ".parquet file (default: OUTPUT_DIR/dataset)")
     parser.add_argument("--model", default=None, help="the base Qwen2.5-VL checkpoint folder (the default sampler needs it)")
-    parser.add_argument("--num-samples", type=int, default=8, help="N sampled answers per row (default: 8)")
-    parser.add_argument("--rows-per-batch", type=int, default=4,
+    parser.add_argument("--num-samples", type=positive_int, default=8, help="N sampled answers per row (default: 8)")
+    parser.add_argument("--rows-per-batch", type=positive_int, default=4,
                         help="rows per sampler call; the default sampler generates rows x N sequences at once (default: 4)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest response (default: 1024)")
+    parser.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    parser.add_argument("--top-k", type=nonnegative_int, default=0, help="top-k sampling (default: 0 = off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=1024, help="longest response (default: 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each batch is seeded from it and its first row")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype for the default sampler (default: auto = the checkpoint's)")
@@ -510,10 +511,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--id-column", default=None,
                         help="a column identifying rows; recorded with each result and checked at merge time")
-    parser.add_argument("--tau", type=float, default=0.0,
+    parser.add_argument("--tau", type=finite_float, default=0.0,
                         help="difficulty threshold of Eq. 4 for the summary: accuracy <= tau keeps latents (default: 0)")
-    parser.add_argument("--num-shards", type=int, default=1, help="processes sharing the rows (default: 1)")
-    parser.add_argument("--shard-index", type=int, default=0, help="this process's shard, 0 .. num_shards-1 (default: 0)")
+    parser.add_argument("--num-shards", type=positive_int, default=1, help="processes sharing the rows (default: 1)")
+    parser.add_argument("--shard-index", type=nonnegative_int, default=0, help="this process's shard, 0 .. num_shards-1 (default: 0)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--merge", action="store_true", help="only merge finished results into the dataset (no sampling)")
     mode.add_argument("--no-merge", action="store_true", help="do not merge even when every row is done")

@@ -26,6 +26,7 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
+from .cli import comma_list, positive_int
 from .datasets_io import append_json_lines, read_json_lines, utf8_lines, write_json_file
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
@@ -496,23 +497,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dataset (save_to_disk folder, .jsonl, .json, .parquet) or a VLMEvalKit .tsv file")
     parser.add_argument("--split", default=None, help="split of a DatasetDict folder")
     parser.add_argument("--output-dir", required=True, help="where predictions.jsonl and summary.{json,md} go")
-    parser.add_argument("--interventions", default=",".join(name for name in LATENT_INTERVENTIONS if name != "oracle"),
-                        help="comma-separated latent interventions (GAP checkpoints; default: all but oracle, which "
-                        "needs rows with latent targets)")
-    parser.add_argument("--budgets", default=None,
+    parser.add_argument("--interventions", type=comma_list,
+                        default=",".join(name for name in LATENT_INTERVENTIONS if name != "oracle"),
+                        help="comma-separated latent interventions of a GAP checkpoint, from "
+                        f"{', '.join(LATENT_INTERVENTIONS)} (default: all but oracle, which needs rows with latent "
+                        "targets)")
+    parser.add_argument("--budgets", type=_budgets, default=None,
                         help="comma-separated latent budgets K, perfect squares (default: the checkpoint's K)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="rows generated together (default: 8; 1 for unbatched latency)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256,
+                        help="longest answer in tokens, latent tokens included (default: 256)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise intervention (and of sampling)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the noise intervention (and of sampling) (default: 0)")
     parser.add_argument("--checker", default=None, help="answer checker as module:callable (default: built-in)")
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
-                        help="a row without image/answer or with bad base64: report and skip it, or stop")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+                        help="a row without image/answer or with bad base64: report and skip it, or stop "
+                        "(default: skip)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate only the first N usable rows (default: all)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights dtype (default: auto = the checkpoint's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard the predictions already in --output-dir (of another model, data or settings)")
 
@@ -534,8 +543,22 @@ def claim_output_dir(args: argparse.Namespace) -> None:
                     fresh="pass --overwrite to discard them and start fresh, or choose another --output-dir")
 
 
-def _parse_list(value, cast):
-    return [cast(part.strip()) for part in value.split(",") if part.strip()] if value else []
+def _budgets(value: str) -> list[int]:
+    """``--budgets``: comma-separated latent budgets, each a perfect square."""
+    from configuration_gap import check_latent_budget
+
+    budgets = []
+    for item in comma_list(value):
+        try:
+            budget = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer") from None
+        try:
+            check_latent_budget(budget, "K")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        budgets.append(budget)
+    return budgets
 
 
 def run(args: argparse.Namespace) -> int:
@@ -545,21 +568,13 @@ def run(args: argparse.Namespace) -> int:
     from .answers import load_checker
     from .inference import GAP_MODEL_TYPE, check_model_folder, load_model_and_processor, model_type_of
 
-    from configuration_gap import check_latent_budget
-
     check_model_folder(args.model, "--model", EvaluationError)
     state = PartialState(cpu=not torch.cuda.is_available())
-    interventions = _parse_list(args.interventions, str)
+    interventions = args.interventions
     unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
     if unknown:
         raise EvaluationError(f"--interventions: unknown {unknown}; choose from {list(LATENT_INTERVENTIONS)}")
-    try:
-        budgets = _parse_list(args.budgets, int) or [None]
-        for budget in budgets:
-            if budget is not None:
-                check_latent_budget(budget, "--budgets")
-    except ValueError as exc:
-        raise EvaluationError(f"--budgets {args.budgets}: {exc}") from None
+    budgets = args.budgets or [None]
     is_gap_folder = model_type_of(args.model) == GAP_MODEL_TYPE  # targets are compared with a GAP model's latents
     items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir,
                                  model=args.model if is_gap_folder else None)

@@ -333,6 +333,30 @@ def test_a_model_folder_whose_config_and_processor_disagree_on_k_is_refused(tmp_
             "must give one K") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, argument, message", [
+    ("evaluate", ["--limit", "-1"], "argument --limit: must be an integer >= 1, got -1"),
+    ("evaluate", ["--limit", "0"], "argument --limit: must be an integer >= 1, got 0"),
+    ("evaluate", ["--interventions", ","], "argument --interventions: must name at least one item"),
+    ("evaluate", ["--budgets", ","], "argument --budgets: must name at least one item"),
+    ("evaluate", ["--budgets", "4,5"], "argument --budgets: `K`=5 is not a perfect square"),
+    ("evaluate", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    ("evaluate", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    ("difficulty", ["--tau", "nan"], "argument --tau: must be a finite number, got nan"),
+    ("difficulty", ["--temperature", "inf"], "argument --temperature: must be a finite number, got inf"),
+    ("difficulty", ["--num-samples", "0"], "argument --num-samples: must be an integer >= 1, got 0"),
+    ("difficulty", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+])
+def test_cli_edge_values_are_argument_errors_with_exit_status_2(tmp_path, capsys, command, argument, message):
+    required = {"evaluate": ["--model", "m", "--data", "d.tsv", "--output-dir", str(tmp_path / "out")],
+                "difficulty": ["--dataset", "d.jsonl", "--output-dir", str(tmp_path / "out")]}[command]
+    with pytest.raises(SystemExit) as exit_status:
+        gap_main([command, *required, *argument])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gap {command}: error: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, two_gap_dirs, capsys):
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
     out = tmp_path / "eval"
