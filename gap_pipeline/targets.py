@@ -54,6 +54,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "TARGETS_COLUMN",
     "TargetsError",
+    "check_aux_grids",
     "check_targets_compatible",
     "check_targets_encoder",
     "check_vision_tower",
@@ -63,6 +64,7 @@ __all__ = [
     "encode_images",
     "image_processor_settings",
     "load_vision_tower",
+    "merged_grid",
     "pool_latent_grid",
     "targets_for_images",
     "targets_metadata",
@@ -268,6 +270,48 @@ def targets_for_images(encoder, image_processor, images, latent_tokens_per_span:
         pool_latent_grid(tokens, grid.tolist(), merge, latent_tokens_per_span, where=(names[i] if names else f"image {i}"))
         for i, (tokens, grid) in enumerate(zip(features, grids))
     ]
+
+
+def merged_grid(image_processor, height: int, width: int) -> tuple[int, int]:
+    """The merged vision grid (rows, columns) of a `height` x `width` image: the Qwen2-VL image processor's resize
+    (transformers' `smart_resize` with its patch and merge sizes and pixel bounds), over patch x merge pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # needs no torchvision
+
+    factor = image_processor.patch_size * image_processor.merge_size
+    resized = smart_resize(height, width, factor, min_pixels=image_processor.size["shortest_edge"],
+                           max_pixels=image_processor.size["longest_edge"])
+    return resized[0] // factor, resized[1] // factor
+
+
+def check_aux_grids(dataset, image_processor, latent_tokens_per_span: int) -> None:
+    """Refuse, in one error listing every one, the aux images whose merged grid is smaller than sqrt(K) x sqrt(K),
+    before anything is encoded: only the image headers are read (their sizes)."""
+    from PIL.Image import DecompressionBombError
+
+    from .data import load_image, row_name, undecoded_images
+
+    side = check_latent_budget(latent_tokens_per_span)
+    columns = ["aux_images"] + (["id"] if "id" in dataset.column_names else [])
+    view = undecoded_images(dataset.select_columns(columns), ["aux_images"])
+    small, count = [], 0
+    for index, row in enumerate(view):
+        for k, image in enumerate(row["aux_images"] or []):
+            count += 1
+            try:
+                width, height = load_image(image).size
+                grid = merged_grid(image_processor, height, width)
+            except (OSError, TypeError, ValueError, DecompressionBombError):
+                continue  # named, with the reason, when the image is encoded
+            if min(grid) < side:
+                small.append(f"{row_name(index, row.get('id'))}, aux image {k}: {width} x {height} pixels, "
+                             f"{grid[0]} x {grid[1]} merged tokens")
+    if small:
+        listed = "; ".join(small[:20]) + (f"; and {len(small) - 20} more" if len(small) > 20 else "")
+        raise TargetsError(
+            f"{len(small)} of {count} aux images have a merged vision grid smaller than the sqrt(K) x sqrt(K) = "
+            f"{side} x {side} latent grid (K={latent_tokens_per_span}): {listed}. Use larger aux images (or raise the "
+            "image processor's min_pixels), a smaller --latent-tokens-per-span, or drop these rows."
+        )
 
 
 # -------------------------------------------------------------------------------------------- metadata
@@ -819,9 +863,10 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
     device = resolve_device(args.device)
     model_dtype = tower_dtype(args.model_dtype, device)
     dataset = _load_data(args)
+    image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
+    check_aux_grids(dataset, image_processor, K)  # every image too small for K, before the tower loads
     tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
     tower_sha256 = vision_tower_sha256(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
     print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
     record = _resume_record(args, model_dir, K, device, model_dtype, dataset, image_processor, tower_sha256)
     note = claim_partial_dir(cache_dir, record)
