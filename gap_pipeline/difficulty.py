@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .datasets_io import append_json_lines, atomic_files_into, atomic_output_dir
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row)
 from .plugins import import_object
-from .provenance import RUN_RECORD, check_or_record
+from .provenance import RUN_RECORD, check_or_record, record_differences
 from .targets import TARGETS_COLUMN
 
 __all__ = [
@@ -209,9 +210,31 @@ def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None)
 
 
 def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-    """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
-    check_or_record(output_dir, RUN_RECORD, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
-                    has_results=False, fresh="resume with the same settings, or use a new --output-dir")
+    """Record the run settings in ``OUT/run.json``, or check them against an earlier start. Settings recorded by a
+    start that finished no row are replaced, with a notice: there is nothing to keep."""
+    record = {key: config.get(key) for key in RUN_KEYS}
+    stored, done = Path(output_dir) / RUN_RECORD, bool(read_results(output_dir))
+    if stored.is_file() and not done:
+        differences = record_differences(json.loads(stored.read_text(encoding="utf-8")), record)
+        if differences:
+            print(f"gap difficulty: {stored} recorded other settings ({'; '.join(differences)}) but no row was "
+                  "done: recording this run's", file=sys.stderr)
+            stored.unlink()
+    check_or_record(output_dir, RUN_RECORD, record, what="sampled answers", has_results=done,
+                    fresh="resume with the same settings, pass --overwrite to discard them and start afresh, or use "
+                    "a new --output-dir")
+
+
+def discard_run(output_dir: str | os.PathLike) -> None:
+    """Remove what a difficulty run wrote into `output_dir` (``--overwrite``): its record, results, summary and
+    default output dataset; other files stay."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    for name in (RUN_RECORD, SUMMARY_FILENAME):
+        (output_dir / name).unlink(missing_ok=True)
+    for name in (RESULTS_DIRNAME, DATASET_DIRNAME):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
 @dataclass
@@ -519,6 +542,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--merge", action="store_true", help="only merge finished results into the dataset (no sampling)")
     mode.add_argument("--no-merge", action="store_true", help="do not merge even when every row is done")
     parser.add_argument("--save-responses", action="store_true", help="also keep the sampled responses in the results files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard what an earlier run wrote into --output-dir (run.json, results, summary, dataset) "
+                        "and start afresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -561,6 +587,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     checker = load_checker(args.checker)
     config = _run_config(args, dataset)
+    if args.overwrite:
+        with merge_lock(output_dir) as locked:  # not while another process merges these results
+            if not locked:
+                raise DifficultyError(f"another process is merging in {output_dir} now; wait for it, then rerun")
+            discard_run(output_dir)
     check_run_config(output_dir, config)  # before the model loads
     settings = SamplerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)
                                   if f.name != "extra"})

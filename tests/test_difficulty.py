@@ -306,6 +306,41 @@ def test_difficulty_killed_while_merging_reruns_to_the_result_of_an_uninterrupte
         p.name for p in (tmp_path / "reference").iterdir() if not p.name.startswith("."))
 
 
+def test_difficulty_settings_change_freely_before_any_row_is_done_and_with_overwrite(tmp_path, dataset, monkeypatch,
+                                                                                     capsys):
+    data_dir = tmp_path / "data"
+    dataset.save_to_disk(str(data_dir))
+    sampler_file = tmp_path / "stub_sampler.py"
+    sampler_file.write_text(textwrap.dedent(_SAMPLER_FILE) + textwrap.dedent("""
+        class Broken:
+            def __init__(self, settings):
+                pass
+
+            def sample(self, questions, n):
+                raise RuntimeError("out of memory")
+        """))
+    monkeypatch.setenv("GAP_STUB_LOG", str(tmp_path / "calls.jsonl"))
+    out = tmp_path / "run"
+
+    def args(sampler, *extra):
+        return ["difficulty", "--dataset", str(data_dir), "--output-dir", str(out), "--num-samples", str(N),
+                "--sampler", f"{sampler_file}:{sampler}", "--no-progress", *extra]
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # run.json recorded, no row done
+        cli.main(args("Broken", "--temperature", "0.5"))
+    assert cli.main(args("Stub", "--temperature", "0.7")) == 0
+    captured = capsys.readouterr()
+    assert "recorded other settings (sampler was" in captured.err
+    assert "temperature was 0.5, now 0.7) but no row was done: recording this run's" in captured.err
+    assert "11 sampled" in captured.out
+    assert cli.main(args("Stub", "--temperature", "0.9")) == 2  # rows done: kept unless --overwrite
+    assert "temperature was 0.7, now 0.9); resume with the same settings, pass --overwrite" in capsys.readouterr().err
+    assert cli.main(args("Stub", "--temperature", "0.9", "--overwrite")) == 0
+    assert "0 already done, 11 sampled" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["temperature"] == 0.9
+    assert datasets.load_from_disk(str(out / "dataset"))["accuracy"] == [_expected_correct(i) / N for i in range(NUM_ROWS)]
+
+
 def test_cli_reports_bad_shard_arguments(tmp_path, dataset, capsys):
     data_dir = tmp_path / "data"
     dataset.save_to_disk(str(data_dir))
