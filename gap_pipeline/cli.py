@@ -23,6 +23,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -152,9 +153,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+class _NoAcceleratorGuess(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU ..." warning. accelerate imports DeepSpeed, when it is installed,
+    on every ``save_pretrained`` (to unwrap a DeepSpeed engine), and DeepSpeed logs its accelerator guess on import;
+    no ``gap`` command runs DeepSpeed, so the line says nothing about the command. Other DeepSpeed messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gap`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger, kept when DeepSpeed configures it
+    if not any(isinstance(f, _NoAcceleratorGuess) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_NoAcceleratorGuess())
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

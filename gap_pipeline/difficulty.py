@@ -370,7 +370,7 @@ class MergeReport:
     all_correct_rows: int
     num_samples: int
     tau: float
-    replaced_columns: list[str]
+    replaced_columns: list[str]  # columns of those names that held values
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -411,8 +411,10 @@ def merge_results(
     accuracy = [float(r["accuracy"]) for r in rows]
     num_correct = [int(r["num_correct"]) for r in rows]
     num_samples = [int(r["num_samples"]) for r in rows]
-    replaced = [name for name in NEW_COLUMNS if name in dataset.column_names]
-    merged = dataset.remove_columns(replaced) if replaced else dataset
+    present = [name for name in NEW_COLUMNS if name in dataset.column_names]
+    merged = dataset.remove_columns(present) if present else dataset
+    # reported only when they held values: a JSONL's rows without `accuracy` load with an empty one
+    replaced = [name for name in present if any(value is not None for value in dataset[name])]
     for name, values in zip(NEW_COLUMNS, (accuracy, num_correct, num_samples)):
         merged = merged.add_column(name, values)
     path = Path(output_dataset) if output_dataset is not None else output_dir / DATASET_DIRNAME

@@ -55,6 +55,7 @@ from .data import TARGETS_COLUMN
 from .lora import configure_lora, record_adapter_base
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import write_json_file
+from .inference import register_gap_config
 from .provenance import data_fingerprint, model_fingerprint, record_differences
 
 __all__ = [
@@ -746,7 +747,10 @@ def load_for_training(
     model = GapForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         **revision_kwargs, **overrides)
     model.config.validate_gap()
-    # GapProcessor is this repository's class: no code from the folder is needed
+    # GapProcessor is this repository's class: no code from the folder is needed. Its tokenizer reads the folder's
+    # config through AutoConfig, which must know the GAP model type (else it falls back to a bare config and warns
+    # "model of type `gap_qwen2_5_vl` to instantiate a model of type ``").
+    register_gap_config()
     processor = GapProcessor.from_pretrained(path, **revision_kwargs, trust_remote_code=False,
                                              latent_tokens_per_span=model.config.latent_tokens_per_span)
     return model, processor

@@ -341,6 +341,16 @@ def test_difficulty_settings_change_freely_before_any_row_is_done_and_with_overw
     assert datasets.load_from_disk(str(out / "dataset"))["accuracy"] == [_expected_correct(i) / N for i in range(NUM_ROWS)]
 
 
+def test_merge_reports_replaced_columns_only_when_they_held_values(tmp_path, dataset):
+    from gap_pipeline.difficulty import format_summary
+
+    _run(dataset, tmp_path / "a", StubSampler())
+    empty = dataset.add_column("accuracy", [None] * NUM_ROWS)  # what a JSONL without `accuracy` loads as
+    assert "replaced existing columns" not in format_summary(merge_results(empty, tmp_path / "a"))
+    held = dataset.add_column("accuracy", [0.5] * NUM_ROWS)
+    assert "replaced existing columns ['accuracy']" in format_summary(merge_results(held, tmp_path / "a"))
+
+
 def test_cli_reports_bad_shard_arguments(tmp_path, dataset, capsys):
     data_dir = tmp_path / "data"
     dataset.save_to_disk(str(data_dir))

@@ -769,3 +769,30 @@ def test_a_missing_model_folder_is_one_error_before_anything_is_read_or_written(
            "no such folder; pass the folder of a GAP or Qwen2.5-VL checkpoint.")
     assert len(err) == 1 and err[0].startswith(f"error: --model {model}: {fix}")
     assert not out.exists()  # a corrected rerun starts clean (difficulty's run.json never records the typo)
+
+
+# noise -----------------------------------------------------------------------------------------------------------
+
+
+def test_gap_commands_and_training_print_no_library_noise(tmp_path, work):
+    """No DeepSpeed accelerator guess on a `gap` command (accelerate imports DeepSpeed on every save_pretrained), and
+    no transformers "model of type `gap_qwen2_5_vl` to instantiate a model of type ``" when training loads its
+    processor (each in a fresh process: both happen once per process)."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO, clean_env
+
+    gap = subprocess.run([sys.executable, "-m", "gap_pipeline", "tiny-model", "--output-dir", str(tmp_path / "tiny")],
+                         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert gap.returncode == 0, gap.stderr[-2000:]
+    assert "Setting accelerator" not in gap.stdout + gap.stderr
+    script = ("import sys, transformers; transformers.logging.set_verbosity_warning()\n"
+              "from gap_pipeline.trainer import load_for_training\n"
+              "model, processor = load_for_training(sys.argv[1])\n"
+              "print(type(processor).__name__, processor.latent_tokens_per_span)")
+    train = subprocess.run([sys.executable, "-c", script, str(work.gap)], cwd=REPO, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert train.stdout.split()[-2:] == ["GapProcessor", str(K)]
+    assert "to instantiate a model of type" not in train.stderr, train.stderr
