@@ -415,6 +415,8 @@ def test_deepspeed_two_processes_train_save_and_reload(deepspeed_runs, stage):
     assert all(math.isfinite(e["loss"]) and math.isfinite(e["latent_loss"]) and e["latent_loss"] > 0 for e in steps)
     for folder in [run.out] + sorted(run.out.glob("checkpoint-*")):
         assert not _code_processor_and_weights(folder), folder
+    # the card records the launcher that started the run, not `python train_and_gather.py`
+    assert "\ndeepspeed --num_gpus 2 train_and_gather.py --config " in (run.out / "README.md").read_text()
 
 
 def test_deepspeed_loss_terms_are_normalised_over_both_ranks(deepspeed_runs, work):
