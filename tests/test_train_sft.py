@@ -280,6 +280,8 @@ def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
     )
     assert not training_args.bf16 and not training_args.activation_checkpointing and training_args.use_cpu
     assert model_args.dtype == "float32" and not training_args.freeze_vision_tower
+    # the CPU preset trains the latents as `gap demo` does: `sum` over d with lambda 5 (not the 7B's mean, lambda 1)
+    assert (script_args.latent_loss_reduction, script_args.latent_loss_weight) == ("sum", 5.0)
 
 
 # -- DeepSpeed, 2 CPU processes ------------------------------------------------------------------------------------
@@ -359,7 +361,7 @@ def deepspeed_runs(work, tmp_path_factory):
     common = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
               "--bf16", "true", "--dtype", "bfloat16", "--per_device_train_batch_size", "1", "--max_steps", "2",
               "--logging_steps", "1", "--save_strategy", "steps", "--train_sampling_strategy", "sequential",
-              "--latent_tokens_per_span", str(K)]
+              "--latent_tokens_per_span", str(K), "--latent_loss_reduction", "mean", "--latent_loss_weight", "1.0"]
     runs = {
         "zero3": (29631, [
             "--deepspeed", str(_ds_config(root, "zero3.json", stage3_param_persistence_threshold=0)),
