@@ -62,6 +62,7 @@ from gap_pipeline.trainer import (
     GapSFTTrainer,
     TrainingError,
     apply_global_batch_size,
+    check_targets_before_loading,
     last_checkpoint_of_run,
     load_for_training,
     run_record,
@@ -144,6 +145,13 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
     gap_options = {"latent_tokens_per_span": script_args.latent_tokens_per_span,
                    "latent_loss_weight": script_args.latent_loss_weight,
                    "latent_loss_reduction": script_args.latent_loss_reduction}
+    if training_args.eval_strategy != "no" and script_args.eval_dataset_path is None:
+        raise TrainingError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
+    datasets = [script_args.dataset_path] + ([script_args.eval_dataset_path] if training_args.eval_strategy != "no"
+                                             else [])
+    if model_type in (QWEN_MODEL_TYPE, GAP_MODEL_TYPE):  # K, d and the vision tower, before converting or loading
+        check_targets_before_loading(datasets, path, revision=revision, converting=model_type == QWEN_MODEL_TYPE,
+                                     latent_tokens_per_span=script_args.latent_tokens_per_span)
     if model_type == QWEN_MODEL_TYPE:
         target = script_args.converted_model_dir or os.path.join(training_args.output_dir, "_gap-init")
         head = script_args.latent_head_type
@@ -151,6 +159,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
             with zero3_init_disabled(training_args):
                 path = ensure_gap_checkpoint(
                     path, target, script_args.pca_path if head == "pca" else None, latent_head_type=head,
+                    replace_other=script_args.converted_model_dir is None,  # <output_dir>/_gap-init is this run's
                     latent_adapter_size=script_args.latent_adapter_size, dtype=model_args.dtype or "auto",
                     **{key: value for key, value in gap_options.items() if value is not None},
                 )
@@ -166,14 +175,10 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         path, revision=revision, dtype=model_args.dtype or "auto",
         attn_implementation=model_args.attn_implementation, **gap_options,
     )
-    train_dataset = load_targets_dataset(script_args.dataset_path, model.config, vision_tower=path)
-    datasets = [script_args.dataset_path]
+    train_dataset = load_targets_dataset(script_args.dataset_path, model.config)  # K and d again, then NaN/inf
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        if script_args.eval_dataset_path is None:
-            raise TrainingError(f"eval_strategy={training_args.eval_strategy!r} needs --eval_dataset_path.")
-        eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config, vision_tower=path)
-        datasets.append(script_args.eval_dataset_path)
+        eval_dataset = load_targets_dataset(script_args.eval_dataset_path, model.config)
     K, tau = model.config.latent_tokens_per_span, script_args.difficulty_threshold
     collator = GapDataCollator(processor, difficulty_threshold=tau, max_length=training_args.max_length,
                                latent_tokens_per_span=K)

@@ -28,6 +28,7 @@ Matching rules (documented here because results depend on them):
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +46,7 @@ __all__ = [
     "extract_answer",
     "gold_answer",
     "load_checker",
+    "normalize_gold",
     "normalize_options",
 ]
 
@@ -464,13 +466,33 @@ class AnswerError(GapError):
     """A row without a usable gold answer; the message names the row and the fix."""
 
 
+def normalize_gold(value: Any, where: str) -> str | None:
+    """The one rule for a stored gold answer: a string is stripped, a number is written as JSON writes it (``3``,
+    ``2.5``), a one-item list is its item; None, NaN, an empty string or list is no answer (None). A list of several
+    answers, or any other value, raises `AnswerError` naming `where`."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and math.isnan(value):
+            return None
+        return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    what = f"a list of {len(value)} answers" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+    raise AnswerError(f"{where}: the gold answer is {what} ({shown}); give one answer, as a string or a number")
+
+
 def gold_answer(row: Mapping[str, Any], index: int, answer_column: str = "answer", messages_column: str = "messages") -> str:
-    """The row's gold answer: its `answer_column` value, else the last ``<answer>…</answer>`` of its last assistant turn."""
+    """The row's gold answer: its `answer_column` value (`normalize_gold`), else the last ``<answer>…</answer>`` of
+    its last assistant turn."""
     from .data import messages_of, turn_texts
 
-    value = row.get(answer_column)
-    if value is not None and str(value).strip():
-        return str(value).strip()
+    value = normalize_gold(row.get(answer_column), f"row {index}, field '{answer_column}'")
+    if value is not None:
+        return value
     messages = messages_of(row, index, messages_column, AnswerError) or []
     assistant = turn_texts([m for m in messages if isinstance(m, Mapping)], "assistant")
     if assistant:

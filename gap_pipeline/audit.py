@@ -556,8 +556,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-proc", type=int, default=1, help="processes that decode and hash images (default 1)")
     parser.add_argument("--html-max-pairs", type=int, default=500,
                         help="report.html shows at most this many exact and this many near pairs (default 500)")
-    parser.add_argument("--fail-on-exact", action="store_true",
-                        help="exit with status 1 when any exact_image or exact_question pair is found")
+    parser.add_argument("--fail-on", type=_kinds, default=[], metavar="KINDS",
+                        help=f"exit with status 1 when a pair of one of these comma-separated kinds is found "
+                        f"({', '.join(KINDS)}). A templated data set (questions written from a few templates, "
+                        "'Find x.') has thousands of exact_question pairs between unrelated rows: fail on "
+                        "exact_image there and read the question pairs in report.html")
+    parser.add_argument("--fail-on-exact", action="store_true", help="the same as --fail-on exact_image,exact_question")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -577,8 +581,22 @@ def run(args: argparse.Namespace) -> int:
             write_json_file(staging / "audit.json", audit_json(result), "audit.json")
             (staging / "report.html").write_text(render_html(result, args.html_max_pairs), encoding="utf-8")
     print(format_summary(result, output_dir))
-    exact = result.counts["exact_image"] + result.counts["exact_question"]
-    if args.fail_on_exact and exact:
-        print(f"gap audit: {exact} exact pair(s) found (--fail-on-exact)", file=sys.stderr)
+    fail_on = [kind for kind in KINDS if kind in args.fail_on
+               or (args.fail_on_exact and kind in ("exact_image", "exact_question"))]
+    found = {kind: result.counts[kind] for kind in fail_on if result.counts[kind]}
+    if found:
+        print(f"gap audit: {', '.join(f'{count} {kind}' for kind, count in found.items())} pair(s) found (failing on "
+              f"{','.join(fail_on)}); inspect them in {output_dir / 'report.html'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _kinds(value: str) -> list[str]:
+    """``--fail-on``: comma-separated pair kinds, each one of `KINDS`."""
+    from .cli import comma_list
+
+    kinds = comma_list(value)
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    return kinds

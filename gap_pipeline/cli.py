@@ -23,6 +23,8 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +48,51 @@ COMMANDS: dict[str, str] = {
     "demo-data": "gap_pipeline.demo_task",
     "demo": "gap_pipeline.demo",
 }
+
+
+# -- argument types: a bad value is argparse's own error (usage line, `error: argument --x: ...`, exit status 2) -------
+
+
+def positive_int(value: str) -> int:
+    """An ``int`` >= 1 (a count, a size, a limit)."""
+    number = _int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return number
+
+
+def nonnegative_int(value: str) -> int:
+    """An ``int`` >= 0 (0 usually meaning "off")."""
+    number = _int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """A ``float`` that is neither NaN nor infinite (a threshold every comparison must be able to decide)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def comma_list(value: str) -> list[str]:
+    """A comma-separated list with at least one non-empty item (spaces around items dropped)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must name at least one item (comma-separated), got {value!r}")
+    return items
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
 
 
 def read_help(module_name: str) -> str:
@@ -107,9 +154,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+class _NoAcceleratorGuess(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU ..." warning. accelerate imports DeepSpeed, when it is installed,
+    on every ``save_pretrained`` (to unwrap a DeepSpeed engine), and DeepSpeed logs its accelerator guess on import;
+    no ``gap`` command runs DeepSpeed, so the line says nothing about the command. Other DeepSpeed messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gap`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger, kept when DeepSpeed configures it
+    if not any(isinstance(f, _NoAcceleratorGuess) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_NoAcceleratorGuess())
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ computes the base model's logits on the base tokenizer's vocabulary (`verify_con
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,11 +23,12 @@ from configuration_gap import LATENT_HEAD_TYPES, LATENT_LOSS_REDUCTIONS, LATENT_
 from . import GapError
 from .datasets_io import atomic_output_dir, check_output_dir, remove_stale_staging, write_json_file
 from .inference import DTYPES, GAP_MODEL_TYPE, QWEN_MODEL_TYPE, check_model_folder, model_type_of, resolve_dtype
-from .provenance import check_or_record, data_fingerprint, model_fingerprint
+from .provenance import check_or_record, data_fingerprint, model_fingerprint, record_differences
 
 __all__ = ["ConversionReport", "convert_checkpoint", "ensure_gap_checkpoint"]
 
 CONVERSION_RECORD = "gap_conversion.json"  # what a converted folder was made from (see ensure_gap_checkpoint)
+DEFAULT_LATENT_TOKENS_PER_SPAN = 36  # K of a conversion that is not given one: the paper's 6 x 6
 
 
 class ConversionError(GapError):
@@ -98,7 +100,7 @@ def convert_checkpoint(
     output_dir: str | os.PathLike,
     pca: str | os.PathLike | None = None,
     *,
-    latent_tokens_per_span: int = 36,
+    latent_tokens_per_span: int = DEFAULT_LATENT_TOKENS_PER_SPAN,
     latent_head_type: str = "pca",
     latent_adapter_size: int = 1024,
     latent_loss_weight: float = 1.0,
@@ -115,12 +117,12 @@ def convert_checkpoint(
     refused for ``"full"``. `dtype` is ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or
     ``"float16"``; the latent head and PCA buffers are fp32 whatever it is.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from modeling_gap import GapForConditionalGeneration
     from processing_gap import GapProcessor
 
-    from .pca import load_pca
+    from .pca import check_pca_encoder, load_pca
     from .qwen_processor import load_qwen2_5_vl_processor
 
     base = Path(base)
@@ -129,16 +131,18 @@ def convert_checkpoint(
     output_dir = check_output_dir(output_dir, ConversionError, overwrite=overwrite,
                                   inputs={"base checkpoint": base, "PCA basis": pca})
     basis = load_pca(pca) if pca is not None else None
+    if basis is not None:  # before the model loads: the basis must come from this model's tower
+        d = Qwen2_5_VLConfig.from_pretrained(str(base)).text_config.hidden_size
+        if basis.d != d:
+            raise ConversionError(
+                f"the PCA in {pca} has width d={basis.d} but {base} has hidden size d={d}: fit the PCA on latent "
+                "targets from this model's vision tower"
+            )
+        check_pca_encoder(basis, base, str(pca))
 
     base_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=resolve_dtype(dtype)).eval()
     base_processor = load_qwen2_5_vl_processor(base)
     tokenizer = base_processor.tokenizer
-    d = base_model.config.text_config.hidden_size
-    if basis is not None and basis.d != d:
-        raise ConversionError(
-            f"the PCA in {pca} has width d={basis.d} but {base} has hidden size d={d}: fit the PCA on latent targets "
-            "from this model's vision tower"
-        )
     rows_before = int(base_model.get_input_embeddings().weight.shape[0])
     tokens_before = len(tokenizer)
     had_tokens = [token for token in LATENT_TOKENS if token in tokenizer.get_vocab()]
@@ -174,6 +178,8 @@ def ensure_gap_checkpoint(
     base: str | os.PathLike,
     target: str | os.PathLike,
     pca: str | os.PathLike | None = None,
+    *,
+    replace_other: bool = False,
     **options: Any,
 ) -> Path:
     """The GAP folder `target`, converted from the Qwen2.5-VL folder `base` unless it already holds one.
@@ -181,7 +187,9 @@ def ensure_gap_checkpoint(
     The conversion (:func:`convert_checkpoint` with `pca` and `options`) writes into a temporary folder next to
     `target` and renames it into place, so several processes sharing a filesystem may race: the first rename wins
     and the others reuse its folder. The folder records its base, PCA basis and options (`CONVERSION_RECORD`); an
-    existing `target` is reused only when they match, and one that holds something else is refused.
+    existing `target` is reused only when they match. One converted from other inputs is refused, or with
+    `replace_other` (a folder this run owns, such as ``<output_dir>/_gap-init``) converted again with a notice; a
+    `target` that holds something else is refused.
     """
     target = Path(target)
     if not os.path.isdir(base):
@@ -196,11 +204,19 @@ def ensure_gap_checkpoint(
         )
     record = {"base": model_fingerprint(base), "pca": data_fingerprint(pca) if pca is not None else None,
               "options": options}
+    replace = False
     if is_gap_folder(target):
-        check_or_record(target, CONVERSION_RECORD, record, what="a converted GAP checkpoint", has_results=True,
-                        fresh=f"remove {target} or pass another --converted_model_dir")
-        return target
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        stored = target / CONVERSION_RECORD
+        differences = (record_differences(json.loads(stored.read_text(encoding="utf-8")), record) if stored.is_file()
+                       else [f"no {CONVERSION_RECORD}"])
+        if not (replace_other and differences):
+            check_or_record(target, CONVERSION_RECORD, record, what="a converted GAP checkpoint", has_results=True,
+                            fresh=f"remove {target} or pass another --converted_model_dir")
+            return target
+        print(f"{target} holds a GAP checkpoint converted from other inputs ({'; '.join(differences)}): converting "
+              "again", file=sys.stderr)
+        replace = True
+    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConversionError(f"--converted_model_dir {target} exists and holds no GAP checkpoint; remove it or pick another.")
     target.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".gap-init-", dir=target.absolute().parent)
@@ -210,6 +226,12 @@ def ensure_gap_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if replace:  # the earlier conversion goes only once the new one is complete
+        old = tempfile.mkdtemp(prefix=".gap-init-old-", dir=target.absolute().parent)
+        os.replace(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return target
     try:
         os.rename(staging, target)
     except OSError:  # another node sharing this filesystem renamed its copy first
@@ -278,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the Qwen2.5-VL checkpoint folder (weights, tokenizer, processor)")
     parser.add_argument("--pca", default=None, help="pca.safetensors from `gap fit-pca` (or its folder); needed for --head-type pca")
     parser.add_argument("--output-dir", required=True, help="the GAP checkpoint folder to write")
-    parser.add_argument("--latent-tokens-per-span", type=int, default=36,
+    parser.add_argument("--latent-tokens-per-span", type=int, default=DEFAULT_LATENT_TOKENS_PER_SPAN,
                         help="K, latent tokens per span, a perfect square (default: 36 = 6 x 6)")
     parser.add_argument("--head-type", choices=LATENT_HEAD_TYPES, default="pca",
                         help="pca: GAP's PCA-aligned head; full: d -> d head without PCA, the paper's LH ablation (default: pca)")

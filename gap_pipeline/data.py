@@ -40,6 +40,7 @@ import numpy as np
 from processing_gap import LATENT_PLACEHOLDER
 
 from . import GapError
+from .answers import normalize_gold
 from .datasets_io import utf8_lines
 
 __all__ = [
@@ -79,6 +80,7 @@ IMAGE_COLUMNS = ("images", "aux_images")
 TARGETS_COLUMN = "latent_targets"  # a row's (n_spans * K, d) latent targets, as `gap targets` writes them
 # Text shaped like a special token of the Qwen2.5-VL tokenizer (`<|im_end|>`, `<|image_pad|>`, GAP's `<|latent_pad|>`).
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[^\s<>|]{1,64}\|>")
+ANSWER_COLUMN = "answer"  # a row's gold answer (optional; else its last <answer> block): `answers.normalize_gold`
 # How many row errors a GapDataError message lists before summarising the rest.
 MAX_LISTED_ERRORS = 20
 
@@ -602,6 +604,8 @@ def load_jsonl(
             raise GapDataError(f"{path}, line {line_number}: not valid JSON ({error.msg}); one object per line") from None
         if not isinstance(row, dict):
             raise GapDataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+        if ANSWER_COLUMN in row:  # one type per column: "3" beside "blue", the item of ["blue"]
+            row[ANSWER_COLUMN] = normalize_gold(row[ANSWER_COLUMN], f"{path}, line {line_number}")
         rows.append(row)
     if not rows:
         raise GapDataError(f"{path} holds no rows")

@@ -7,7 +7,8 @@
 * Reading a JSON file or checking a safetensors file, damage named by file and fix (:func:`read_json_file`,
   :func:`check_safetensors`).
 * Writing a JSON report (:func:`write_json_file`), used by ``gap fit-pca`` and ``gap norm-profile``, and appending
-  result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`).
+  result records to a JSON-lines file that a run resumes from (:func:`append_json_lines`) and reading them back, a
+  torn last line dropped (:func:`read_json_lines`).
 * Replacing an output folder, or files in one, only once the new content is complete (:func:`atomic_output_dir`,
   :func:`atomic_files_into`), and removing what a killed run left of that (:func:`remove_stale_staging`).
 * Refusing an output folder that is, contains or lies inside an input (:func:`check_apart_from_inputs`), that cannot
@@ -43,6 +44,7 @@ __all__ = [
     "datasets_progress_bars",
     "load_dataset_folder",
     "read_json_file",
+    "read_json_lines",
     "remove_stale_staging",
     "select_split",
     "utf8_lines",
@@ -314,7 +316,31 @@ def write_json_file(path: str | os.PathLike, payload: Any, default_name: str | N
 
 def append_json_lines(file: IO[str], records: Iterable[Any]) -> None:
     """Append `records` to the open text file `file`, one JSON line each, and force them to disk (flush, fsync): a
-    crash loses at most the last line, which the resuming reader drops as torn."""
+    crash loses at most the last line, which :func:`read_json_lines` drops as torn."""
     file.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     file.flush()
     os.fsync(file.fileno())
+
+
+def read_json_lines(path: str | os.PathLike, error_cls: type[Exception], *, repair: bool = False,
+                    redo: str = "its row is computed again") -> tuple[list[Any], bool]:
+    """The records of a JSON-lines file written by :func:`append_json_lines`, and whether its last line was torn.
+
+    What follows the last line break was cut short by a kill or a full disk: it is dropped, and with `repair` cut off
+    the file, so that lines appended next start on a line of their own. A damaged line before it raises `error_cls`
+    naming the file and the line (`redo` says what deleting it costs)."""
+    path = Path(path)
+    data = path.read_bytes()
+    *lines, torn = data.split(b"\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise error_cls(f"{path}, line {number} is not valid JSON; the file is damaged: delete that line ({redo})"
+                            ) from None
+    if repair and torn:
+        os.truncate(path, len(data) - len(torn))
+    return records, bool(torn)

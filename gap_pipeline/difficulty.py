@@ -15,20 +15,24 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import GapError
+from .cli import finite_float, nonnegative_int, positive_int
 from .answers import gold_answer
 from .data import add_allow_outside_image_dir_argument, add_max_image_pixels_argument, undecoded_images
-from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, read_json_file, write_json_file
+from .datasets_io import (append_json_lines, atomic_files_into, atomic_output_dir, check_apart_from_inputs,
+                          check_writable, read_json_file, read_json_lines, write_json_file)
 from .inference import (DTYPES, check_model_folder, dataset_base_dir, encode_prompts, generate_texts,
                         load_model_and_processor, load_rows, prompt_of_row, question_of_row)
 from .plugins import import_object
-from .provenance import RUN_RECORD, check_or_record
+from .provenance import RUN_RECORD, check_or_record, record_differences
 from .targets import TARGETS_COLUMN
 
 __all__ = [
@@ -193,23 +197,8 @@ def results_path(output_dir: str | os.PathLike, num_shards: int, shard_index: in
 
 def _read_results_file(path: Path, repair: bool) -> dict[int, dict[str, Any]]:
     """Rows of one results file; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
-    results: dict[int, dict[str, Any]] = {}
-    data = path.read_bytes()
-    *lines, torn = data.split(b"\n")  # what follows the last "\n" was never fully flushed
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DifficultyError(
-                f"{path}, line {number} is not valid JSON; the results file is damaged: delete that line "
-                "(its row will be sampled again)"
-            ) from None
-        results[int(record["row"])] = record
-    if repair and torn:
-        os.truncate(path, len(data) - len(torn))
-    return results
+    records, _ = read_json_lines(path, DifficultyError, repair=repair, redo="its row will be sampled again")
+    return {int(record["row"]): record for record in records}
 
 
 def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None) -> dict[int, dict[str, Any]]:
@@ -222,9 +211,31 @@ def read_results(output_dir: str | os.PathLike, repair_path: Path | None = None)
 
 
 def check_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-    """Record the run settings in ``OUT/run.json``, or check them against an earlier start."""
-    check_or_record(output_dir, RUN_RECORD, {key: config.get(key) for key in RUN_KEYS}, what="sampled answers",
-                    has_results=False, fresh="resume with the same settings, or use a new --output-dir")
+    """Record the run settings in ``OUT/run.json``, or check them against an earlier start. Settings recorded by a
+    start that finished no row are replaced, with a notice: there is nothing to keep."""
+    record = {key: config.get(key) for key in RUN_KEYS}
+    stored, done = Path(output_dir) / RUN_RECORD, bool(read_results(output_dir))
+    if stored.is_file() and not done:
+        differences = record_differences(json.loads(stored.read_text(encoding="utf-8")), record)
+        if differences:
+            print(f"gap difficulty: {stored} recorded other settings ({'; '.join(differences)}) but no row was "
+                  "done: recording this run's", file=sys.stderr)
+            stored.unlink()
+    check_or_record(output_dir, RUN_RECORD, record, what="sampled answers", has_results=done,
+                    fresh="resume with the same settings, pass --overwrite to discard them and start afresh, or use "
+                    "a new --output-dir")
+
+
+def discard_run(output_dir: str | os.PathLike) -> None:
+    """Remove what a difficulty run wrote into `output_dir` (``--overwrite``): its record, results, summary and
+    default output dataset; other files stay."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    for name in (RUN_RECORD, SUMMARY_FILENAME):
+        (output_dir / name).unlink(missing_ok=True)
+    for name in (RESULTS_DIRNAME, DATASET_DIRNAME):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
 @dataclass
@@ -360,7 +371,7 @@ class MergeReport:
     all_correct_rows: int
     num_samples: int
     tau: float
-    replaced_columns: list[str]
+    replaced_columns: list[str]  # columns of those names that held values
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -369,13 +380,18 @@ class MergeReport:
 
 
 def _save_dataset(dataset, path: Path) -> None:
+    """Write `dataset` to `path` by its suffix, atomically: a kill or a full disk leaves the earlier output (or none),
+    never a half-written one."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        dataset.to_json(str(path), lines=suffix == ".jsonl", force_ascii=False)
-    elif suffix == ".parquet":
-        dataset.to_parquet(str(path))
+    if suffix in (".jsonl", ".json", ".parquet"):
+        with atomic_files_into(path.parent) as staging:
+            if suffix == ".parquet":
+                dataset.to_parquet(str(staging / path.name))
+            else:
+                dataset.to_json(str(staging / path.name), lines=suffix == ".jsonl", force_ascii=False)
     else:
-        dataset.save_to_disk(str(path))
+        with atomic_output_dir(path) as staging:
+            dataset.save_to_disk(str(staging))
 
 
 def merge_results(
@@ -396,8 +412,10 @@ def merge_results(
     accuracy = [float(r["accuracy"]) for r in rows]
     num_correct = [int(r["num_correct"]) for r in rows]
     num_samples = [int(r["num_samples"]) for r in rows]
-    replaced = [name for name in NEW_COLUMNS if name in dataset.column_names]
-    merged = dataset.remove_columns(replaced) if replaced else dataset
+    present = [name for name in NEW_COLUMNS if name in dataset.column_names]
+    merged = dataset.remove_columns(present) if present else dataset
+    # reported only when they held values: a JSONL's rows without `accuracy` load with an empty one
+    replaced = [name for name in present if any(value is not None for value in dataset[name])]
     for name, values in zip(NEW_COLUMNS, (accuracy, num_correct, num_samples)):
         merged = merged.add_column(name, values)
     path = Path(output_dataset) if output_dataset is not None else output_dir / DATASET_DIRNAME
@@ -447,19 +465,23 @@ def _check_results(dataset, output_dir: Path, results: dict[int, dict[str, Any]]
                 )
 
 
-def _try_merge(dataset, output_dir: Path, **kwargs) -> MergeReport | None:
-    """Merge unless another process holds ``OUT/merge.lock`` (then return None)."""
-    lock = output_dir / MERGE_LOCK
+@contextmanager
+def merge_lock(output_dir: Path) -> Iterator[bool]:
+    """Hold ``OUT/merge.lock`` inside the block; yields False when another live process holds it. The operating
+    system releases the lock of a process that dies, so a merge killed half way never blocks the next one."""
+    from filelock import FileLock, Timeout
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / MERGE_LOCK))
     try:
-        fd = os.open(str(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return merge_results(dataset, output_dir, **kwargs)
+        yield True
     finally:
-        lock.unlink(missing_ok=True)
+        lock.release()
 
 
 def format_summary(report: MergeReport, seconds: float | None = None) -> str:
@@ -489,13 +511,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the dataset with the new columns goes: a folder (save_to_disk) or a .jsonl/.json/"
                         ".parquet file (default: OUTPUT_DIR/dataset)")
     parser.add_argument("--model", default=None, help="the base Qwen2.5-VL checkpoint folder (the default sampler needs it)")
-    parser.add_argument("--num-samples", type=int, default=8, help="N sampled answers per row (default: 8)")
-    parser.add_argument("--rows-per-batch", type=int, default=4,
+    parser.add_argument("--num-samples", type=positive_int, default=8, help="N sampled answers per row (default: 8)")
+    parser.add_argument("--rows-per-batch", type=positive_int, default=4,
                         help="rows per sampler call; the default sampler generates rows x N sequences at once (default: 4)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest response (default: 1024)")
+    parser.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    parser.add_argument("--top-k", type=nonnegative_int, default=0, help="top-k sampling (default: 0 = off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=1024, help="longest response (default: 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each batch is seeded from it and its first row")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype for the default sampler (default: auto = the checkpoint's)")
@@ -515,14 +537,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_allow_outside_image_dir_argument(parser)
     parser.add_argument("--id-column", default=None,
                         help="a column identifying rows; recorded with each result and checked at merge time")
-    parser.add_argument("--tau", type=float, default=0.0,
+    parser.add_argument("--tau", type=finite_float, default=0.0,
                         help="difficulty threshold of Eq. 4 for the summary: accuracy <= tau keeps latents (default: 0)")
-    parser.add_argument("--num-shards", type=int, default=1, help="processes sharing the rows (default: 1)")
-    parser.add_argument("--shard-index", type=int, default=0, help="this process's shard, 0 .. num_shards-1 (default: 0)")
+    parser.add_argument("--num-shards", type=positive_int, default=1, help="processes sharing the rows (default: 1)")
+    parser.add_argument("--shard-index", type=nonnegative_int, default=0, help="this process's shard, 0 .. num_shards-1 (default: 0)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--merge", action="store_true", help="only merge finished results into the dataset (no sampling)")
     mode.add_argument("--no-merge", action="store_true", help="do not merge even when every row is done")
     parser.add_argument("--save-responses", action="store_true", help="also keep the sampled responses in the results files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard what an earlier run wrote into --output-dir (run.json, results, summary, dataset) "
+                        "and start afresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -562,7 +587,11 @@ def run(args: argparse.Namespace) -> int:
                         allow_outside_image_dir=args.allow_outside_image_dir)
     merge_kwargs = dict(output_dataset=args.output_dataset, tau=args.tau, id_column=args.id_column)
     if args.merge:
-        report = merge_results(dataset, output_dir, **merge_kwargs)
+        with merge_lock(output_dir) as locked:
+            if not locked:
+                raise DifficultyError(f"another process is merging into {output_dir} now (it holds "
+                                      f"{output_dir / MERGE_LOCK}); wait for it to finish")
+            report = merge_results(dataset, output_dir, **merge_kwargs)
         print(format_summary(report, time.time() - started))
         return 0
     checker = load_checker(args.checker)
@@ -570,6 +599,11 @@ def run(args: argparse.Namespace) -> int:
     for index, row in enumerate(dataset.select_columns(columns)):  # every question, before anything is recorded
         question_of_row(row, index, args.messages_column)
     config = _run_config(args, dataset)
+    if args.overwrite:
+        with merge_lock(output_dir) as locked:  # not while another process merges these results
+            if not locked:
+                raise DifficultyError(f"another process is merging in {output_dir} now; wait for it, then rerun")
+            discard_run(output_dir)
     check_run_config(output_dir, config)  # before the model loads
     settings = SamplerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)
                                   if f.name != "extra"})
@@ -594,9 +628,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_merge:
         print("  every row is done; merge with --merge")
         return 0
-    report = _try_merge(dataset, output_dir, **merge_kwargs)
-    if report is None:
-        print(f"  another process is merging ({output_dir / MERGE_LOCK} exists); if none is, run with --merge")
-        return 0
+    with merge_lock(output_dir) as locked:
+        if not locked:
+            print(f"  another process is merging (it holds {output_dir / MERGE_LOCK}); it writes the dataset")
+            return 0
+        report = merge_results(dataset, output_dir, **merge_kwargs)
     print(format_summary(report, time.time() - started))
     return 0

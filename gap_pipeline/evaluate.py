@@ -13,7 +13,6 @@ import base64
 import binascii
 import csv
 import io
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,7 +25,9 @@ import numpy as np
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .datasets_io import append_json_lines, check_apart_from_inputs, check_writable, utf8_lines, write_json_file
+from .cli import comma_list, positive_int
+from .datasets_io import (append_json_lines, check_apart_from_inputs, check_writable, read_json_lines, utf8_lines,
+                          write_json_file)
 from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_argument, special_token_problem,
                    undecoded_images)
 from .inference import DTYPES, RowError, encode_prompts, generate_texts
@@ -67,6 +68,7 @@ class EvalItem:
     options: dict | None = None
     extra: dict = field(default_factory=dict)
     latent_targets: Any = None  # (n_spans * K, d) true latents, when the rows come from `gap targets`
+    latent_targets_k: int | None = None  # their K (None: not recorded)
 
     def checker_row(self) -> dict:
         row = {"id": self.id, "answer": self.gold, **self.extra}
@@ -177,15 +179,17 @@ def load_tsv_items(path: str | Path) -> tuple[list[EvalItem], list[str]]:
     return items, problems
 
 
-def load_dataset_items(path: str | Path, split: str | None = None, *,
-                       allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
+def load_dataset_items(path: str | Path, split: str | None = None, *, allow_outside_image_dir: bool = False,
+                       model: str | Path | None = None) -> tuple[list[EvalItem], list[str]]:
     """Items of a dataset in the project schema and one problem line per row that cannot be scored; image paths stay
-    inside the data's folder unless `allow_outside_image_dir` (see `load_rows`)."""
+    inside the data's folder unless `allow_outside_image_dir` (see `load_rows`). Latent targets (a `gap targets`
+    folder) must come from the vision tower of the checkpoint folder `model`, when one is given."""
     from .answers import AnswerError, gold_answer, normalize_options
     from .inference import dataset_base_dir, load_rows, prompt_of_row
 
     # images stay undecoded until prompt_of_row opens them, so a bad image is a problem naming its row
     dataset = undecoded_images(load_rows(path, split, allow_outside_image_dir=allow_outside_image_dir), ["images"])
+    targets_k = _check_targets(dataset, path, model) if TARGETS_COLUMN in dataset.column_names else None
     base_dir = dataset_base_dir(path)
     items, problems = [], []
     seen: dict[str, str] = {}
@@ -200,16 +204,33 @@ def load_dataset_items(path: str | Path, split: str | None = None, *,
             problems.append(str(error))
             continue
         items.append(EvalItem(row_id, messages, images, gold, options or None,
-                              latent_targets=row.get(TARGETS_COLUMN)))
+                              latent_targets=row.get(TARGETS_COLUMN), latent_targets_k=targets_k))
     return items, problems
 
 
-def load_items(path: str | Path, split: str | None = None, *,
-               allow_outside_image_dir: bool = False) -> tuple[list[EvalItem], list[str]]:
-    """TSV benchmark files by extension (images inline), datasets otherwise."""
+def _check_targets(dataset, path, model) -> int | None:
+    """The K of the rows' latent targets (None when they record none), checked to come from `model`'s vision tower:
+    they are what the oracle feeds and what the fidelity columns compare with."""
+    from .targets import TargetsError, check_targets_encoder, targets_metadata
+    from transformers.utils import logging
+
+    try:
+        metadata = targets_metadata(dataset)
+    except TargetsError as exc:
+        logging.get_logger(__name__).warning(f"{path}: the latent targets' K and vision tower are unknown ({exc})")
+        return None
+    if model is not None:
+        check_targets_encoder(dataset, model, where=str(path),
+                              fix=f"compute the evaluation targets with `gap targets --model {model}`")
+    return int(metadata["latent_tokens_per_span"])
+
+
+def load_items(path: str | Path, split: str | None = None, *, allow_outside_image_dir: bool = False,
+               model: str | Path | None = None) -> tuple[list[EvalItem], list[str]]:
+    """TSV benchmark files by extension (images inline), datasets otherwise (`load_dataset_items`)."""
     if str(path).lower().endswith(".tsv"):
         return load_tsv_items(path)
-    return load_dataset_items(path, split, allow_outside_image_dir=allow_outside_image_dir)
+    return load_dataset_items(path, split, allow_outside_image_dir=allow_outside_image_dir, model=model)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -296,7 +317,7 @@ def _targets_as_spans(item: EvalItem, K: int):
     """The item's latent targets as (n_spans, K, d) fp32, or None when it has none or they are not K per span."""
     import torch
 
-    if item.latent_targets is None:
+    if item.latent_targets is None or item.latent_targets_k not in (None, K):  # spans of another K: none of this budget
         return None
     targets = torch.as_tensor(item.latent_targets, dtype=torch.float32)
     targets = targets.reshape(-1, targets.shape[-1])
@@ -357,17 +378,20 @@ def _record_key(record):
     return (str(record["id"]), record["intervention"], int(record["budget"]))
 
 
-def read_records(output_dir: Path) -> list[dict]:
-    """Every record already written in `output_dir` (merged and per-rank files), without duplicates."""
+def read_records(output_dir: Path, repair: Path | None = None) -> list[dict]:
+    """Every record already written in `output_dir` (merged and per-rank files), without duplicates.
+
+    A torn last line (a kill or a full disk cut its write short) is dropped, so its row is scored again; in the file
+    `repair`, the one this process appends to, it is also cut off, with a notice. A damaged line before the last is an
+    `EvaluationError` naming the file and the line."""
     records: dict[tuple, dict] = {}
     for path in sorted(output_dir.glob("predictions*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # an empty line, or one cut by an interruption: generated again
-                    continue
-                records.setdefault(_record_key(record), record)
+        lines, torn = read_json_lines(path, EvaluationError, repair=path == repair, redo="its row is scored again")
+        if torn and path == repair:
+            print(f"gap evaluate: {path}: dropped its torn last line (a write cut short by a kill or a full disk); "
+                  "that row is scored again", file=sys.stderr)
+        for record in lines:
+            records.setdefault(_record_key(record), record)
     return list(records.values())
 
 
@@ -401,7 +425,8 @@ def evaluate(
     checker = checker or DefaultAnswerChecker()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    done = {_record_key(r) for r in read_records(output_dir)}
+    path = output_dir / (f"predictions.rank{rank}.jsonl" if world_size > 1 else "predictions.jsonl")
+    done = {_record_key(r) for r in read_records(output_dir, repair=path)}
     settings = [(BASE_SETTING, 0)] if not is_gap else [
         (intervention, budget if budget is not None else model.config.latent_tokens_per_span)
         for intervention in interventions
@@ -409,7 +434,6 @@ def evaluate(
     ]
     mine = items[rank::world_size]
     todo = [(s, item) for s in settings for item in mine if (item.id, s[0], s[1]) not in done]
-    path = output_dir / (f"predictions.rank{rank}.jsonl" if world_size > 1 else "predictions.jsonl")
     written = []
     generator = torch.Generator(device=model.device).manual_seed(seed + rank)
     bar = tqdm(total=len(todo), desc=f"evaluate[rank {rank}]", disable=not progress)
@@ -478,23 +502,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dataset (save_to_disk folder, .jsonl, .json, .parquet) or a VLMEvalKit .tsv file")
     parser.add_argument("--split", default=None, help="split of a DatasetDict folder")
     parser.add_argument("--output-dir", required=True, help="where predictions.jsonl and summary.{json,md} go")
-    parser.add_argument("--interventions", default=",".join(name for name in LATENT_INTERVENTIONS if name != "oracle"),
-                        help="comma-separated latent interventions (GAP checkpoints; default: all but oracle, which "
-                        "needs rows with latent targets)")
-    parser.add_argument("--budgets", default=None,
+    parser.add_argument("--interventions", type=comma_list,
+                        default=",".join(name for name in LATENT_INTERVENTIONS if name != "oracle"),
+                        help="comma-separated latent interventions of a GAP checkpoint, from "
+                        f"{', '.join(LATENT_INTERVENTIONS)} (default: all but oracle, which needs rows with latent "
+                        "targets)")
+    parser.add_argument("--budgets", type=_budgets, default=None,
                         help="comma-separated latent budgets K, perfect squares (default: the checkpoint's K)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="rows generated together (default: 8; 1 for unbatched latency)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256,
+                        help="longest answer in tokens, latent tokens included (default: 256)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise intervention (and of sampling)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the noise intervention (and of sampling) (default: 0)")
     parser.add_argument("--checker", default=None, help="answer checker as module:callable (default: built-in)")
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
-                        help="a row without image/answer or with bad base64: report and skip it, or stop")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+                        help="a row without image/answer or with bad base64: report and skip it, or stop "
+                        "(default: skip)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate only the first N usable rows (default: all)")
     add_max_image_pixels_argument(parser)
     add_allow_outside_image_dir_argument(parser)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights dtype (default: auto = the checkpoint's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard the predictions already in --output-dir (of another model, data or settings)")
 
@@ -516,8 +548,22 @@ def claim_output_dir(args: argparse.Namespace) -> None:
                     fresh="pass --overwrite to discard them and start fresh, or choose another --output-dir")
 
 
-def _parse_list(value, cast):
-    return [cast(part.strip()) for part in value.split(",") if part.strip()] if value else []
+def _budgets(value: str) -> list[int]:
+    """``--budgets``: comma-separated latent budgets, each a perfect square."""
+    from configuration_gap import check_latent_budget
+
+    budgets = []
+    for item in comma_list(value):
+        try:
+            budget = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer") from None
+        try:
+            check_latent_budget(budget, "K")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        budgets.append(budget)
+    return budgets
 
 
 def run(args: argparse.Namespace) -> int:
@@ -525,26 +571,20 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .answers import load_checker
-    from .inference import check_model_folder, load_model_and_processor
-
-    from configuration_gap import check_latent_budget
+    from .inference import GAP_MODEL_TYPE, check_model_folder, load_model_and_processor, model_type_of
 
     check_model_folder(args.model, "--model", EvaluationError)
     check_apart_from_inputs(args.output_dir, {"--model folder": args.model, "--data": args.data}, EvaluationError)
     check_writable(args.output_dir, EvaluationError)
     state = PartialState(cpu=not torch.cuda.is_available())
-    interventions = _parse_list(args.interventions, str)
+    interventions = args.interventions
     unknown = sorted(set(interventions) - set(LATENT_INTERVENTIONS))
     if unknown:
         raise EvaluationError(f"--interventions: unknown {unknown}; choose from {list(LATENT_INTERVENTIONS)}")
-    try:
-        budgets = _parse_list(args.budgets, int) or [None]
-        for budget in budgets:
-            if budget is not None:
-                check_latent_budget(budget, "--budgets")
-    except ValueError as exc:
-        raise EvaluationError(f"--budgets {args.budgets}: {exc}") from None
-    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir)
+    budgets = args.budgets or [None]
+    is_gap_folder = model_type_of(args.model) == GAP_MODEL_TYPE  # targets are compared with a GAP model's latents
+    items, problems = load_items(args.data, args.split, allow_outside_image_dir=args.allow_outside_image_dir,
+                                 model=args.model if is_gap_folder else None)
     if state.is_main_process:
         for problem in problems:
             print(f"gap evaluate: bad row: {problem}", file=sys.stderr)
@@ -562,6 +602,14 @@ def run(args: argparse.Namespace) -> int:
                 f"the 'oracle' intervention feeds each row's true latents, but rows {missing[:5]} ({len(missing)} in "
                 f"all) of {args.data} have none; run `gap targets` on the evaluation rows and pass its output folder "
                 "as --data"
+            )
+        pooled = {item.latent_targets_k for item in items} - {None}
+        other = sorted({budget or model.config.latent_tokens_per_span for budget in budgets} - pooled) if pooled else []
+        if other:
+            raise EvaluationError(
+                f"the 'oracle' intervention feeds the rows' latent targets, pooled for K={sorted(pooled)} per span, "
+                f"which budget(s) {other} cannot take; pass --budgets {','.join(map(str, sorted(pooled)))} or "
+                "compute targets of that K with `gap targets --latent-tokens-per-span`"
             )
     if args.overwrite and state.is_main_process:
         for pattern in RESULT_FILES:

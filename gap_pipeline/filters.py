@@ -38,8 +38,8 @@ from .data import (add_allow_outside_image_dir_argument, add_max_image_pixels_ar
 from .datasets_io import (atomic_files_into, atomic_output_dir, check_apart_from_inputs, claimed_output,
                           datasets_progress_bars, load_dataset_folder, utf8_lines, write_json_file)
 from .inference import DTYPES, check_model_folder, load_processor, prompt_of_row, resolve_device
-from .targets import (TARGETS_COLUMN, load_targets_dataset, load_vision_tower, targets_for_images, targets_metadata,
-                      tower_dtype)
+from .targets import (TARGETS_COLUMN, check_targets_encoder, load_targets_dataset, load_vision_tower,
+                      targets_for_images, targets_metadata, tower_dtype)
 
 HELP = "Remove rows with degenerate aux-image targets or bad <parser> text; write the kept rows and filter_report.json."
 
@@ -522,7 +522,10 @@ def _filter(args: argparse.Namespace, thresholds: FilterThresholds, outputs: dic
     rows, targets, base_dir = _load_inputs(args)
     processor = load_processor(args.model)  # a GAP folder's too (AutoTokenizer would ask to trust its code)
     query_encoder = None
-    if targets is not None and thresholds.min_query_distance > 0:
+    if targets is not None and thresholds.min_query_distance > 0:  # query images pooled like the targets' aux images
+        check_targets_encoder(targets, args.model, where=args.targets or args.data,
+                              fix=f"pass as --model the checkpoint whose tower made them, or rerun `gap targets "
+                              f"--model {args.model}`")
         device = resolve_device(args.device)
         dtype = getattr(torch, tower_dtype(args.model_dtype, device))
         tower = load_vision_tower(args.model, dtype=dtype, device=device)

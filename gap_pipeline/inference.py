@@ -308,6 +308,23 @@ def load_model_and_processor(
             f"{path} holds a '{model_type}' model; these steps need a Qwen2.5-VL ('{QWEN_MODEL_TYPE}') or GAP "
             f"('{GAP_MODEL_TYPE}') checkpoint folder"
         )
+    processor = load_processor(path)
+    if model_type == GAP_MODEL_TYPE:  # before the weights load
+        check_latent_budgets_agree(path, processor)
     model = model_class.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     model.to(resolve_device(device)).eval()
-    return model, load_processor(path), model_type == GAP_MODEL_TYPE
+    return model, processor, model_type == GAP_MODEL_TYPE
+
+
+def check_latent_budgets_agree(path: str | os.PathLike, processor) -> None:
+    """A GAP folder's ``config.json`` and ``processor_config.json`` must give the same K (latent tokens per span): the
+    model decodes spans of the one, the processor expands ``<latent>`` into spans of the other."""
+    with open(Path(path) / "config.json", encoding="utf-8") as f:
+        model_k = json.load(f).get("latent_tokens_per_span")
+    processor_k = getattr(processor, "latent_tokens_per_span", None)
+    if model_k != processor_k:
+        raise GapError(
+            f"{path}: config.json has latent_tokens_per_span={model_k} but processor_config.json has {processor_k}; "
+            "one folder must give one K: set latent_tokens_per_span in one file to the other's value (the K the model "
+            "was trained with)"
+        )

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from . import GapError
-from .datasets_io import check_output_dir, check_safetensors, read_json_file
+from .datasets_io import check_output_dir, check_safetensors, read_json_file, write_json_file
+from .provenance import model_fingerprint
 
-__all__ = ["LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora"]
+__all__ = ["BASE_RECORD", "LORA_TARGET_MODULES", "MergeError", "configure_lora", "merge_lora", "record_adapter_base"]
 
 HELP = "Merge a LoRA adapter (train_sft.py --use_peft) into its GAP base: a full GAP checkpoint folder."
 
 
 # The projections LoRA adapts by default (`--use_peft` without `--lora_target_modules`), in the language model only.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_RECORD = "gap_lora_base.json"  # in an adapter folder: the content hash of the GAP base it was trained on
 
 
 class MergeError(GapError):
@@ -80,6 +84,33 @@ def _adapter_config(adapter: Path) -> dict:
     return config
 
 
+def record_adapter_base(adapter: str | os.PathLike, base: str | os.PathLike) -> None:
+    """Record in the adapter folder `adapter` the content hash (`provenance.model_fingerprint`) of the GAP folder
+    `base` it was trained on, so that `gap merge-lora` refuses another base (nothing is recorded for a Hub id)."""
+    if Path(base).is_dir():
+        write_json_file(Path(adapter) / BASE_RECORD, {"sha256": model_fingerprint(base)["sha256"]})
+
+
+def _check_same_base(adapter: Path, config: dict, base: Path, given: bool) -> None:
+    """Refuse merging into a base with other weights than the one the adapter was trained on: its recorded hash,
+    else (an adapter saved before the record) the folder adapter_config.json names, when it still exists."""
+    named = config.get("base_model_name_or_path")
+    if (adapter / BASE_RECORD).is_file():
+        trained_on = json.loads((adapter / BASE_RECORD).read_text(encoding="utf-8"))["sha256"]
+    elif given and named and Path(named).is_dir():
+        trained_on = model_fingerprint(named)["sha256"]
+    else:
+        return
+    if model_fingerprint(base)["sha256"] != trained_on:
+        where = f"--base {base} is" if given else f"the adapter's base {base} (adapter_config.json) now holds"
+        raise MergeError(
+            f"{where} another model than the GAP folder {adapter} was trained on (its weights differ from those "
+            f"recorded in {BASE_RECORD if (adapter / BASE_RECORD).is_file() else named}); the merge would combine the "
+            "adapter with weights it was never trained with. Pass the folder the run trained on (a copy of it is "
+            "fine)"
+        )
+
+
 def _base_folder(adapter: Path, config: dict, base) -> Path:
     from gap_pipeline.inference import GAP_MODEL_TYPE, check_checkpoint_files, model_type_of
 
@@ -98,6 +129,7 @@ def _base_folder(adapter: Path, config: dict, base) -> Path:
             f"{base} holds a '{model_type}' model; the adapter's base is the GAP folder the run trained on (a plain "
             f"Qwen2.5-VL base was converted by train_sft.py into <output_dir>/_gap-init or --converted_model_dir)"
         )
+    _check_same_base(adapter, config, base, given)
     return base
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,9 +385,10 @@ class RemoteCodeOnPush(TrainerCallback):
         custom_object_save(gap, args.output_dir)
 
 
-def command_line(argv: list[str]) -> str:
-    """The command that started this process, as one shell line: `python train_sft.py ...`, without the
-    `--local_rank` a launcher adds and without secrets (`command_without_secrets`: ``--hub_token``...)."""
+def command_line(argv: list[str], environ: Mapping[str, str] | None = None) -> str:
+    """The command that started this process, as one shell line: its launcher (`launcher_words`), the script and its
+    arguments, without the `--local_rank` a launcher adds and without secrets (`command_without_secrets`:
+    ``--hub_token``...)."""
     args, skip = [], False
     for arg in argv[1:]:
         if skip or arg == "--local_rank":
@@ -394,4 +396,31 @@ def command_line(argv: list[str]) -> str:
             continue
         if not arg.startswith("--local_rank="):
             args.append(arg)
-    return shlex.join(["python", os.path.basename(argv[0]) if argv else "train_sft.py", *command_without_secrets(args)])
+    script = os.path.basename(argv[0]) if argv else "train_sft.py"
+    launcher = launcher_words(os.environ if environ is None else environ)
+    return shlex.join([*launcher, script, *command_without_secrets(args)])
+
+
+def launcher_words(environ: Mapping[str, str]) -> list[str]:
+    """What launched this process, read from the environment variables each launcher sets in the processes it starts:
+    ``accelerate launch`` (``ACCELERATE_MIXED_PRECISION``; it may start torchrun itself, so it is looked for first),
+    ``deepspeed`` (``CROSS_SIZE`` nodes of ``LOCAL_SIZE`` processes), ``torchrun`` (``TORCHELASTIC_RUN_ID``;
+    ``LOCAL_WORLD_SIZE`` per node), else ``python``. The process counts are the run's; other launcher options
+    (hosts, ports) are not visible to the process and are left out."""
+    def count(key: str) -> int:
+        value = environ.get(key, "")
+        return int(value) if value.isdigit() else 1
+
+    world = count("WORLD_SIZE")
+    if "ACCELERATE_MIXED_PRECISION" in environ:
+        per_node = count("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+        return ["accelerate", "launch", *(["--num_machines", str(world // per_node)] if world > per_node else []),
+                *(["--num_processes", str(world)] if world > 1 else [])]
+    if "CROSS_SIZE" in environ and "LOCAL_SIZE" in environ:
+        nodes = count("CROSS_SIZE")
+        return ["deepspeed", *(["--num_nodes", str(nodes)] if nodes > 1 else []), "--num_gpus", str(count("LOCAL_SIZE"))]
+    if "TORCHELASTIC_RUN_ID" in environ:
+        per_node = count("LOCAL_WORLD_SIZE")
+        return ["torchrun", *(["--nnodes", str(world // per_node)] if world > per_node else []),
+                "--nproc_per_node", str(per_node)]
+    return ["python"]

@@ -30,7 +30,7 @@ from . import GapError
 from .datasets_io import atomic_files_into, check_apart_from_inputs, check_safetensors, claimed_output
 from .inference import resolve_device
 from .targets import TARGETS_COLUMN as DEFAULT_COLUMN
-from .targets import load_targets_dataset
+from .targets import TargetsError, check_vision_tower, load_targets_dataset, targets_metadata
 
 PCA_FILENAME = "pca.safetensors"
 REPORT_FILENAME = "pca_report.json"
@@ -641,6 +641,28 @@ def iter_target_vectors(
     return iter_dataset_vectors(ds, column=column, rows_per_batch=rows_per_batch, progress=progress)
 
 
+def targets_encoder(path: str | os.PathLike, split: str | None = None) -> dict[str, str]:
+    """``{"encoder", "encoder_sha256"}``: the vision tower that made the `gap targets` folder `path`, recorded in the
+    basis fitted on it ({} for a ``.npy`` file or targets that record none)."""
+    if not Path(path).is_dir():
+        return {}
+    try:
+        metadata = targets_metadata(load_targets_dataset(path, split=split))
+    except TargetsError:
+        return {}
+    return {key: str(metadata[key]) for key in ("encoder", "encoder_sha256") if metadata.get(key) is not None}
+
+
+def check_pca_encoder(basis: PcaBasis, model_path: str | os.PathLike, where: str) -> None:
+    """Refuse a basis fitted on latent targets of another vision tower than the checkpoint folder `model_path`'s
+    (`targets.check_vision_tower`); one that records no tower gets a warning."""
+    check_vision_tower(
+        basis.metadata.get("encoder_sha256"), basis.metadata.get("encoder"), model_path,
+        what="the PCA basis was fitted on latent targets", where=where,
+        fix=f"fit it on targets of this model's tower (`gap targets --model {model_path}`, then `gap fit-pca`)",
+        unrecorded="it records no vision tower (fitted from a .npy file, or by an older `gap fit-pca`)")
+
+
 def _to_numpy_matrix(v: ArrayLike) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
@@ -725,7 +747,8 @@ def run(args: argparse.Namespace) -> int:
         k, target = fit.resolve_k(variance=args.variance, num_components=args.num_components)
         source = {"source": str(args.targets), "column": args.column if Path(args.targets).is_dir() else None}
         report = fit.report(k, target=target, extra=source)
-        basis = fit.basis(k, metadata={"target": target, "source": str(args.targets)})
+        basis = fit.basis(k, metadata={"target": target, "source": str(args.targets),
+                                       **targets_encoder(args.targets, args.split)})
         with atomic_files_into(out_dir) as staging:  # an earlier basis stays whole until the new one is complete
             save_basis(staging, basis)
             write_report(staging / REPORT_FILENAME, report)

@@ -23,6 +23,7 @@ of a killed run with the same inputs and settings continues after the last commi
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -54,14 +55,17 @@ __all__ = [
     "STORAGE_DTYPES",
     "TARGETS_COLUMN",
     "TargetsError",
+    "check_aux_grids",
     "check_targets_compatible",
     "check_targets_encoder",
+    "check_vision_tower",
     "claim_partial_dir",
     "committed_shards",
     "compute_latent_targets",
     "encode_images",
     "image_processor_settings",
     "load_vision_tower",
+    "merged_grid",
     "pool_latent_grid",
     "targets_for_images",
     "targets_metadata",
@@ -182,12 +186,42 @@ def vision_tower_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def vision_tower_sha256(path: str | os.PathLike) -> str:
     """A content hash of a checkpoint folder's vision-tower weights: names, shapes and values as float32, so the same
-    tower stored in bfloat16 or float32 (a converted GAP checkpoint, its base) hashes the same."""
+    tower stored in bfloat16 or float32 (a converted GAP checkpoint, its base) hashes the same. Computed once per
+    process for a folder whose weight files have not changed (it reads the whole tower)."""
+    folder = Path(path).resolve()
+    files = tuple((file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in sorted(folder.glob("*.safetensors")))
+    return _vision_tower_sha256(str(folder), files)
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_tower_sha256(folder: str, files: tuple) -> str:  # `files`: the weight files' names, sizes and times
     digest = hashlib.sha256()
-    for name, tensor in sorted(vision_tower_state(path).items()):
+    for name, tensor in sorted(vision_tower_state(folder).items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_vision_tower(recorded: str | None, recorded_from: Any, model_path: str | os.PathLike, *, what: str,
+                       where: str, fix: str, unrecorded: str) -> None:
+    """Refuse an artifact made from another vision tower than the one in the checkpoint folder `model_path`: the
+    `vision_tower_sha256` it records (`recorded`, of the folder `recorded_from`) against the model's. `what` names the
+    artifact with its verb ("the latent targets come", "the PCA basis was fitted on targets"), `where` its file, `fix`
+    the way out; an artifact that records no tower (why:
+    `unrecorded`), or a model that is not a local folder, only gets a warning, since nothing can be compared."""
+    from transformers.utils import logging
+
+    if recorded is None or not Path(model_path).is_dir():
+        reason = unrecorded if recorded is None else f"{model_path} is not a local folder"
+        logging.get_logger(__name__).warning(
+            f"{where}: cannot check that {what} from the vision tower of {model_path}: {reason}.")
+        return
+    actual = vision_tower_sha256(model_path)
+    if recorded != actual:
+        raise TargetsError(
+            f"{where}: {what} from another vision tower (sha256 {recorded[:16]}, of {recorded_from}) than the "
+            f"model's ({actual[:16]}, of {model_path}); {fix}."
+        )
 
 
 def tower_dtype(model_dtype: str, device: torch.device) -> str:
@@ -239,6 +273,48 @@ def targets_for_images(encoder, image_processor, images, latent_tokens_per_span:
     ]
 
 
+def merged_grid(image_processor, height: int, width: int) -> tuple[int, int]:
+    """The merged vision grid (rows, columns) of a `height` x `width` image: the Qwen2-VL image processor's resize
+    (transformers' `smart_resize` with its patch and merge sizes and pixel bounds), over patch x merge pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # needs no torchvision
+
+    factor = image_processor.patch_size * image_processor.merge_size
+    resized = smart_resize(height, width, factor, min_pixels=image_processor.size["shortest_edge"],
+                           max_pixels=image_processor.size["longest_edge"])
+    return resized[0] // factor, resized[1] // factor
+
+
+def check_aux_grids(dataset, image_processor, latent_tokens_per_span: int) -> None:
+    """Refuse, in one error listing every one, the aux images whose merged grid is smaller than sqrt(K) x sqrt(K),
+    before anything is encoded: only the image headers are read (their sizes)."""
+    from PIL.Image import DecompressionBombError
+
+    from .data import load_image, row_name, undecoded_images
+
+    side = check_latent_budget(latent_tokens_per_span)
+    columns = ["aux_images"] + (["id"] if "id" in dataset.column_names else [])
+    view = undecoded_images(dataset.select_columns(columns), ["aux_images"])
+    small, count = [], 0
+    for index, row in enumerate(view):
+        for k, image in enumerate(row["aux_images"] or []):
+            count += 1
+            try:
+                width, height = load_image(image).size
+                grid = merged_grid(image_processor, height, width)
+            except (OSError, TypeError, ValueError, DecompressionBombError):
+                continue  # named, with the reason, when the image is encoded
+            if min(grid) < side:
+                small.append(f"{row_name(index, row.get('id'))}, aux image {k}: {width} x {height} pixels, "
+                             f"{grid[0]} x {grid[1]} merged tokens")
+    if small:
+        listed = "; ".join(small[:20]) + (f"; and {len(small) - 20} more" if len(small) > 20 else "")
+        raise TargetsError(
+            f"{len(small)} of {count} aux images have a merged vision grid smaller than the sqrt(K) x sqrt(K) = "
+            f"{side} x {side} latent grid (K={latent_tokens_per_span}): {listed}. Use larger aux images (or raise the "
+            "image processor's min_pixels), a smaller --latent-tokens-per-span, or drop these rows."
+        )
+
+
 # -------------------------------------------------------------------------------------------- metadata
 
 
@@ -286,29 +362,18 @@ def load_targets_dataset(path: str | os.PathLike, config: Any = None, split: str
     return dataset
 
 
-def check_targets_encoder(dataset_or_dir, model_path: str | os.PathLike, where: str | None = None) -> None:
+def check_targets_encoder(dataset_or_dir, model_path: str | os.PathLike, where: str | None = None, *,
+                          fix: str | None = None) -> None:
     """Refuse latent targets computed by another vision tower than the one in the checkpoint folder `model_path`
-    (their recorded ``encoder_sha256`` against `vision_tower_sha256`); targets written before the hash was recorded,
-    and a model that is not a local folder, only get a warning, since nothing can be compared."""
-    from transformers.utils import logging
-
+    (their recorded ``encoder_sha256``, `check_vision_tower`); targets written before the hash was recorded, and a
+    model that is not a local folder, only get a warning. `fix` replaces the advice of the message."""
     metadata = targets_metadata(dataset_or_dir)
-    where = _where(dataset_or_dir, where)
-    stored = metadata.get("encoder_sha256")
-    if stored is None or not Path(model_path).is_dir():
-        reason = ("they do not record their vision tower (written by an older `gap targets`)" if stored is None else
-                  f"{model_path} is not a local folder")
-        logging.get_logger(__name__).warning(
-            f"{where}: cannot check that the latent targets come from the vision tower of {model_path}: {reason}; "
-            f"rerun `gap targets --model {model_path}` to have it checked.")
-        return
-    actual = vision_tower_sha256(model_path)
-    if stored != actual:
-        raise TargetsError(
-            f"{where}: the latent targets come from another vision tower (sha256 {stored[:16]}, of "
-            f"{metadata.get('encoder')}) than the model's ({actual[:16]}, of {model_path}); rerun "
-            f"`gap targets --model {model_path}` or train the model whose tower made them."
-        )
+    check_vision_tower(
+        metadata.get("encoder_sha256"), metadata.get("encoder"), model_path, what="the latent targets come",
+        where=_where(dataset_or_dir, where),
+        fix=fix or f"rerun `gap targets --model {model_path}` or train the model whose tower made them",
+        unrecorded=("they do not record their vision tower (written by an older `gap targets`); rerun `gap targets "
+                    f"--model {model_path}` to have it checked"))
 
 
 def check_targets_finite(dataset, where: Any = "the dataset", batch_size: int = 256) -> None:
@@ -707,7 +772,9 @@ def _default_k(model_dir: Path) -> tuple[int, str]:
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     if config.get("latent_tokens_per_span") is not None:
         return int(config["latent_tokens_per_span"]), "the GAP model's"
-    return 36, "the paper's default"
+    from .convert import DEFAULT_LATENT_TOKENS_PER_SPAN
+
+    return DEFAULT_LATENT_TOKENS_PER_SPAN, "the paper's default"
 
 
 def _load_data(args):
@@ -800,9 +867,10 @@ def _run(args: argparse.Namespace, model_dir: Path, output_dir: Path, cache_dir:
     device = resolve_device(args.device)
     model_dtype = tower_dtype(args.model_dtype, device)
     dataset = _load_data(args)
+    image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
+    check_aux_grids(dataset, image_processor, K)  # every image too small for K, before the tower loads
     tower = load_vision_tower(model_dir, dtype=getattr(torch, model_dtype), device=device)
     tower_sha256 = vision_tower_sha256(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(args.processor or model_dir)
     print(f"gap targets: K={K} ({origin}), vision tower of {model_dir} on {device} in {model_dtype}", file=sys.stderr)
     record = _resume_record(args, model_dir, K, device, model_dtype, dataset, image_processor, tower_sha256)
     note = claim_partial_dir(cache_dir, record)

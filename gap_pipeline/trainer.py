@@ -41,8 +41,8 @@ from transformers.integrations.deepspeed import (
     unset_hf_deepspeed_config,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import is_flash_attn_2_available, logging
 from trl import SFTConfig, SFTTrainer
 
@@ -52,9 +52,10 @@ from processing_gap import GapProcessor
 from . import GapError
 from .collator import GapDataCollator, ImageFeatureCache
 from .data import TARGETS_COLUMN
-from .lora import configure_lora
+from .lora import configure_lora, record_adapter_base
 from .model_card import RemoteCodeOnPush, TrainingRun, lora_settings, write_model_card
 from .datasets_io import read_json_file, write_json_file
+from .inference import register_gap_config
 from .provenance import data_fingerprint, is_secret_name, model_fingerprint, record_differences, without_secrets
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "GapSFTTrainer",
     "TrainingError",
     "apply_global_batch_size",
+    "check_targets_before_loading",
     "last_checkpoint_of_run",
     "load_for_training",
     "run_record",
@@ -117,6 +119,16 @@ class GapSFTConfig(SFTConfig):
             "help": "With a frozen vision tower and a GapDataCollator, keep each training image's tower features (CPU "
             "memory, up to this many MB; then no more are added) so that later epochs skip its image processing and "
             "its tower forward (the features are the same); 0 = off. Emptied when train() starts."
+        },
+    )
+
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept a --resume_from_checkpoint folder without the optimizer or learning-rate scheduler state "
+            "(saved with --save_only_model, or files removed): training continues from its weights and step with a "
+            "fresh optimizer and schedule, so it ends with other weights than an uninterrupted run. Without it such "
+            "a checkpoint is an error."
         },
     )
 
@@ -265,7 +277,13 @@ class GapSFTTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`, with the image feature cache (if on) lent to the data collator for its duration: emptied
         first (the tower's weights may have changed, e.g. by `resume_from_checkpoint`), and taken back afterwards, so
-        that batches made outside training carry every image's pixels."""
+        that batches made outside training carry every image's pixels. A checkpoint to resume from must hold the
+        optimizer and scheduler state (`check_resume_state`)."""
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:  # the Trainer's own pick
+            resume = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume, (str, os.PathLike)):
+            self.check_resume_state(resume)
         if self._feature_cache is None:
             return super().train(*args, **kwargs)
         self._feature_cache.clear()
@@ -275,6 +293,37 @@ class GapSFTTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
         finally:
             collator.feature_cache = lent
+
+    def check_resume_state(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse to resume from `checkpoint` when it lacks what the Trainer would silently start afresh (the optimizer
+        or scheduler state), unless `args.resume_without_optimizer_state`, which resumes with a warning instead."""
+        folder = Path(checkpoint)
+        missing = []
+        if self.is_deepspeed_enabled:
+            if not any(folder.glob("global_step*")):
+                raise TrainingError(
+                    f"--resume_from_checkpoint {folder}: DeepSpeed resumes from its global_step* folder, which this "
+                    "checkpoint lacks (it was not saved under DeepSpeed); resume from a checkpoint of this DeepSpeed run"
+                )
+        elif not any((folder / name).exists() for name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)) and not any(
+                path.is_dir() for path in folder.glob("optimizer*")):
+            missing.append(f"the optimizer state ({OPTIMIZER_NAME})")
+        uses_deepspeed_scheduler = self.is_deepspeed_enabled and "scheduler" in self.args.hf_deepspeed_config.config
+        if not uses_deepspeed_scheduler and not (folder / SCHEDULER_NAME).is_file():
+            missing.append(f"the learning-rate scheduler state ({SCHEDULER_NAME})")
+        if not missing:
+            return
+        what = f"--resume_from_checkpoint {folder} lacks {' and '.join(missing)} (saved with --save_only_model, or " \
+               "files removed)"
+        if not self.args.resume_without_optimizer_state:
+            raise TrainingError(
+                f"{what}: the run would go on with a fresh optimizer and schedule and end with other weights than an "
+                "uninterrupted run. Resume from a complete checkpoint, or pass --resume_without_optimizer_state to "
+                "continue from its weights and step anyway."
+            )
+        logging.get_logger(__name__).warning(
+            f"{what}; continuing from its weights and step with a fresh optimizer and schedule "
+            "(--resume_without_optimizer_state): the result differs from an uninterrupted run")
 
     # -- data -----------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -547,6 +596,9 @@ class GapSFTTrainer(SFTTrainer):
             state_dict = {**state_dict, **self._fp32_head_state}
         super()._save(output_dir, state_dict=state_dict)
         self.create_model_card(output_dir=output_dir)
+        if is_peft_model(self.model) and self.args.should_save:  # what `gap merge-lora` must merge the adapter into
+            record_adapter_base(output_dir if output_dir is not None else self.args.output_dir,
+                                next(iter(self.model.peft_config.values())).base_model_name_or_path)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """`Trainer._save_checkpoint`, with `run_record` (`run_record()`: what produced the run) written into the
@@ -714,10 +766,53 @@ def load_for_training(
     model = GapForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         **revision_kwargs, **overrides)
     model.config.validate_gap()
-    # GapProcessor is this repository's class: no code from the folder is needed
+    # GapProcessor is this repository's class: no code from the folder is needed. Its tokenizer reads the folder's
+    # config through AutoConfig, which must know the GAP model type (else it falls back to a bare config and warns
+    # "model of type `gap_qwen2_5_vl` to instantiate a model of type ``").
+    register_gap_config()
     processor = GapProcessor.from_pretrained(path, **revision_kwargs, trust_remote_code=False,
                                              latent_tokens_per_span=model.config.latent_tokens_per_span)
     return model, processor
+
+
+def check_targets_before_loading(dataset_paths: list[str], model_path: str, *, revision: str | None = None,
+                                 converting: bool, latent_tokens_per_span: int | None) -> None:
+    """Before any heavy work (converting, loading the model): the latent targets in the `gap targets` folders
+    `dataset_paths` must have the K and width d the model will have and come from the vision tower of `model_path`
+    (a GAP checkpoint, or the Qwen2.5-VL base that `converting` turns into one; `latent_tokens_per_span`: the K given
+    on the command line). The K error names the training flag that fixes it."""
+    from transformers import Qwen2_5_VLConfig
+
+    from configuration_gap import GapConfig
+
+    from .convert import DEFAULT_LATENT_TOKENS_PER_SPAN
+    from .targets import check_targets_encoder, targets_metadata
+
+    config = (Qwen2_5_VLConfig if converting else GapConfig).from_pretrained(
+        model_path, **({} if revision is None else {"revision": revision}))
+    if latent_tokens_per_span is not None:
+        K, source = latent_tokens_per_span, "--latent_tokens_per_span"
+    elif converting:
+        K, source = DEFAULT_LATENT_TOKENS_PER_SPAN, "the conversion's default"
+    else:
+        K, source = config.latent_tokens_per_span, "the checkpoint's"
+    d = config.text_config.hidden_size
+    for path in dataset_paths:
+        metadata = targets_metadata(path)
+        if metadata["latent_tokens_per_span"] != K:
+            pooled = metadata["latent_tokens_per_span"]
+            raise TrainingError(
+                f"{path}: the latent targets were pooled for K={pooled} latent tokens per span, but the model "
+                f"{'would be converted with' if converting else 'has'} K={K} ({source}): pass --latent_tokens_per_span "
+                f"{pooled} to train with K={pooled}, or recompute the targets with `gap targets "
+                f"--latent-tokens-per-span {K}`."
+            )
+        if metadata["hidden_size"] != d:
+            raise TrainingError(
+                f"{path}: the latent targets have width d={metadata['hidden_size']} but {model_path} has hidden size "
+                f"d={d}: they come from another model's vision tower; rerun `gap targets --model {model_path}`."
+            )
+        check_targets_encoder(path, model_path)
 
 
 # -- resuming the same run -------------------------------------------------------------------------------------------

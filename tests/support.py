@@ -86,9 +86,11 @@ def first_batch(trainer):
 
 
 def train_argv(work, out, *extra, model=None):
-    """train_sft.py's argv for a short tiny_cpu.yaml run on the `work` data and checkpoint."""
+    """train_sft.py's argv for a short tiny_cpu.yaml run on the `work` data and checkpoint (with the checkpoint's own
+    latent loss, `mean` with lambda 1, rather than the preset's)."""
     return ["train_sft.py", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
             "--model_name_or_path", str(model or work.gap), "--output_dir", str(out), "--latent_tokens_per_span", str(K),
+            "--latent_loss_reduction", "mean", "--latent_loss_weight", "1.0",
             "--per_device_train_batch_size", "4", "--logging_steps", "1", *extra]
 
 

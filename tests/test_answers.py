@@ -1,5 +1,6 @@
 """Answer extraction and matching (gap_pipeline/answers.py)."""
 
+import json
 import textwrap
 
 import pytest
@@ -10,6 +11,7 @@ from gap_pipeline.answers import (
     DefaultAnswerChecker,
     answers_match,
     extract_answer,
+    gold_answer,
     load_checker,
     normalize_options,
 )
@@ -216,3 +218,32 @@ def test_load_checker_invalid_paths(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(CheckerLoadError, match="not_installed_dependency_xyz"):
         load_checker("broken_checker_mod:check")
+
+
+def test_a_gold_answer_is_one_string_by_one_rule():
+    from gap_pipeline.answers import AnswerError, normalize_gold
+
+    assert normalize_gold(["blue"], "row 0") == "blue"  # not "['blue']", which no prediction could match
+    assert normalize_gold(" blue ", "row 0") == "blue"
+    assert [normalize_gold(v, "row 0") for v in (3, 2.5, [7], -1.0)] == ["3", "2.5", "7", "-1.0"]
+    assert [normalize_gold(v, "row 0") for v in (None, "", " ", [], float("nan"))] == [None] * 5
+    with pytest.raises(AnswerError, match=r"row 4: the gold answer is a list of 2 answers \(\['a', 'b'\]\); give one"):
+        normalize_gold(["a", "b"], "row 4")
+    row = {"messages": [{"role": "assistant", "content": "<answer>x</answer>"}], "answer": ["blue"]}
+    assert gold_answer(row, 0) == "blue"
+    assert gold_answer({**row, "answer": []}, 0) == "x"  # no answer in the field: the <answer> block
+
+
+def test_gold_answers_of_mixed_types_load_as_strings(tmp_path):
+    from gap_pipeline.answers import AnswerError
+    from gap_pipeline.evaluate import load_items
+
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+             "answer": answer} for i, answer in enumerate(("blue", 3, ["red"], 2.5))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    items, problems = load_items(path)  # one numeric answer among strings was an Arrow type error
+    assert problems == [] and [item.gold for item in items] == ["blue", "3", "red", "2.5"]
+    path.write_text(path.read_text() + json.dumps({**rows[0], "answer": ["a", "b"]}) + "\n")
+    with pytest.raises(AnswerError, match=f"{path}, line 5: the gold answer is a list of 2 answers"):
+        load_items(path)

@@ -172,6 +172,22 @@ def test_fail_on_exact_passes_without_exact_pairs_and_a_single_file_keeps_bare_i
     assert {p["eval_id"] for p in audit_json(audit_a)["pairs"]} == {"e_img", "e_q", "e_near_img", "e_near_q"}
 
 
+def test_audit_fails_only_on_the_chosen_kinds(tmp_path, files, capsys):
+    out = tmp_path / "out"
+    args = ["audit", "--train", str(files / "train.jsonl"), "--eval", str(files / "bench_b"), "--output-dir", str(out),
+            "--no-progress"]
+    assert gap_main(args) == 0
+    assert json.loads((out / "audit.json").read_text())["counts"]["exact_image"] == 1
+    assert gap_main(args + ["--fail-on", "exact_question,near_question"]) == 0  # e.g. templated questions
+    capsys.readouterr()
+    assert gap_main(args + ["--fail-on", "exact_image"]) == 1
+    assert "gap audit: 1 exact_image pair(s) found (failing on exact_image); inspect them in " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        gap_main(args + ["--fail-on", "exact_images"])
+    assert exit_status.value.code == 2
+    assert "argument --fail-on: unknown kind(s) ['exact_images']; choose from exact_image," in capsys.readouterr().err
+
+
 def test_bad_arguments_are_one_error_line(tmp_path, files, capsys):
     base = ["audit", "--train", str(files / "train.jsonl"), "--output-dir", str(tmp_path / "out")]
     assert gap_main(base + ["--eval", str(tmp_path / "missing.tsv")]) == 2

@@ -235,6 +235,122 @@ def test_cli_shards_merge_automatically_when_the_last_one_finishes(tmp_path, dat
     assert [row for line in log.read_text().splitlines() for row in json.loads(line)] == calls  # no new calls
 
 
+_KILLED_MERGE = """
+import sys, time
+from pathlib import Path
+
+import datasets
+
+from gap_pipeline.cli import main
+
+reached = Path(sys.argv[1])
+save = datasets.Dataset.save_to_disk
+
+
+def half_written(self, path, *args, **kwargs):  # the output dataset written, the merge not yet finished
+    save(self, path, *args, **kwargs)
+    reached.touch()
+    time.sleep(600)
+
+
+datasets.Dataset.save_to_disk = half_written
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_difficulty_killed_while_merging_reruns_to_the_result_of_an_uninterrupted_run(tmp_path, dataset, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.support import REPO, clean_env
+
+    data_dir = tmp_path / "data"
+    dataset.save_to_disk(str(data_dir))
+    sampler_file = tmp_path / "stub_sampler.py"
+    sampler_file.write_text(textwrap.dedent(_SAMPLER_FILE))
+    env = dict(clean_env(), GAP_STUB_LOG=str(tmp_path / "calls.jsonl"))
+    os.environ["GAP_STUB_LOG"] = env["GAP_STUB_LOG"]
+
+    def args(out):
+        return ["difficulty", "--dataset", str(data_dir), "--output-dir", str(tmp_path / out), "--num-samples", str(N),
+                "--sampler", f"{sampler_file}:Stub", "--no-progress"]
+
+    try:
+        assert cli.main(args("reference")) == 0
+        (tmp_path / "killed.py").write_text(_KILLED_MERGE)
+        reached = tmp_path / "reached"
+        child = subprocess.Popen([sys.executable, str(tmp_path / "killed.py"), str(reached), *args("run")],
+                                 cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 300
+            while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert reached.exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else "timed out"
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+            child.stderr.close()
+        assert not (tmp_path / "run" / "dataset").exists()  # never a half-written output
+        capsys.readouterr()
+        assert cli.main(args("run")) == 0  # the lock the killed merge held is not taken for a live merge
+        out = capsys.readouterr().out
+        assert "another process is merging" not in out and f"wrote {tmp_path / 'run' / 'dataset'}" in out
+    finally:
+        del os.environ["GAP_STUB_LOG"]
+    merged, reference = (datasets.load_from_disk(str(tmp_path / name / "dataset")) for name in ("run", "reference"))
+    assert merged.to_list() == reference.to_list()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (tmp_path / "reference").iterdir() if not p.name.startswith("."))
+
+
+def test_difficulty_settings_change_freely_before_any_row_is_done_and_with_overwrite(tmp_path, dataset, monkeypatch,
+                                                                                     capsys):
+    data_dir = tmp_path / "data"
+    dataset.save_to_disk(str(data_dir))
+    sampler_file = tmp_path / "stub_sampler.py"
+    sampler_file.write_text(textwrap.dedent(_SAMPLER_FILE) + textwrap.dedent("""
+        class Broken:
+            def __init__(self, settings):
+                pass
+
+            def sample(self, questions, n):
+                raise RuntimeError("out of memory")
+        """))
+    monkeypatch.setenv("GAP_STUB_LOG", str(tmp_path / "calls.jsonl"))
+    out = tmp_path / "run"
+
+    def args(sampler, *extra):
+        return ["difficulty", "--dataset", str(data_dir), "--output-dir", str(out), "--num-samples", str(N),
+                "--sampler", f"{sampler_file}:{sampler}", "--no-progress", *extra]
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # run.json recorded, no row done
+        cli.main(args("Broken", "--temperature", "0.5"))
+    assert cli.main(args("Stub", "--temperature", "0.7")) == 0
+    captured = capsys.readouterr()
+    assert "recorded other settings (sampler was" in captured.err
+    assert "temperature was 0.5, now 0.7) but no row was done: recording this run's" in captured.err
+    assert "11 sampled" in captured.out
+    assert cli.main(args("Stub", "--temperature", "0.9")) == 2  # rows done: kept unless --overwrite
+    assert "temperature was 0.7, now 0.9); resume with the same settings, pass --overwrite" in capsys.readouterr().err
+    assert cli.main(args("Stub", "--temperature", "0.9", "--overwrite")) == 0
+    assert "0 already done, 11 sampled" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["temperature"] == 0.9
+    assert datasets.load_from_disk(str(out / "dataset"))["accuracy"] == [_expected_correct(i) / N for i in range(NUM_ROWS)]
+
+
+def test_merge_reports_replaced_columns_only_when_they_held_values(tmp_path, dataset):
+    from gap_pipeline.difficulty import format_summary
+
+    _run(dataset, tmp_path / "a", StubSampler())
+    empty = dataset.add_column("accuracy", [None] * NUM_ROWS)  # what a JSONL without `accuracy` loads as
+    assert "replaced existing columns" not in format_summary(merge_results(empty, tmp_path / "a"))
+    held = dataset.add_column("accuracy", [0.5] * NUM_ROWS)
+    assert "replaced existing columns ['accuracy']" in format_summary(merge_results(held, tmp_path / "a"))
+
+
 def test_cli_reports_bad_shard_arguments(tmp_path, dataset, capsys):
     data_dir = tmp_path / "data"
     dataset.save_to_disk(str(data_dir))

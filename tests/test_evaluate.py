@@ -206,7 +206,20 @@ def test_a_user_error_prints_one_error_line_and_exits_2(tmp_path, engineered_dir
                        str(tmp_path / "out")])
     assert status == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {missing}: no such TSV file"]
-    status = cli.main(["evaluate", "--model", str(engineered_dir), "--data", str(missing), "--output-dir",
-                       str(tmp_path / "out"), "--budgets", "4,5"])
+    with pytest.raises(SystemExit) as exit_status:  # a bad value is argparse's error: usage, then one error line
+        cli.main(["evaluate", "--model", str(engineered_dir), "--data", str(missing), "--output-dir",
+                  str(tmp_path / "out"), "--budgets", "4,5"])
     err = capsys.readouterr().err.splitlines()
-    assert status == 2 and len(err) == 1 and err[0].startswith("error: --budgets 4,5:")
+    assert exit_status.value.code == 2 and err[-1].startswith("gap evaluate: error: argument --budgets: `K`=5")
+
+
+def test_evaluate_help_shows_the_defaults(capsys):
+    from gap_pipeline import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for shown in ("rows generated together (default: 8;", "latent tokens included (default: 256)",
+                  "(default: all but oracle", "(default: the checkpoint's K)", "(default: 0)", "(default: skip)",
+                  "(default: all)", "(default: auto = the checkpoint's)"):
+        assert shown in text, shown

@@ -310,6 +310,68 @@ def test_evaluate_never_reports_another_runs_predictions_as_this_runs(tmp_path, 
     assert gap_main(_evaluate_args(first, other_data, out)) == 0  # the same run resumes
 
 
+def test_evaluate_resumed_over_a_torn_last_line_scores_that_row_again(tmp_path, tiny_image, two_gap_dirs, capsys):
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2, 3])
+    out = tmp_path / "eval"
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 0
+    whole = _predictions(out)
+    predictions = out / "predictions.jsonl"
+    text = predictions.read_text()
+    predictions.write_text(text[: len(text) - 20])  # a kill (or a full disk) cut the last write short
+    capsys.readouterr()
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 0
+    err = capsys.readouterr().err
+    assert f"{predictions}: dropped its torn last line" in err and "that row is scored again" in err
+    resumed = _predictions(out)
+    assert [r["id"] for r in resumed] == ["1", "2", "3"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in whole]
+    assert json.loads((out / "summary.json").read_text())[0]["n"] == 3
+    lines = predictions.read_text().splitlines()
+    predictions.write_text("\n".join([lines[0], lines[1][:-5], lines[2]]) + "\n")  # damage inside the file
+    assert gap_main(_evaluate_args(two_gap_dirs[0], data, out)) == 2
+    assert f"{predictions}, line 2 is not valid JSON; the file is damaged: delete that line" in capsys.readouterr().err
+
+
+def test_a_model_folder_whose_config_and_processor_disagree_on_k_is_refused(tmp_path, tiny_image, two_gap_dirs,
+                                                                            capsys):
+    import shutil
+
+    model = tmp_path / "gap"
+    shutil.copytree(two_gap_dirs[0], model)
+    processor_config = json.loads((model / "processor_config.json").read_text())
+    processor_config["latent_tokens_per_span"] = 16
+    (model / "processor_config.json").write_text(json.dumps(processor_config))
+    data = _tsv(tmp_path / "bench.tsv", tiny_image, [1])
+    assert gap_main(_evaluate_args(model, data, tmp_path / "eval")) == 2
+    assert (f"error: {model}: config.json has latent_tokens_per_span=4 but processor_config.json has 16; one folder "
+            "must give one K") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, argument, message", [
+    ("evaluate", ["--limit", "-1"], "argument --limit: must be an integer >= 1, got -1"),
+    ("evaluate", ["--limit", "0"], "argument --limit: must be an integer >= 1, got 0"),
+    ("evaluate", ["--interventions", ","], "argument --interventions: must name at least one item"),
+    ("evaluate", ["--budgets", ","], "argument --budgets: must name at least one item"),
+    ("evaluate", ["--budgets", "4,5"], "argument --budgets: `K`=5 is not a perfect square"),
+    ("evaluate", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    ("evaluate", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    ("difficulty", ["--tau", "nan"], "argument --tau: must be a finite number, got nan"),
+    ("difficulty", ["--temperature", "inf"], "argument --temperature: must be a finite number, got inf"),
+    ("difficulty", ["--num-samples", "0"], "argument --num-samples: must be an integer >= 1, got 0"),
+    ("difficulty", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+])
+def test_cli_edge_values_are_argument_errors_with_exit_status_2(tmp_path, capsys, command, argument, message):
+    required = {"evaluate": ["--model", "m", "--data", "d.tsv", "--output-dir", str(tmp_path / "out")],
+                "difficulty": ["--dataset", "d.jsonl", "--output-dir", str(tmp_path / "out")]}[command]
+    with pytest.raises(SystemExit) as exit_status:
+        gap_main([command, *required, *argument])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gap {command}: error: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_refuses_predictions_of_unknown_origin(tmp_path, tiny_image, two_gap_dirs, capsys):
     data = _tsv(tmp_path / "bench.tsv", tiny_image, [1, 2])
     out = tmp_path / "eval"
@@ -685,6 +747,101 @@ def test_training_refuses_targets_from_another_vision_tower_and_warns_on_unrecor
     assert "cannot check" not in caplog.text
     train(str(work.data))  # targets written before the tower was recorded: trained, with a warning
     assert "do not record their vision tower (written by an older `gap targets`)" in caplog.text
+
+
+def test_artifacts_of_another_vision_tower_are_refused_wherever_they_meet_a_model(tmp_path, tiny_base_dir, tiny_image,
+                                                                                    capsys):
+    from gap_pipeline.pca import load_pca
+    from gap_pipeline.targets import vision_tower_sha256
+    from gap_pipeline.tiny import save_tiny_base_checkpoint
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    for name, seed in (("q.png", 0), *((f"a{i}.png", 1 + i) for i in range(4))):
+        tiny_image(seed=seed, size=(112, 112)).save(folder / name)
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                                          {"role": "assistant", "content": "A <latent> <answer>B</answer>"}],
+             "images": ["q.png"], "aux_images": [f"a{i}.png"]} for i in range(4)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = save_tiny_base_checkpoint(tmp_path / "other-base", seed=1)  # another tower of the same width
+    ours, theirs = vision_tower_sha256(tiny_base_dir), vision_tower_sha256(other)
+    for model, name in ((tiny_base_dir, "ours"), (other, "theirs")):
+        assert gap_main(_targets_args(folder / "train.jsonl", model, tmp_path / f"targets-{name}",
+                                      "--latent-tokens-per-span", str(K))) == 0
+        assert gap_main(["fit-pca", "--targets", str(tmp_path / f"targets-{name}"), "--output-dir",
+                         str(tmp_path / f"pca-{name}"), "--num-components", "2", "--no-progress"]) == 0
+    assert load_pca(tmp_path / "pca-theirs").metadata["encoder_sha256"] == theirs  # the basis records its tower
+    capsys.readouterr()
+
+    def refused(args, what):
+        assert gap_main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{what} another vision tower (sha256 {theirs[:16]}, of {other}) than the model's ({ours[:16]}, of " \
+               f"{tiny_base_dir if 'convert' in args or 'filter' in args else tmp_path / 'gap'})" in err, err
+
+    convert = ["convert", "--base", str(tiny_base_dir), "--output-dir", str(tmp_path / "gap"),
+               "--latent-tokens-per-span", str(K), "--latent-adapter-size", "8"]
+    refused(convert + ["--pca", str(tmp_path / "pca-theirs" / "pca.safetensors")],
+            "the PCA basis was fitted on latent targets from")
+    assert not (tmp_path / "gap").exists()  # refused before the model loaded
+    assert gap_main(convert + ["--pca", str(tmp_path / "pca-ours" / "pca.safetensors")]) == 0
+    filter_args = ["filter", "--model", str(tiny_base_dir), "--output-dir", str(tmp_path / "filtered"), "--data"]
+    refused(filter_args + [str(tmp_path / "targets-theirs")], "the latent targets come from")
+    assert gap_main(filter_args + [str(tmp_path / "targets-ours")]) == 0
+    evaluate = ["evaluate", "--model", str(tmp_path / "gap"), "--output-dir", str(tmp_path / "eval"), "--interventions",
+                "pca,oracle", "--max-new-tokens", "2", "--no-progress", "--data"]
+    refused(evaluate + [str(tmp_path / "targets-theirs")], "the latent targets come from")
+    assert not (tmp_path / "eval").exists()
+    assert gap_main(evaluate + [str(tmp_path / "targets-ours")]) == 0
+
+
+def test_a_k_mismatch_is_refused_before_conversion_naming_the_training_flag(work, tmp_path):
+    import train_sft
+    from gap_pipeline.trainer import TrainingError
+
+    out = tmp_path / "out"
+    argv = train_argv(work, out, "--max_steps", "1", "--pca_path", str(work.pca), model=work.base)
+    wrong = list(argv)
+    wrong[wrong.index("--latent_tokens_per_span") + 1] = "16"
+    with pytest.raises(TrainingError, match=f"{work.data}: the latent targets were pooled for K=4 latent tokens per "
+                                            r"span, but the model would be converted with K=16 \(--latent_tokens_per_"
+                                            r"span\): pass --latent_tokens_per_span 4 to train with K=4"):
+        train_sft.main(*parse_train_argv(wrong), argv=wrong)
+    assert not out.exists()  # found before the conversion: no _gap-init to block the corrected run
+    other_k = train_argv(work, out, "--max_steps", "1") + ["--dataset_path", str(_targets_with_k(work, tmp_path, 1))]
+    with pytest.raises(TrainingError, match="pooled for K=1 .* but the model has K=4 .*: pass --latent_tokens_per_span 1"):
+        train_sft.main(*parse_train_argv(other_k), argv=other_k)  # a GAP checkpoint: checked before it loads
+    assert train_sft.main(*parse_train_argv(argv), argv=argv).state.global_step == 1
+
+
+def _targets_with_k(work, tmp_path, k):
+    """The `work` rows' targets as if pooled for another K (only the recorded K differs)."""
+    from gap_pipeline.targets import METADATA_KEY
+
+    data = datasets.load_from_disk(str(work.data))
+    description = json.loads(data.info.description)
+    description[METADATA_KEY]["latent_tokens_per_span"] = k
+    data.info.description = json.dumps(description)
+    data.save_to_disk(str(tmp_path / f"targets-k{k}"))
+    return tmp_path / f"targets-k{k}"
+
+
+def test_a_default_gap_init_converted_from_other_inputs_is_converted_again_not_a_blocker(work, tmp_path, capsys):
+    import train_sft
+    from gap_pipeline.provenance import ProvenanceError
+
+    out = tmp_path / "out"
+    first = train_argv(work, out, "--max_steps", "1", "--pca_path", str(work.pca), model=work.base)
+    train_sft.main(*parse_train_argv(first), argv=first)
+    again = first + ["--latent_adapter_size", "16"]  # the corrected rerun changes what the conversion makes
+    assert train_sft.main(*parse_train_argv(again), argv=again).state.global_step == 1
+    assert "_gap-init holds a GAP checkpoint converted from other inputs (options.latent_adapter_size was 32, now " \
+           "16): converting again" in capsys.readouterr().err
+    assert json.loads((out / "_gap-init" / "config.json").read_text())["latent_adapter_size"] == 16
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    given = again + ["--converted_model_dir", str(out / "_gap-init"), "--latent_adapter_size", "8"]
+    with pytest.raises(ProvenanceError, match="pass another --converted_model_dir"):  # a folder the user named stays
+        train_sft.main(*parse_train_argv(given), argv=given)
 
 
 def test_a_missing_local_model_folder_is_one_clear_error(work, tmp_path):
@@ -1232,3 +1389,30 @@ def test_permission_faults_are_one_error_up_front(shared_dir, rows_jsonl, tiny_b
     assert status == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err[-3000:]
     assert str(denied) in lines[-1] and "Permission denied" in lines[-1]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing lost
+
+
+# noise -----------------------------------------------------------------------------------------------------------
+
+
+def test_gap_commands_and_training_print_no_library_noise(tmp_path, work):
+    """No DeepSpeed accelerator guess on a `gap` command (accelerate imports DeepSpeed on every save_pretrained), and
+    no transformers "model of type `gap_qwen2_5_vl` to instantiate a model of type ``" when training loads its
+    processor (each in a fresh process: both happen once per process)."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO, clean_env
+
+    gap = subprocess.run([sys.executable, "-m", "gap_pipeline", "tiny-model", "--output-dir", str(tmp_path / "tiny")],
+                         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert gap.returncode == 0, gap.stderr[-2000:]
+    assert "Setting accelerator" not in gap.stdout + gap.stderr
+    script = ("import sys, transformers; transformers.logging.set_verbosity_warning()\n"
+              "from gap_pipeline.trainer import load_for_training\n"
+              "model, processor = load_for_training(sys.argv[1])\n"
+              "print(type(processor).__name__, processor.latent_tokens_per_span)")
+    train = subprocess.run([sys.executable, "-c", script, str(work.gap)], cwd=REPO, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert train.stdout.split()[-2:] == ["GapProcessor", str(K)]
+    assert "to instantiate a model of type" not in train.stderr, train.stderr

@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from gap_pipeline.model_card import TrainingRun, read_training_run, render_model_card, write_model_card
+from gap_pipeline.model_card import TrainingRun, command_line, read_training_run, render_model_card, write_model_card
 
 
 @pytest.fixture
@@ -93,3 +93,19 @@ def test_no_secret_argument_reaches_a_published_card_or_a_run_record(tiny_gap, m
     check_or_record(tmp_path / "out", "run.json", {"settings": {"api_key": secrets[2], "seed": 0}}, what="results",
                     has_results=False, fresh="start afresh")
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"settings": {"seed": 0}}
+
+
+@pytest.mark.parametrize("environ, launcher", [
+    ({}, "python"),
+    ({"WORLD_SIZE": "2", "LOCAL_SIZE": "2", "CROSS_SIZE": "1", "LOCAL_RANK": "0"}, "deepspeed --num_gpus 2"),
+    ({"WORLD_SIZE": "16", "LOCAL_SIZE": "8", "CROSS_SIZE": "2"}, "deepspeed --num_nodes 2 --num_gpus 8"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none"}, "torchrun --nproc_per_node 8"),
+    ({"WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "job"},
+     "torchrun --nnodes 4 --nproc_per_node 8"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "x"},
+     "accelerate launch --num_processes 8"),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, "accelerate launch"),
+])
+def test_the_card_records_the_launcher_that_started_the_run(environ, launcher):
+    argv = ["/abs/train_sft.py", "--local_rank=0", "--config", "configs/gap_7b.yaml"]
+    assert command_line(argv, environ) == f"{launcher} train_sft.py --config configs/gap_7b.yaml"

@@ -96,6 +96,21 @@ def test_too_small_grid_error_names_the_row_and_image_in_a_dataset(jsonl, base_m
         compute_latent_targets(dataset, model, processor.image_processor, latent_tokens_per_span=16, progress=False)
 
 
+def test_gap_targets_reports_every_aux_image_too_small_for_k_in_one_pass(tmp_path, jsonl, tiny_base_dir, capsys):
+    out = tmp_path / "out"
+    args = ["targets", "--data", str(jsonl), "--model", str(tiny_base_dir), "--output-dir", str(out),
+            "--latent-tokens-per-span", "25", "--no-progress"]
+    assert gap_main(args) == 2
+    err = capsys.readouterr().err
+    assert ("error: 3 of 3 aux images have a merged vision grid smaller than the sqrt(K) x sqrt(K) = 5 x 5 latent "
+            "grid (K=25): row 0 (id='two'), aux image 0: 112 x 112 pixels, 4 x 4 merged tokens; row 0 (id='two'), "
+            "aux image 1: 150 x 90 pixels, 3 x 5 merged tokens; row 2 (id='one'), aux image 0: 112 x 112 pixels, "
+            "4 x 4 merged tokens. Use larger aux images") in err, err
+    assert not out.exists() and not (tmp_path / ".out.cache").exists()  # found before any encoding
+    assert gap_main(args[:-2] + ["16", "--no-progress"]) == 2  # the same grid the tower gives (3 x 5 above)
+    assert "1 of 3 aux images" in capsys.readouterr().err
+
+
 # encoding --------------------------------------------------------------------------------------------------------
 
 

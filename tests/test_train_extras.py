@@ -245,6 +245,26 @@ def test_cli_resumes_from_the_last_checkpoint(work, tmp_path):
     assert "--resume_from_checkpoint last" in (out / "README.md").read_text()
 
 
+def test_resuming_a_checkpoint_without_optimizer_state_is_an_error_unless_accepted(work, tmp_path, caplog):
+    from gap_pipeline.trainer import TrainingError
+
+    out = tmp_path / "out"
+    first = train_argv(work, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    train_sft.main(*parse_train_argv(first), argv=first)
+    (out / "checkpoint-2" / "optimizer.pt").unlink()  # as --save_only_model writes it, or a removed file
+    weights = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    again = train_argv(work, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                       "--resume_from_checkpoint", "last")
+    with pytest.raises(TrainingError, match=r"checkpoint-2 lacks the optimizer state \(optimizer.pt\) .* other "
+                                            r"weights than an uninterrupted run.*--resume_without_optimizer_state"):
+        train_sft.main(*parse_train_argv(again), argv=again)
+    assert not (out / "checkpoint-3").exists()
+    assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == weights  # nothing trained, nothing written
+    accepted = again + ["--resume_without_optimizer_state"]
+    assert train_sft.main(*parse_train_argv(accepted), argv=accepted).state.global_step == 3
+    assert "continuing from its weights and step with a fresh optimizer" in caplog.text
+
+
 # -- LoRA ------------------------------------------------------------------------------------------------------------
 
 
@@ -346,6 +366,29 @@ def test_lora_trains_head_and_latent_rows_and_merges_into_a_gap_checkpoint(work,
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["new"][: K + 2] == [start] + [pad] * K + [end]
     assert result["spans"] == 1 and result["latents"] == [1, K, 64]
+
+
+def test_merge_lora_refuses_a_base_other_than_the_adapters(work, tmp_path, tiny_base_dir, capsys):
+    import shutil
+
+    from gap_pipeline.convert import convert_checkpoint
+
+    out = tmp_path / "lora"
+    argv = train_argv(work, out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "1")
+    train_sft.main(*parse_train_argv(argv), argv=argv)
+    other = tmp_path / "other-gap"  # another GAP model: the same base converted with another head
+    convert_checkpoint(tiny_base_dir, other, work.pca, latent_tokens_per_span=K, latent_adapter_size=16,
+                       dtype="float32")
+    merge = ["merge-lora", "--adapter", str(out), "--output-dir", str(tmp_path / "merged")]
+    assert cli.main(merge + ["--base", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --base {other} is another model than the GAP folder {out} was trained on" in err
+    assert not (tmp_path / "merged").exists()
+    (out / "gap_lora_base.json").unlink()  # an adapter saved before the record: judged by the folder it names
+    assert cli.main(merge + ["--base", str(other)]) == 2
+    assert f"recorded in {work.gap}" in capsys.readouterr().err
+    shutil.copytree(work.gap, tmp_path / "moved-gap")  # the base moved: a copy of it is the same base
+    assert cli.main(merge + ["--base", str(tmp_path / "moved-gap")]) == 0
 
 
 # -- scheduled sampling ----------------------------------------------------------------------------------------------

@@ -281,6 +281,8 @@ def test_presets_parse_and_global_batch_size_sets_accumulation(tmp_path):
     )
     assert not training_args.bf16 and not training_args.activation_checkpointing and training_args.use_cpu
     assert model_args.dtype == "float32" and not training_args.freeze_vision_tower
+    # the CPU preset trains the latents as `gap demo` does: `sum` over d with lambda 5 (not the 7B's mean, lambda 1)
+    assert (script_args.latent_loss_reduction, script_args.latent_loss_weight) == ("sum", 5.0)
 
 
 # -- DeepSpeed, 2 CPU processes ------------------------------------------------------------------------------------
@@ -360,7 +362,7 @@ def deepspeed_runs(work, tmp_path_factory):
     common = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dataset_path", str(work.data),
               "--bf16", "true", "--dtype", "bfloat16", "--per_device_train_batch_size", "1", "--max_steps", "2",
               "--logging_steps", "1", "--save_strategy", "steps", "--train_sampling_strategy", "sequential",
-              "--latent_tokens_per_span", str(K)]
+              "--latent_tokens_per_span", str(K), "--latent_loss_reduction", "mean", "--latent_loss_weight", "1.0"]
     runs = {
         "zero3": (29631, [
             "--deepspeed", str(_ds_config(root, "zero3.json", stage3_param_persistence_threshold=0)),
@@ -416,6 +418,8 @@ def test_deepspeed_two_processes_train_save_and_reload(deepspeed_runs, stage):
     assert all(math.isfinite(e["loss"]) and math.isfinite(e["latent_loss"]) and e["latent_loss"] > 0 for e in steps)
     for folder in [run.out] + sorted(run.out.glob("checkpoint-*")):
         assert not _code_processor_and_weights(folder), folder
+    # the card records the launcher that started the run, not `python train_and_gather.py`
+    assert "\ndeepspeed --num_gpus 2 train_and_gather.py --config " in (run.out / "README.md").read_text()
 
 
 def test_deepspeed_loss_terms_are_normalised_over_both_ranks(deepspeed_runs, work):
