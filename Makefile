@@ -30,11 +30,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gap-vl-installed
 
 HARNESS_STAMP := $(VENV)/.gap-vl-harness-installed
+# The extra `lmms-eval` holds what lmms-eval imports to run a generate_until task; lmms-eval itself goes in with
+# --no-deps: its dependency list (torchvision, timm) would replace the installed torch (a torchvision wheel pins one
+# torch release), and lmms-eval runs without torchvision.
 LMMS_EVAL_VERSION ?= 0.7.3
-# What lmms-eval imports to run a generate_until task. lmms-eval itself goes in with --no-deps: its dependency
-# list (torchvision, timm) would bring a CUDA torchvision that cannot import beside the CPU torch, and lmms-eval
-# runs without torchvision. With a CUDA torch, `pip install -e ".[lmms-eval]"` installs everything instead.
-LMMS_EVAL_DEPS := loguru evaluate sacrebleu pytz tenacity jsonlines pytablewriter "filelock<4"
 
 .PHONY: install install-harness test test-harness test-contracts demo demo-full bench wheels gpu-check
 
@@ -84,6 +83,6 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 
 # "torch==$(TORCH_VERSION)" is already satisfied: naming it keeps pip from replacing the CPU build.
 $(HARNESS_STAMP): $(STAMP)
-	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(LMMS_EVAL_DEPS)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" -e ".[lmms-eval]"
 	$(PY) -m pip install --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
 	touch $@

@@ -130,6 +130,18 @@ def _installed_closure(names):
     return closure
 
 
+def link_installed_closure(names, site: Path) -> Path:
+    """Symlinks into `site` the top-level files and folders (packages and dist-info) of `names`' closure here."""
+    for distribution in _installed_closure(names).values():
+        if distribution.files is None:
+            raise RuntimeError(f"{distribution.metadata['Name']} lists no files (RECORD); reinstall it with pip.")
+        for top in {file.parts[0] for file in distribution.files if file.parts[0] != ".."}:
+            link = site / top
+            if not link.exists():
+                link.symlink_to(Path(distribution.locate_file(top)))
+    return site
+
+
 @pytest.fixture(scope="session")
 def hub_user_python(tmp_path_factory):
     """Runs Python code as a Hub user would: ``hub_user_python(code, cwd) -> subprocess.CompletedProcess``.
@@ -139,14 +151,7 @@ def hub_user_python(tmp_path_factory):
     else installed here are absent: not importable, and not found by ``importlib.util.find_spec`` or
     ``importlib.metadata``, which transformers' ``is_*_available`` checks use.
     """
-    site = tmp_path_factory.mktemp("hub_user_site")
-    for distribution in _installed_closure(HUB_USER_PACKAGES).values():
-        if distribution.files is None:
-            raise RuntimeError(f"{distribution.metadata['Name']} lists no files (RECORD); reinstall it with pip.")
-        for top in {file.parts[0] for file in distribution.files if file.parts[0] != ".."}:
-            link = site / top
-            if not link.exists():
-                link.symlink_to(Path(distribution.locate_file(top)))
+    site = link_installed_closure(HUB_USER_PACKAGES, tmp_path_factory.mktemp("hub_user_site"))
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = str(site)
 
