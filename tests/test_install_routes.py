@@ -128,3 +128,41 @@ def test_installing_the_project_with_each_extra_keeps_the_users_torch(torch_only
     swapped = {name: version for name, version in planned.items()
                if name in TORCH_FAMILY | NEVER_BUILT or name.startswith("nvidia-")}
     assert not swapped, f'pip install -e ".[{extra}]" beside torch {torch_version} would install {swapped}'
+
+
+# -- the remote code's transformers range ---------------------------------------------------------------------------
+
+
+def _declared_transformers_range() -> tuple[Version, Version]:
+    """(oldest minor, first minor outside) of configuration_gap.TRANSFORMERS_REQUIREMENT (`>=A.B,<C.D`)."""
+    from configuration_gap import TRANSFORMERS_REQUIREMENT
+
+    specifier = Requirement(TRANSFORMERS_REQUIREMENT).specifier
+    bounds = {spec.operator: Version(spec.version) for spec in specifier}
+    assert set(bounds) == {">=", "<"}, f"{TRANSFORMERS_REQUIREMENT}: declare the range as >=oldest,<first-untested"
+    return bounds[">="], bounds["<"]
+
+
+def test_ci_runs_the_hub_user_tests_at_both_ends_of_the_declared_transformers_range():
+    oldest, outside = _declared_transformers_range()
+    line = next(line for line in (REPO / "Makefile").read_text().splitlines()
+                if line.startswith("REMOTE_CODE_TRANSFORMERS ?="))
+    tested = [Version(v) for v in line.split("?=", 1)[1].split()]
+    assert tested[0].release[:2] == oldest.release[:2], f"{line}: the oldest tested must be {oldest}"
+    assert tested[-1] < outside and tested[-1].release[:2] == (outside.major, outside.minor - 1), (
+        f"{line}: the newest tested must be the last minor below {outside}")
+    assert "make test-remote-code-range" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("found", ["5.23.0", "5.26.0"])
+def test_the_code_files_refuse_a_transformers_outside_their_range_when_imported(found, monkeypatch):
+    import importlib.util
+
+    oldest, outside = _declared_transformers_range()
+    assert not oldest <= Version(found) < outside
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: found if name == "transformers" else real_version(name))
+    spec = importlib.util.spec_from_file_location("configuration_gap_range_check", REPO / "configuration_gap.py")
+    with pytest.raises(ImportError, match=rf"transformers>={oldest},<{outside} .* found transformers=={found}"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
