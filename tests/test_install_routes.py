@@ -166,3 +166,11 @@ def test_the_code_files_refuse_a_transformers_outside_their_range_when_imported(
     spec = importlib.util.spec_from_file_location("configuration_gap_range_check", REPO / "configuration_gap.py")
     with pytest.raises(ImportError, match=rf"transformers>={oldest},<{outside} .* found transformers=={found}"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_the_model_card_states_the_code_files_transformers_range(tiny_gap):
+    from configuration_gap import TRANSFORMERS_REQUIREMENT
+    from gap_pipeline.model_card import render_model_card
+
+    card = render_model_card(tiny_gap.config, model_id="me/tiny-gap")
+    assert f'pip install "{TRANSFORMERS_REQUIREMENT}" accelerate pillow' in card
