@@ -54,7 +54,7 @@ test: $(STAMP)
 test-harness: $(HARNESS_STAMP)
 	$(PY) -m pytest -x -q tests/harness $(PYTEST_ARGS)
 
-# ~5 minutes: one resolve per extra, most of it fetching metadata from the index
+# 2 minutes with pip's cache warm, 6 cold: one resolve per extra, most of it fetching metadata from the index
 test-install-routes: $(STAMP)
 	$(PY) -m pytest -x -q tests/test_install_routes.py $(PYTEST_ARGS)
 
