@@ -2,6 +2,8 @@
 # make demo-full  3 seeds plus the LH+PCA+DA and full-head ablations, mean +- std
 # make test     create .venv if needed, install the project into it, run the core tests
 # make test-harness  install the lmms-eval plugin's packages (install-harness), run the harness tests
+# make test-install-routes  resolve each extra beside torch (pip --dry-run, needs the package index): none replaces it
+# make test-remote-code-range  the Hub user's tests in plain environments at both ends of the remote code's range
 # make test-contracts  transformers' own model tests (its sdist, fetched once) on stock Qwen2.5-VL and on GAP, compared
 # make bench    the benchmarks (ratios measured side by side), results under bench/results
 # make install  only the install part
@@ -30,23 +32,34 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gap-vl-installed
 
 HARNESS_STAMP := $(VENV)/.gap-vl-harness-installed
+# The extra `lmms-eval` holds what lmms-eval imports to run a generate_until task; lmms-eval itself goes in with
+# --no-deps: its dependency list (torchvision, timm) would replace the installed torch (a torchvision wheel pins one
+# torch release), and lmms-eval runs without torchvision.
 LMMS_EVAL_VERSION ?= 0.7.3
-# What lmms-eval imports to run a generate_until task. lmms-eval itself goes in with --no-deps: its dependency
-# list (torchvision, timm) would bring a CUDA torchvision that cannot import beside the CPU torch, and lmms-eval
-# runs without torchvision. With a CUDA torch, `pip install -e ".[lmms-eval]"` installs everything instead.
-LMMS_EVAL_DEPS := loguru evaluate sacrebleu pytz tenacity jsonlines pytablewriter "filelock<4"
 
-.PHONY: install install-harness test test-harness test-contracts demo demo-full bench wheels gpu-check
+# The remote code's transformers range (configuration_gap.TRANSFORMERS_REQUIREMENT): its oldest and newest releases,
+# each in a plain environment as a Hub user has it (torch, transformers, accelerate, pillow; nothing else)
+REMOTE_CODE_TRANSFORMERS ?= 5.24.0 5.25.0
+REMOTE_CODE_ENVS := $(REMOTE_CODE_TRANSFORMERS:%=.venvs/tf-%/.installed)
+
+.PHONY: install install-harness test test-harness test-install-routes test-remote-code-range test-contracts demo demo-full bench wheels gpu-check
 
 install: $(STAMP)
 
 install-harness: $(HARNESS_STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -x -q --ignore=tests/harness $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q --ignore=tests/harness -m "not package_index" $(PYTEST_ARGS)
 
 test-harness: $(HARNESS_STAMP)
 	$(PY) -m pytest -x -q tests/harness $(PYTEST_ARGS)
+
+# 2 minutes with pip's cache warm, 6 cold: one resolve per extra, most of it fetching metadata from the index
+test-install-routes: $(STAMP)
+	$(PY) -m pytest -x -q tests/test_install_routes.py $(PYTEST_ARGS)
+
+test-remote-code-range: $(STAMP) $(REMOTE_CODE_ENVS)
+	$(PY) -m pytest -x -q tests/test_hub_user.py $(REMOTE_CODE_TRANSFORMERS:%=--hub-user-python .venvs/tf-%/bin/python) $(PYTEST_ARGS)
 
 # Fetches the installed transformers' sdist once (pip download, into .contracts-cache/); report in runs/contracts/
 test-contracts: $(STAMP)
@@ -84,6 +97,14 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 
 # "torch==$(TORCH_VERSION)" is already satisfied: naming it keeps pip from replacing the CPU build.
 $(HARNESS_STAMP): $(STAMP)
-	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(LMMS_EVAL_DEPS)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" -e ".[lmms-eval]"
 	$(PY) -m pip install --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
+	touch $@
+
+# torch==$(TORCH_VERSION) first and pinned: here its CPU build lies on local disk (see above)
+.venvs/tf-%/.installed:
+	rm -rf .venvs/tf-$*
+	$(PYTHON) -m venv .venvs/tf-$*
+	.venvs/tf-$*/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	.venvs/tf-$*/bin/python -m pip install "torch==$(TORCH_VERSION)" "transformers==$*" accelerate pillow
 	touch $@

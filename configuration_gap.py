@@ -19,6 +19,18 @@ This file imports only `transformers` so it ships as remote code next to the wei
 import math
 
 from transformers import Qwen2_5_VLConfig
+from transformers.utils.versions import require_version
+
+
+#: The transformers releases these three code files (configuration_gap.py, modeling_gap.py, processing_gap.py)
+#: support: CI loads a saved checkpoint and decodes latent spans with the oldest and the newest, each in a plain
+#: environment (`make test-remote-code-range`). 5.23 and older lack what the forward uses (the `cache` argument,
+#: `MultimodalCausalLMOutputWithPast`), so importing the files there fails; a newer release is untested.
+TRANSFORMERS_REQUIREMENT = "transformers>=5.24,<5.26"
+require_version(
+    TRANSFORMERS_REQUIREMENT,
+    f"The GAP code files are tested with {TRANSFORMERS_REQUIREMENT}: pip install '{TRANSFORMERS_REQUIREMENT}'",
+)
 
 
 LATENT_START_TOKEN = "<|latent_start|>"

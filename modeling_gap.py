@@ -16,6 +16,14 @@ import copy
 import math
 from dataclasses import dataclass
 
+# configuration_gap first: it checks the transformers version before the imports below need it.
+try:  # flat files next to the weights (transformers_modules) or inside a package
+    from .configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
+except ImportError:  # imported as a top-level module (tests, `pip install -e .`)
+    if __package__:  # the sibling is there but refused to load (transformers outside its range)
+        raise
+    from configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,12 +38,6 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import MultimodalCausalL
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
 from transformers.utils.deprecation import deprecate_kwarg
-
-
-try:  # flat files next to the weights (transformers_modules) or inside a package
-    from .configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
-except ImportError:  # imported as a top-level module (tests, `pip install -e .`)
-    from configuration_gap import LATENT_TOKENS, GapConfig, check_latent_budget
 
 
 logger = logging.get_logger(__name__)

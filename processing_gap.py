@@ -23,14 +23,16 @@ This file imports only `torch`, `transformers` and its sibling files, so it ship
 
 import re
 
-from transformers import Qwen2_5_VLProcessor
-from transformers.utils.chat_template_utils import render_jinja_template
-
-
+# configuration_gap first: it checks the transformers version before the imports below need it.
 try:  # flat files next to the weights (transformers_modules) or inside a package
     from .configuration_gap import LATENT_TOKENS, check_latent_budget, check_latent_tokens
 except ImportError:  # imported as a top-level module (tests, `pip install -e .`)
+    if __package__:  # the sibling is there but refused to load (transformers outside its range)
+        raise
     from configuration_gap import LATENT_TOKENS, check_latent_budget, check_latent_tokens
+
+from transformers import Qwen2_5_VLProcessor
+from transformers.utils.chat_template_utils import render_jinja_template
 
 
 #: What marks a latent span in assistant text before expansion.

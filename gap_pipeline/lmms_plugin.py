@@ -1,8 +1,8 @@
 """The lmms-eval model ``gap``: a GAP (or plain Qwen2.5-VL) checkpoint inside lmms-eval.
 
-Installed with ``pip install -e ".[lmms-eval]"`` (see ``make install-harness``), it is found through the
-``lmms_eval.models`` entry point, so ``lmms-eval eval --model gap --model_args pretrained=DIR,...`` works
-with no copy of lmms-eval. Generation and decoding are `gap evaluate`'s (:func:`gap_pipeline.evaluate.
+Installed with ``pip install -e ".[lmms-eval]"`` then ``pip install --no-deps lmms-eval==0.7.3`` (``make
+install-harness``), it is found through the ``lmms_eval.models`` entry point, so ``lmms-eval eval --model gap
+--model_args pretrained=DIR,...`` works with no copy of lmms-eval. Generation and decoding are `gap evaluate`'s (:func:`gap_pipeline.evaluate.
 generate_batch`), so a task written by ``gap lmms-task`` scores the same rows the same way.
 
 Model args: ``pretrained`` (checkpoint folder), ``latent_intervention`` (pca, suppress, noise, hidden,

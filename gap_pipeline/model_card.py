@@ -22,6 +22,7 @@ from huggingface_hub.repocard import metadata_load
 from transformers import TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 
+from configuration_gap import TRANSFORMERS_REQUIREMENT
 from modeling_gap import LATENT_INTERVENTIONS
 
 from .provenance import command_without_secrets, is_secret_name
@@ -263,7 +264,10 @@ def _usage_section(where: str, adapter: bool) -> list[str]:
         )
     parts.append(
         "The model, its configuration and its processor load with `trust_remote_code=True` "
-        "(the code files `configuration_gap.py`, `modeling_gap.py`, `processing_gap.py` lie next to the weights).\n\n"
+        "(the code files `configuration_gap.py`, `modeling_gap.py`, `processing_gap.py` lie next to the weights). "
+        f"They support `{TRANSFORMERS_REQUIREMENT}` (the range they are tested with; with another release, loading "
+        "stops with an error naming it) and need torch 2.6 or newer, accelerate and pillow:\n\n"
+        f"```bash\npip install \"{TRANSFORMERS_REQUIREMENT}\" accelerate pillow\n```\n\n"
         "```python\n"
         "from PIL import Image\n"
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"

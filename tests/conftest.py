@@ -130,29 +130,61 @@ def _installed_closure(names):
     return closure
 
 
-@pytest.fixture(scope="session")
-def hub_user_python(tmp_path_factory):
-    """Runs Python code as a Hub user would: ``hub_user_python(code, cwd) -> subprocess.CompletedProcess``.
-
-    The interpreter starts without its site-packages (``-S``); its only packages are HUB_USER_PACKAGES and what
-    they require, linked into one folder on PYTHONPATH. So the training stack, this repository and everything
-    else installed here are absent: not importable, and not found by ``importlib.util.find_spec`` or
-    ``importlib.metadata``, which transformers' ``is_*_available`` checks use.
-    """
-    site = tmp_path_factory.mktemp("hub_user_site")
-    for distribution in _installed_closure(HUB_USER_PACKAGES).values():
+def link_installed_closure(names, site: Path) -> Path:
+    """Symlinks into `site` the top-level files and folders (packages and dist-info) of `names`' closure here."""
+    for distribution in _installed_closure(names).values():
         if distribution.files is None:
             raise RuntimeError(f"{distribution.metadata['Name']} lists no files (RECORD); reinstall it with pip.")
         for top in {file.parts[0] for file in distribution.files if file.parts[0] != ".."}:
             link = site / top
             if not link.exists():
                 link.symlink_to(Path(distribution.locate_file(top)))
+    return site
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--hub-user-python", action="append", default=[], metavar="PYTHON",
+        help="also run the Hub-user tests with this Python: a plain environment of torch, transformers, accelerate "
+             "and pillow (make test-remote-code-range builds them, one per end of the remote code's range)",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses `hub_user_python` runs once per Hub-user environment: this one, then each given."""
+    if "hub_user_python" in metafunc.fixturenames:
+        pythons = metafunc.config.getoption("--hub-user-python")
+        metafunc.parametrize("hub_user_environment", ["installed", *pythons], indirect=True, scope="session",
+                             ids=["installed", *(Path(python).parent.parent.name for python in pythons)])
+
+
+@pytest.fixture(scope="session")
+def hub_user_environment(request, tmp_path_factory):
+    """(the Python command, its environment variables) of one Hub-user environment (see `hub_user_python`)."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env["PYTHONPATH"] = str(site)
+    if request.param == "installed":
+        site = link_installed_closure(HUB_USER_PACKAGES, tmp_path_factory.mktemp("hub_user_site"))
+        return [sys.executable, "-S"], {**env, "PYTHONPATH": str(site)}
+    python = Path(request.param).absolute()  # not resolved: a venv's python is a link to the base interpreter
+    if not python.is_file():
+        raise FileNotFoundError(f"--hub-user-python {python}: no such Python (make test-remote-code-range builds it)")
+    return [str(python)], env
+
+
+@pytest.fixture(scope="session")
+def hub_user_python(hub_user_environment):
+    """Runs Python code as a Hub user would: ``hub_user_python(code, cwd) -> subprocess.CompletedProcess``.
+
+    In this environment ("installed"), the interpreter starts without its site-packages (``-S``); its only packages
+    are HUB_USER_PACKAGES and what they require, linked into one folder on PYTHONPATH. So the training stack, this
+    repository and everything else installed here are absent: not importable, and not found by
+    ``importlib.util.find_spec`` or ``importlib.metadata``, which transformers' ``is_*_available`` checks use. With
+    ``--hub-user-python PYTHON`` the tests run again with each such Python, a plain environment of its own.
+    """
+    command, env = hub_user_environment
 
     def run(code: str, cwd) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run([*command, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
     return run
 

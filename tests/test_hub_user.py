@@ -107,3 +107,116 @@ def test_model_card_code_runs_as_written_for_a_hub_user(hub_user_python, saved_g
                           cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.strip().endswith("latent spans")
+
+
+# -- the Hub user's checks, in every Hub-user environment: this one and, with --hub-user-python, the plain ones at
+# both ends of the remote code's transformers range (make test-remote-code-range) -----------------------------------
+
+
+def test_hub_user_loads_every_saved_weight_as_saved(hub_user_python, saved_gap, tmp_path):
+    """No key renamed, converted, missing, unexpected or re-initialised: the loaded state is the saved file."""
+    script = ABSENT_CHECK + textwrap.dedent(f"""
+        import torch, transformers
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+        repo = {str(saved_gap)!r}
+        model, info = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True,
+                                                                  output_loading_info=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        reported = {{key: value for key, value in info.items() if value}}
+        assert not reported, reported
+        saved, state = load_file(repo + "/model.safetensors"), model.state_dict()
+        assert sorted(saved) == sorted(state), sorted(set(saved) ^ set(state))
+        changed = [key for key in saved if saved[key].dtype != state[key].dtype or not torch.equal(saved[key], state[key])]
+        assert not changed, changed
+        print("loaded", len(saved), "tensors as saved with transformers", transformers.__version__)
+    """)
+    run = hub_user_python(script, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "tensors as saved with transformers" in run.stdout
+
+
+def _two_image_prompts(processor_name: str, tiny_image, folder) -> str:
+    """Code that defines `texts` and `images`: two questions of different lengths, each with its own image."""
+    paths = []
+    for seed in (3, 4):
+        paths.append(str(folder / f"q{seed}.png"))
+        tiny_image(seed=seed).save(paths[-1])
+    questions = ["count the red cells", "how many blue squares are in the second row of the grid"]
+    return textwrap.dedent(f"""
+        texts = [{processor_name}.apply_chat_template(
+                     [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": q}}]}}],
+                     add_generation_prompt=True)
+                 for q in {questions!r}]
+        images = [Image.open(path).convert("RGB") for path in {paths!r}]
+    """)
+
+
+def test_hub_user_decodes_the_same_spans_cached_or_not_and_batched_or_alone(
+    hub_user_python, saved_gap, tiny_gap, tiny_image, tmp_path
+):
+    K, start_id = tiny_gap.config.latent_tokens_per_span, tiny_gap.config.latent_token_ids[0]
+    # float64 (the head stays fp32), so the comparisons' tolerance is far above rounding; the bias on
+    # <|latent_start|> opens a span at once and again right after it: the second span decodes from a cache that
+    # holds the first
+    script = ABSENT_CHECK + textwrap.dedent(f"""
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        repo = {str(saved_gap)!r}
+        model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).double().eval()
+        processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+        processor.tokenizer.padding_side = "left"
+    """) + _two_image_prompts("processor", tiny_image, tmp_path) + textwrap.dedent(f"""
+        settings = dict(max_new_tokens=2 * ({K} + 2), do_sample=False, sequence_bias=[[[{start_id}], 100.0]],
+                        return_dict_in_generate=True)
+
+        def generate(rows, **kwargs):
+            inputs = processor(text=[texts[i] for i in rows], images=[images[i] for i in rows], return_tensors="pt",
+                               padding=True)
+            inputs["pixel_values"] = inputs["pixel_values"].double()
+            return inputs["input_ids"].shape[1], model.generate(**inputs, **settings, **kwargs)
+
+        length, batch = generate([0, 1])
+        assert batch.num_latent_spans.tolist() == [2, 2], batch.num_latent_spans
+        _, uncached = generate([0, 1], use_cache=False)
+        assert torch.equal(batch.sequences, uncached.sequences)
+        for cached_row, uncached_row in zip(batch.latents, uncached.latents):
+            torch.testing.assert_close(cached_row, uncached_row, rtol=0, atol=1e-6)
+        for i in (0, 1):
+            alone_length, alone = generate([i])
+            assert torch.equal(batch.sequences[i, length:], alone.sequences[0, alone_length:])
+            assert batch.latents[i].shape == alone.latents[0].shape == (2, {K}, {tiny_gap.config.text_config.hidden_size})
+            torch.testing.assert_close(batch.latents[i], alone.latents[0], rtol=0, atol=1e-6)
+        print("cached = uncached, batch = alone")
+    """)
+    run = hub_user_python(script, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "cached = uncached, batch = alone" in run.stdout
+
+
+def test_hub_user_gets_stock_qwen2_5_vl_logits_without_latents(hub_user_python, saved_gap, tiny_image, tmp_path):
+    script = ABSENT_CHECK + textwrap.dedent(f"""
+        import torch
+        from PIL import Image
+        from transformers import (AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig,
+                                  Qwen2_5_VLForConditionalGeneration)
+        repo = {str(saved_gap)!r}
+        model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+        fields = {{k: v for k, v in model.config.to_dict().items() if not k.startswith(("latent_", "pca_"))}}
+        for key in ("model_type", "architectures", "auto_map"):
+            fields.pop(key, None)
+        stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields)).eval()
+        stock.load_state_dict({{k: v for k, v in model.state_dict().items() if not k.startswith("latent_head.")}})
+    """) + _two_image_prompts("processor", tiny_image, tmp_path) + textwrap.dedent("""
+        inputs = processor(text=texts[:1], images=images[:1], return_tensors="pt")
+        assert not set(inputs["input_ids"].flatten().tolist()) & set(model.config.latent_token_ids)
+        with torch.no_grad():
+            ours, theirs = model(**inputs).logits, stock(**inputs).logits
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs), (ours - theirs).abs().max()
+        print("logits equal to stock Qwen2.5-VL", tuple(ours.shape))
+    """)
+    run = hub_user_python(script, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "logits equal to stock Qwen2.5-VL" in run.stdout
