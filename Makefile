@@ -39,7 +39,9 @@ LMMS_EVAL_VERSION ?= 0.7.3
 
 # The remote code's transformers range (configuration_gap.TRANSFORMERS_REQUIREMENT): its oldest and newest releases,
 # each in a plain environment as a Hub user has it (torch, transformers, accelerate, pillow; nothing else)
-REMOTE_CODE_TRANSFORMERS ?= 5.24.0 5.25.0
+# The oldest end (5.24) is the installed training pin: tests/test_hub_user.py runs there in `make test`, in a plain
+# closure of torch, transformers, accelerate and pillow; CI builds the newest end only.
+REMOTE_CODE_TRANSFORMERS ?= 5.25.0
 REMOTE_CODE_ENVS := $(REMOTE_CODE_TRANSFORMERS:%=.venvs/tf-%/.installed)
 
 .PHONY: install install-harness test test-harness test-install-routes test-remote-code-range test-contracts demo demo-full bench wheels gpu-check
@@ -59,7 +61,7 @@ test-install-routes: $(STAMP)
 	$(PY) -m pytest -x -q tests/test_install_routes.py $(PYTEST_ARGS)
 
 test-remote-code-range: $(STAMP) $(REMOTE_CODE_ENVS)
-	$(PY) -m pytest -x -q tests/test_hub_user.py $(REMOTE_CODE_TRANSFORMERS:%=--hub-user-python .venvs/tf-%/bin/python) $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q tests/test_hub_user.py -k "tf-" $(REMOTE_CODE_TRANSFORMERS:%=--hub-user-python .venvs/tf-%/bin/python) $(PYTEST_ARGS)
 
 # Fetches the installed transformers' sdist once (pip download, into .contracts-cache/); report in runs/contracts/
 test-contracts: $(STAMP)
