@@ -4,9 +4,13 @@ Test files import from here or from conftest, never from one another.
 """
 
 import base64
+import contextlib
 import io
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -146,3 +150,20 @@ def write_tsv(path, rows):
         lines.append("\t".join(str(row.get(column, "")) for column in header))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def paused_then_killed(command: list[str], reached: Path, timeout: float = 600, **popen):
+    """Runs `command` until it creates `reached` (its hook touches the file, then sleeps), yields the paused child,
+    then kills it with SIGKILL: a kill at a named point. The child's stderr is shown if it ends before the point."""
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
+        yield child
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stderr.close()

@@ -260,12 +260,9 @@ sys.exit(main(sys.argv[2:]))
 
 def test_difficulty_killed_while_merging_reruns_to_the_result_of_an_uninterrupted_run(tmp_path, dataset, capsys):
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from tests.support import REPO, clean_env
+    from tests.support import REPO, clean_env, paused_then_killed
 
     data_dir = tmp_path / "data"
     dataset.save_to_disk(str(data_dir))
@@ -282,17 +279,9 @@ def test_difficulty_killed_while_merging_reruns_to_the_result_of_an_uninterrupte
         assert cli.main(args("reference")) == 0
         (tmp_path / "killed.py").write_text(_KILLED_MERGE)
         reached = tmp_path / "reached"
-        child = subprocess.Popen([sys.executable, str(tmp_path / "killed.py"), str(reached), *args("run")],
-                                 cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 300
-            while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert reached.exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else "timed out"
-        finally:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait()
-            child.stderr.close()
+        command = [sys.executable, str(tmp_path / "killed.py"), str(reached), *args("run")]
+        with paused_then_killed(command, reached, timeout=300, cwd=str(REPO), env=env):
+            pass
         assert not (tmp_path / "run" / "dataset").exists()  # never a half-written output
         capsys.readouterr()
         assert cli.main(args("run")) == 0  # the lock the killed merge held is not taken for a live merge

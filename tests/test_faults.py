@@ -11,7 +11,7 @@ import torch
 
 from gap_pipeline.cli import main as gap_main
 from gap_pipeline.targets import targets_metadata
-from tests.support import clean_env, parse_train_argv, png_base64, train_argv
+from tests.support import clean_env, parse_train_argv, paused_then_killed, png_base64, train_argv
 
 K = 4
 
@@ -211,11 +211,8 @@ sys.exit(main(sys.argv[3:]))
 @pytest.mark.parametrize("point", ["encoding", "final write"])
 def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, five_rows, tiny_base_dir,
                                                                                   capsys, point):
-    import os
     import signal
-    import subprocess
     import sys
-    import time
 
     def args(out):
         return _targets_args(five_rows, tiny_base_dir, tmp_path / out, "--latent-tokens-per-span", str(K),
@@ -224,17 +221,9 @@ def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_r
     assert gap_main(args("reference")) == 0
     (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
     reached = tmp_path / "reached"
-    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_run.py"), point, str(reached), *args("targets")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 600
-        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reached.exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else "timed out"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        child.stderr.close()
+    command = [sys.executable, str(tmp_path / "killed_run.py"), point, str(reached), *args("targets")]
+    with paused_then_killed(command, reached) as child:
+        pass
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / "targets").exists()
     committed = ["shard-00000.arrow"] if point == "encoding" else ["shard-00000.arrow", "shard-00001.arrow",
@@ -450,10 +439,7 @@ train_sft.main(*train_sft.make_parser().parse_args_and_config(argv[1:]), argv=ar
 def test_a_kill_after_checkpoint_rotation_leaves_the_run_resumable_to_the_uninterrupted_result(work, tmp_path):
     """save_total_limit 1: the Trainer writes checkpoint-2, deletes checkpoint-1, and is killed there (before any
     on_save callback); `resume last` continues from checkpoint-2 and ends with the weights of an uninterrupted run."""
-    import signal
-    import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -467,17 +453,9 @@ def test_a_kill_after_checkpoint_rotation_leaves_the_run_resumable_to_the_uninte
     train_sft.main(*parse_train_argv(argv(tmp_path / "reference")), argv=argv(tmp_path / "reference"))
     out, reached = tmp_path / "run", tmp_path / "reached"
     (tmp_path / "killed_training.py").write_text(_KILLED_TRAINING)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_training.py"), str(REPO), str(reached),
-                              *argv(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
-    try:
-        deadline = time.monotonic() + 600
-        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reached.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        child.stderr.close()
+    command = [sys.executable, str(tmp_path / "killed_training.py"), str(REPO), str(reached), *argv(out)]
+    with paused_then_killed(command, reached, env=clean_env()):
+        pass
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-1 rotated away
     resumed = train_sft.main(*parse_train_argv(argv(out, "--resume_from_checkpoint", "last")),
                              argv=argv(out, "--resume_from_checkpoint", "last"))
@@ -1219,10 +1197,7 @@ sys.exit(main(sys.argv[3:]))
 
 def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_uninterrupted_one(tmp_path,
                                                                                                 tiny_base_dir):
-    import signal
-    import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -1239,17 +1214,9 @@ def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_un
     assert gap_main(args("reference")) == 0
     reached = tmp_path / "reached"
     (tmp_path / "killed_conversion.py").write_text(_KILLED_CONVERSION)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "killed_conversion.py"), str(REPO), str(reached),
-                              *args("gap")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
-    try:
-        deadline = time.monotonic() + 600
-        while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reached.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        child.stderr.close()
+    command = [sys.executable, str(tmp_path / "killed_conversion.py"), str(REPO), str(reached), *args("gap")]
+    with paused_then_killed(command, reached, env=clean_env()):
+        pass
     assert not (tmp_path / "gap").exists()  # only the hidden staging folder, which the rerun removes
     assert gap_main(args("gap")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gap", "killed_conversion.py", "pca", "reached", "reference"]
@@ -1269,10 +1236,7 @@ def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_un
 
 def test_a_second_targets_run_into_the_same_output_is_one_error_and_leaves_the_first_intact(
         tmp_path, five_rows, tiny_base_dir, capsys):
-    import signal
-    import subprocess
     import sys
-    import time
 
     def args(out):
         return _targets_args(five_rows, tiny_base_dir, tmp_path / out, "--latent-tokens-per-span", str(K),
@@ -1281,13 +1245,8 @@ def test_a_second_targets_run_into_the_same_output_is_one_error_and_leaves_the_f
     assert gap_main(args("reference")) == 0
     (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
     reached = tmp_path / "reached"
-    first = subprocess.Popen([sys.executable, str(tmp_path / "killed_run.py"), "encoding", str(reached),
-                              *args("targets")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 600
-        while not reached.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reached.exists(), first.stderr.read().decode()[-2000:] if first.poll() is not None else "timed out"
+    command = [sys.executable, str(tmp_path / "killed_run.py"), "encoding", str(reached), *args("targets")]
+    with paused_then_killed(command, reached):
         capsys.readouterr()
         assert gap_main(args("targets")) == 2  # while the first one encodes row 3
         err = capsys.readouterr().err.strip().splitlines()
@@ -1295,10 +1254,6 @@ def test_a_second_targets_run_into_the_same_output_is_one_error_and_leaves_the_f
                        f"holds {tmp_path / '.targets.lock'}); wait for it to finish, or choose another folder"]
         committed = sorted(p.name for p in (tmp_path / ".targets.cache").glob("shard-*.arrow"))
         assert "shard-00000.arrow" in committed  # the first run's work is untouched
-    finally:
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
-        first.stderr.close()
     assert gap_main(args("targets")) == 0  # the lock died with the first run: the rerun resumes it
     _same_targets(tmp_path / "targets", tmp_path / "reference")
 
