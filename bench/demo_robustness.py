@@ -155,7 +155,9 @@ def main(argv=None) -> int:
                     + (" (reused)" if runs[-1]["reused"] else f" ({runs[-1]['minutes']} min)"), flush=True)
     text = markdown(runs)
     all_met = all(all(r["checks"].values()) for r in runs)
-    write_json_file(out / "robustness.json", {"machine": {k: v for k, v in machine().items() if k != "threads"},
+    here = machine()  # this process's torch: the CPU's highest kernel level unless ATEN_CPU_CAPABILITY lowers it
+    write_json_file(out / "robustness.json", {"machine": {"cpu": here["cpu"], "torch": here["torch"],
+                                                          "highest_kernels": here["cpu_capability"]},
                                               "control_only": args.control_only, "demo_args": demo_args,
                                               "runs": runs, "all_met": all_met,
                                               "minutes": round((time.perf_counter() - started) / 60, 1)})

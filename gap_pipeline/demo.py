@@ -6,7 +6,9 @@ targets`` of both splits (K = 4) and ``gap fit-pca``; ``train_sft.py`` for the n
 solved, so difficulty-aware loading strips its span); ``gap difficulty`` with the control standing in for the base
 model; ``train_sft.py`` for GAP (LH+PCA+DA; ``--launcher deepspeed``: 2 processes, ZeRO-2); a fresh-process
 ``trust_remote_code`` reload; ``gap evaluate`` of every intervention, the oracle and the control, and ``gap
-norm-profile``. ``--full`` runs 3 seeds and adds the component ablations in `VARIANTS`, printing mean +- std.
+norm-profile``. ``--full`` runs 3 seeds and adds the component ablations in `VARIANTS`, printing mean +- std;
+``--control-only`` stops after the control's evaluation (`bench/demo_robustness.py` runs either per kernel level,
+thread count and seed). `goal_checks` are the demo's claims.
 """
 
 from __future__ import annotations
