@@ -6,7 +6,9 @@ targets`` of both splits (K = 4) and ``gap fit-pca``; ``train_sft.py`` for the n
 solved, so difficulty-aware loading strips its span); ``gap difficulty`` with the control standing in for the base
 model; ``train_sft.py`` for GAP (LH+PCA+DA; ``--launcher deepspeed``: 2 processes, ZeRO-2); a fresh-process
 ``trust_remote_code`` reload; ``gap evaluate`` of every intervention, the oracle and the control, and ``gap
-norm-profile``. ``--full`` runs 3 seeds and adds the component ablations in `VARIANTS`, printing mean +- std.
+norm-profile``. ``--full`` runs 3 seeds and adds the component ablations in `VARIANTS`, printing mean +- std;
+``--control-only`` stops after the control's evaluation (`bench/demo_robustness.py` runs either per kernel level,
+thread count and seed). `goal_checks` are the demo's claims.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from modeling_gap import LATENT_INTERVENTIONS
 
 from . import GapError
-from .demo_task import LATENT_TOKENS
+from .demo_task import LATENT_TOKENS, ONE_HOP, TWO_HOP
 
 HELP = "Run the whole pipeline on CPU on the demo task and print the intervention table (make demo)."
 
@@ -30,7 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 # The model's interventions in the table's order: clean latents, the oracle (its upper bound), then the ablations.
 INTERVENTIONS = ("pca", "oracle") + tuple(name for name in LATENT_INTERVENTIONS if name not in ("pca", "oracle"))
 CONTENT_CHECKS = INTERVENTIONS[2:]  # the ablations: clean must beat each by MARGIN
+# The demo's claims (goal_checks), with the thresholds every run of the robustness matrix must meet
+# (bench/demo_robustness.py): the control learns the one-hop question, GAP beats it and every intervention, and
+# spans open on the two-hop questions only.
+CONTROL_ONE_HOP = 0.90
+CONTROL_MARGIN = 0.05
 MARGIN = 0.10
+SPAN_TOLERANCE = 0.05
 CHANCE = 0.2
 #: the paper's component ablations (its Table 4): output folder -> (row label, training data folder, extra
 #: train_sft.py arguments). GAP and LH+DA train on the difficulty-aware data, LH+PCA on every row's span; so
@@ -125,26 +133,37 @@ def with_accuracy(train_dir: Path, output: Path, accuracy: dict | None = None):
     dataset.save_to_disk(str(output))
 
 
-def per_type_accuracy(eval_dir: Path, question_types: dict) -> dict:
-    """Accuracy per (intervention, question type) from `gap evaluate`'s predictions."""
+def per_type(eval_dir: Path, question_types: dict) -> dict:
+    """{intervention: {"by_type": accuracy per question type, "span_by_type": the share of rows that opened a
+    span, per question type}} from `gap evaluate`'s predictions."""
     groups: dict = {}
     with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             groups.setdefault(record["intervention"], {}).setdefault(question_types[record["id"]], []).append(
-                record["correct"])
-    return {iv: {t: sum(v) / len(v) for t, v in by_type.items()} for iv, by_type in groups.items()}
+                (record["correct"], record["latent_spans"] > 0))
+    return {iv: {"by_type": {t: sum(c for c, _ in v) / len(v) for t, v in by_type.items()},
+                 "span_by_type": {t: sum(s for _, s in v) / len(v) for t, v in by_type.items()}}
+            for iv, by_type in groups.items()}
 
 
 def run_seed(demo: Demo, seed: int, full: bool, say) -> dict:
-    """All stages for one seed; returns the measured numbers."""
+    """All stages for one seed (with --control-only, stages 1-3 and the control's evaluation); returns the
+    measured numbers."""
     results: dict = {"seed": seed}
     prepare_data(demo, seed, results, say)
     control = demo.train("train-control", demo.out / "base", demo.out / "control_data", demo.out / "control")
+    results["control_lm_loss"] = float(control["lm_loss"]) if "lm_loss" in control else None
     say("3 control", f"trained without latents: lm_loss {control.get('lm_loss', '?')}")
-    estimate_difficulty(demo, seed, results, say)
-    train_gap(demo, results, say)
-    evaluate_models(demo, seed, full, results, say)
+    if demo.args.control_only:
+        evaluate(demo, "control", ("suppress",), results)
+        by_type = results["control"]["suppress"]["by_type"]
+        say("7 evaluate", f"control {results['control']['suppress']['accuracy']:.3f} on {demo.args.test_rows} "
+                          f"held-out rows ({ONE_HOP} {by_type.get(ONE_HOP, 0):.3f}, {TWO_HOP} {by_type.get(TWO_HOP, 0):.3f})")
+    else:
+        estimate_difficulty(demo, seed, results, say)
+        train_gap(demo, results, say)
+        evaluate_models(demo, seed, full, results, say)
     del results["question_types"]  # the per-row bookkeeping of the stages
     return results
 
@@ -171,7 +190,9 @@ def prepare_data(demo: Demo, seed: int, results: dict, say) -> None:
     results["question_types"] = {}
     for split in ("train", "test"):
         with open(data / f"{split}.jsonl", encoding="utf-8") as f:
-            results["question_types"].update((row["id"], row["question_type"]) for row in map(json.loads, f))
+            types = {row["id"]: row["question_type"] for row in map(json.loads, f)}
+        results["question_types"].update(types)
+    results["two_hop_share"] = sum(t == TWO_HOP for t in types.values()) / len(types)  # of the held-out rows
 
 
 def estimate_difficulty(demo: Demo, seed: int, results: dict, say) -> None:
@@ -223,8 +244,6 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
     """Stage 7 (with --full, the ablations first): `gap evaluate` on the held-out rows and their targets, accuracy
     per question type, and the norm profile."""
     args, out = demo.args, demo.out
-    common = ["--data", out / "test_targets", "--batch-size", 50, "--max-new-tokens", 100, "--seed", seed,
-              "--no-progress", "--overwrite"]  # a rerun's models were retrained: their predictions start fresh
     evaluated = {"gap": INTERVENTIONS, "control": ("suppress",)}
     if full:
         for name, (_, data, extra) in VARIANTS.items():
@@ -232,12 +251,7 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
                 demo.train(f"train-{name}", out / "base", out / data, out / name, *extra)
                 evaluated[name] = ("pca",) if "full" in name else ("pca", "oracle")
     for name, interventions in evaluated.items():
-        demo.gap(f"evaluate-{name}", "evaluate", "--model", out / name, "--output-dir", out / f"eval_{name}",
-                 "--interventions", ",".join(interventions), *common)
-        summary = json.loads((out / f"eval_{name}" / "summary.json").read_text())
-        results[name] = {row["intervention"]: row for row in summary}
-        for intervention, by_type in per_type_accuracy(out / f"eval_{name}", results["question_types"]).items():
-            results[name][intervention]["by_type"] = by_type
+        evaluate(demo, name, interventions, results)
     demo.gap("norm-profile", "norm-profile", "--model", out / "gap", "--dataset", out / "data" / "test.jsonl",
              "--output-dir", out / "norms", "--max-samples", 16, "--batch-size", 8, "--no-progress")
     results["norms"] = json.loads((out / "norms" / "norm_profile.json").read_text())
@@ -245,6 +259,20 @@ def evaluate_models(demo: Demo, seed: int, full: bool, results: dict, say) -> No
                         if n != "gap" and n in results)
     say("7 evaluate", f"GAP pca {results['gap']['pca']['accuracy']:.3f} vs control "
                       f"{results['control']['suppress']['accuracy']:.3f} on {args.test_rows} held-out rows{ablations}")
+
+
+def evaluate(demo: Demo, name: str, interventions, results: dict) -> None:
+    """`gap evaluate` of model `name` on the held-out rows and their targets; results[name][intervention] is its
+    summary row with the accuracy and span rate per question type."""
+    out = demo.out
+    demo.gap(f"evaluate-{name}", "evaluate", "--model", out / name, "--output-dir", out / f"eval_{name}",
+             "--interventions", ",".join(interventions), "--data", out / "test_targets", "--batch-size", 50,
+             "--max-new-tokens", 100, "--seed", demo.args.seed, "--no-progress",
+             "--overwrite")  # a rerun's models were retrained: their predictions start fresh
+    summary = json.loads((out / f"eval_{name}" / "summary.json").read_text())
+    results[name] = {row["intervention"]: row for row in summary}
+    for intervention, by_type in per_type(out / f"eval_{name}", results["question_types"]).items():
+        results[name][intervention].update(by_type)
 
 
 def _reload_script(model: Path, data: Path) -> str:
@@ -291,22 +319,45 @@ def _cell(mean, std, spec=".3f"):
     return format(mean, spec) + (f" ± {std:{spec}}" if std is not None else "")
 
 
-def format_table(runs: list[dict], args) -> tuple[str, dict]:
-    """The printed table and its JSON, mean (+- std over seeds when there are several), and the goal checks."""
-    types = sorted({t for r in runs for t in r["gap"]["pca"].get("by_type", {})})
-    table = {"seeds": [r["seed"] for r in runs], "test_rows": args.test_rows, "chance": CHANCE, "rows": []}
-    rows = [(f"GAP (LH+PCA+DA), {iv}", "gap", iv) for iv in INTERVENTIONS]
+def machine() -> dict:
+    """What a run's rounding depends on: the CPU, torch's CPU kernel level (ATEN_CPU_CAPABILITY picks a lower one)
+    and its thread count, as the stages (subprocesses with this environment) see them."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def format_table(runs: list[dict], args, where: dict | None = None) -> tuple[str, dict]:
+    """The printed table and its JSON, mean (+- std over seeds when there are several), and the goal checks.
+    `where` (`machine()`) is stated in the title."""
+    types = sorted({t for r in runs for t in r["control"]["suppress"].get("by_type", {})})
+    table = {"seeds": [r["seed"] for r in runs], "test_rows": args.test_rows, "chance": CHANCE, "machine": where,
+             "two_hop_share": _agg([r.get("two_hop_share") for r in runs])[0],
+             "control_lm_loss": _agg([r.get("control_lm_loss") for r in runs])[0], "rows": []}
+    rows = [(f"GAP (LH+PCA+DA), {iv}", "gap", iv) for iv in INTERVENTIONS if "gap" in runs[0]]
     rows.append(("control (no latents)", "control", "suppress"))
     rows += [(f"{label}, {iv}", name, iv) for name, (label, _, _) in VARIANTS.items() if name != "gap"
              for iv in ("pca", "oracle") if name in runs[0] and iv in runs[0][name]]
     header = (f"{'model, latents fed':<30} {'accuracy':>15} " + " ".join(f"{t:>13}" for t in types)
               + f" {'opened a span':>14} {'latent cos':>11} {'latent RelSE':>13} {'latent norm':>12}")
-    lines = [f"GAP demo: held-out accuracy on {args.test_rows} rows (chance {CHANCE:.2f})"
-             + (f", mean ± std over seeds {table['seeds']}" if len(runs) > 1 else f", seed {runs[0]['seed']}"), header]
+    title = (f"GAP demo: held-out accuracy on {args.test_rows} rows (chance {CHANCE:.2f})"
+             + (f", mean ± std over seeds {table['seeds']}" if len(runs) > 1 else f", seed {runs[0]['seed']}"))
+    if where:
+        title += f"; {where['cpu']}, torch CPU kernels {where['cpu_capability']}, {where['threads']} thread(s)"
+    lines = [title, header]
     for label, name, iv in rows:
         got = [r[name][iv] for r in runs]
         acc = _agg([g["accuracy"] for g in got])
         by_type = {t: _agg([g.get("by_type", {}).get(t) for g in got]) for t in types}
+        span_by_type = {t: _agg([g.get("span_by_type", {}).get(t) for g in got])[0] for t in types}
         span = _agg([g["span_rate"] for g in got])
         cos, relse = _agg([g.get("latent_cosine") for g in got]), _agg([g.get("latent_relse") for g in got])
         norm = _agg([g["mean_latent_norm"] for g in got])
@@ -315,31 +366,48 @@ def format_table(runs: list[dict], args) -> tuple[str, dict]:
                        f"{_cell(norm[0], None):>12}")
         table["rows"].append({"name": label, "accuracy": acc[0], "accuracy_std": acc[1],
                               "by_type": {t: v[0] for t, v in by_type.items()}, "span_rate": span[0],
-                              "latent_cosine": cos[0], "latent_relse": relse[0], "mean_latent_norm": norm[0]})
-    norms = [_norm_summary(r) for r in runs]
-    table["norms"] = {key: _agg([n[key] for n in norms])[0] for key in norms[0]}
-    lines.append(
-        "norms: vision embeddings {} | GAP latents {} | final-norm state h̄ {} | pre-norm last-layer state {}".format(
-            *(_cell(table["norms"][key], None) for key in ("vision_embedding", "gap_latent", "final_norm_state",
-                                                           "pre_norm_last_layer"))))
-    table["checks"] = goal_checks(table["rows"])
+                              "span_by_type": span_by_type, "latent_cosine": cos[0], "latent_relse": relse[0],
+                              "mean_latent_norm": norm[0]})
+    if all("norms" in r for r in runs):
+        norms = [_norm_summary(r) for r in runs]
+        table["norms"] = {key: _agg([n[key] for n in norms])[0] for key in norms[0]}
+        lines.append(
+            "norms: vision embeddings {} | GAP latents {} | final-norm state h̄ {} | pre-norm last-layer state {}".format(
+                *(_cell(table["norms"][key], None) for key in ("vision_embedding", "gap_latent", "final_norm_state",
+                                                               "pre_norm_last_layer"))))
+    table["checks"] = goal_checks(table["rows"], table["two_hop_share"])
     lines += [f"{'met' if check['met'] else 'NOT met'}: {check['text']}" for check in table["checks"]]
     return "\n".join(lines), table
 
 
-def goal_checks(rows: list[dict]) -> list[dict]:
-    """The demo's claims, checked on the mean accuracies: clean latents beat every intervention by MARGIN (they
-    carry content), and clean GAP is at or above the no-latent control."""
-    accuracy = {row["name"]: row["accuracy"] for row in rows}
-    clean = accuracy["GAP (LH+PCA+DA), pca"]
-    best_name = max(CONTENT_CHECKS, key=lambda iv: accuracy[f"GAP (LH+PCA+DA), {iv}"])
-    best = accuracy[f"GAP (LH+PCA+DA), {best_name}"]
-    control = accuracy["control (no latents)"]
-    return [
+def goal_checks(rows: list[dict], two_hop_share: float | None) -> list[dict]:
+    """The demo's claims, checked on the mean accuracies (those whose rows the table has; --control-only: the
+    first): the control learns the one-hop question; clean latents beat every intervention by MARGIN (they carry
+    content); clean GAP beats the no-latent control by CONTROL_MARGIN; GAP opens spans on the two-hop questions and
+    not on the one-hop ones (its span rate within SPAN_TOLERANCE of the two-hop share, none on one-hop rows)."""
+    by_name = {row["name"]: row for row in rows}
+    control = by_name["control (no latents)"]
+    one_hop = control["by_type"].get(ONE_HOP) or 0.0
+    checks = [{"name": "control_learns_one_hop", "met": one_hop >= CONTROL_ONE_HOP - 1e-9,
+               "text": f"the control answers {one_hop:.3f} of the {ONE_HOP} (one-hop) questions >= {CONTROL_ONE_HOP:.2f}"}]
+    if "GAP (LH+PCA+DA), pca" not in by_name:
+        return checks
+    gap = by_name["GAP (LH+PCA+DA), pca"]
+    clean = gap["accuracy"]
+    best_name = max(CONTENT_CHECKS, key=lambda iv: by_name[f"GAP (LH+PCA+DA), {iv}"]["accuracy"])
+    best = by_name[f"GAP (LH+PCA+DA), {best_name}"]["accuracy"]
+    one_hop_spans = gap["span_by_type"].get(ONE_HOP) or 0.0
+    two_hop_spans = gap["span_by_type"].get(TWO_HOP) or 0.0
+    share = two_hop_share if two_hop_share is not None else float("nan")
+    return checks + [
         {"name": "latents_carry_content", "met": clean >= best + MARGIN - 1e-9,
          "text": f"clean latents {clean:.3f} >= every intervention + {MARGIN:.2f} (best: {best_name} {best:.3f})"},
-        {"name": "beats_control", "met": clean >= control - 1e-9,
-         "text": f"GAP (LH+PCA+DA) {clean:.3f} >= the no-latent control {control:.3f}"},
+        {"name": "beats_control", "met": clean >= control["accuracy"] + CONTROL_MARGIN - 1e-9,
+         "text": f"GAP (LH+PCA+DA) {clean:.3f} >= the no-latent control {control['accuracy']:.3f} + {CONTROL_MARGIN:.2f}"},
+        {"name": "spans_where_they_help",
+         "met": abs(gap["span_rate"] - share) <= SPAN_TOLERANCE + 1e-9 and one_hop_spans <= SPAN_TOLERANCE + 1e-9,
+         "text": f"GAP opens a span on {gap['span_rate']:.2f} of the rows, within {SPAN_TOLERANCE:.2f} of the "
+                 f"{TWO_HOP} (two-hop) share {share:.2f} ({TWO_HOP} {two_hop_spans:.2f}, {ONE_HOP} {one_hop_spans:.2f})"},
     ]
 
 
@@ -348,6 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="3 seeds, plus the LH+PCA (all-latent) and LH+DA (full head) variants; prints mean ± std")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; --full: 0 1 2)")
+    parser.add_argument("--control-only", action="store_true",
+                        help="stages 1-3 and the control's evaluation only: does the control learn the one-hop question "
+                             "(a third of the cost; bench/demo_robustness.py --control-only)")
     parser.add_argument("--train-rows", type=int, default=15000)
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=4, help="training epochs of every model (default 4)")
@@ -375,7 +446,10 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
     runs = []
-    with tqdm(total=7 * len(seeds), desc="gap demo", unit="stage") as bar:  # a StageError closes it
+    if args.control_only and args.full:
+        raise GapError("gap demo: --control-only and --full exclude each other (--full adds the GAP variants).")
+    stages = 4 if args.control_only else 7
+    with tqdm(total=stages * len(seeds), desc="gap demo", unit="stage") as bar:  # a StageError closes it
         for seed in seeds:
             args.seed = seed
             demo = Demo(root / f"seed{seed}" if len(seeds) > 1 else root, args)
@@ -385,11 +459,13 @@ def run(args: argparse.Namespace) -> int:
                 tqdm.write(f"[seed {seed}] {stage:<13} {message}")
 
             runs.append(run_seed(demo, seed, args.full, say))
-    text, table = format_table(runs, args)
+    text, table = format_table(runs, args, machine())
     table["seconds"] = time.perf_counter() - started
+    table["settings"] = {key: value for key, value in vars(args).items()
+                         if key not in ("output_dir", "seed", "command") and not callable(value)}
     (root / "demo_table.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     print("\n" + text)
     first = root / f"seed{seeds[0]}" if len(seeds) > 1 else root
-    print(f"\nnorm profile plot: {first / 'norms' / 'norm_profile.png'}; table: {root / 'demo_table.json'}; "
-          f"{table['seconds'] / 60:.1f} min")
+    plot = "" if args.control_only else f"norm profile plot: {first / 'norms' / 'norm_profile.png'}; "
+    print(f"\n{plot}table: {root / 'demo_table.json'}; {table['seconds'] / 60:.1f} min")
     return 0

@@ -40,7 +40,8 @@ MARK = 6  # px side of the white coordinate marks
 MARK_SPOTS = [(1, 1), (1, 7), (7, 1), (7, 7)]  # (dy, dx) of code 0-3 inside a 14 px patch
 MARK_COLOUR = (255, 255, 255)
 COLUMN_NAMES = ["one", "two", "three", "four"]
-QUESTION_TYPES = ("framed", "column", "column")  # the order rows cycle through: one third framed
+ONE_HOP, TWO_HOP = "framed", "column"  # the question types (a row's `question_type`)
+QUESTION_TYPES = (ONE_HOP, TWO_HOP, TWO_HOP)  # the order rows cycle through: one third framed
 
 
 def mark_boxes(r: int, c: int):
@@ -91,7 +92,7 @@ def make_example(rng: random.Random, question_type: str, answer_index: int):
     cells = [[rng.choice(names) for _ in range(GRID)] for _ in range(GRID)]
     marked = (rng.randrange(GRID), rng.randrange(GRID))
     answer = names[answer_index]
-    if question_type == "framed":
+    if question_type == ONE_HOP:
         target = marked
         cells[marked[0]][marked[1]] = answer
         question = "What colour is the cell with the black frame?"

@@ -33,8 +33,14 @@ def test_demo_runs_every_stage_and_prints_the_intervention_table(tmp_path):
     assert rows["GAP (LH+PCA+DA), oracle"]["span_rate"] == rows["GAP (LH+PCA+DA), pca"]["span_rate"]
     if rows["GAP (LH+PCA+DA), pca"]["span_rate"] > 0:  # the held-out rows carry targets: fidelity is measured
         assert -1.0 <= rows["GAP (LH+PCA+DA), pca"]["latent_cosine"] <= 1.0
-    assert [check["name"] for check in table["checks"]] == ["latents_carry_content", "beats_control"]
+    assert [check["name"] for check in table["checks"]] == [
+        "control_learns_one_hop", "latents_carry_content", "beats_control", "spans_where_they_help"]
     assert "clean latents" in run.stdout and "the no-latent control" in run.stdout
+    assert table["two_hop_share"] == 8 / 12  # two of every three held-out rows ask the two-hop question
+    assert set(rows["GAP (LH+PCA+DA), pca"]["span_by_type"]) == {"framed", "column"}
+    import torch  # the table names where it ran: what its rounding depends on
+    assert table["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"torch CPU kernels {table['machine']['cpu_capability']}" in run.stdout
     assert set(table["norms"]) == {"vision_embedding", "gap_latent", "final_norm_state", "pre_norm_last_layer"}
     assert table["norms"]["vision_embedding"] > 0
     with Image.open(out / "norms" / "norm_profile.png") as plot:
@@ -45,15 +51,17 @@ def test_demo_runs_every_stage_and_prints_the_intervention_table(tmp_path):
 
 
 def _fake_seed_run(seed, accuracy):
-    def row(value, span=1.0):
+    def row(value, span=2 / 3):
         return {"accuracy": value, "span_rate": span, "mean_latent_norm": 0.2, "latent_cosine": 0.9,
-                "latent_relse": 0.2, "by_type": {"framed": 1.0, "column": value}}
+                "latent_relse": 0.2, "by_type": {"framed": 1.0, "column": value},
+                "span_by_type": {"framed": 0.0, "column": span * 1.5}}
 
     stats = {"norm_mean": 1.0}
     gap = {name: row(accuracy) for name in ("pca", "oracle")}
     gap.update({name: row(accuracy - 0.3) for name in ("suppress", "noise", "hidden", "hidden_ema")})
     return {
         "seed": seed,
+        "two_hop_share": 2 / 3,
         "gap": gap,
         "control": {"suppress": row(accuracy - 0.05, span=0.0)},
         "gap_all": {"pca": row(accuracy - 0.1), "oracle": row(accuracy)},
@@ -78,20 +86,44 @@ def test_full_mode_table_gives_mean_and_std_over_seeds_with_the_ablation_rows_an
     assert abs(rows["LH+DA (full head), pca"]["accuracy"] - 0.5) < 1e-12 and "LH+PCA (all-latent), oracle" in rows
     assert rows["GAP (LH+PCA+DA), pca"]["by_type"] == {"framed": 1.0, "column": 0.7}
     assert "mean ± std over seeds [0, 1, 2]" in text and "0.700 ± 0.200" in text
-    assert [(c["name"], c["met"]) for c in table["checks"]] == [("latents_carry_content", True), ("beats_control", True)]
+    assert all(c["met"] for c in table["checks"])
     assert "met: clean latents 0.700 >= every intervention + 0.10 (best: suppress 0.400)" in text
+    assert "met: GAP (LH+PCA+DA) 0.700 >= the no-latent control 0.650 + 0.05" in text
 
 
-def test_the_goal_checks_fail_when_an_intervention_is_within_the_margin_or_the_control_wins():
+def test_each_goal_check_fails_on_the_run_that_breaks_its_claim():
+    import argparse
+
+    from gap_pipeline.demo import format_table
+
+    def failed(change):
+        run = _fake_seed_run(0, 0.5)
+        change(run)
+        _, table = format_table([run], argparse.Namespace(test_rows=10))
+        return [c["name"] for c in table["checks"] if not c["met"]]
+
+    assert failed(lambda run: None) == []
+    assert failed(lambda run: run["control"]["suppress"]["by_type"].update(framed=0.89)) == ["control_learns_one_hop"]
+    assert failed(lambda run: run["gap"]["noise"].update(accuracy=0.41)) == ["latents_carry_content"]
+    assert failed(lambda run: run["control"]["suppress"].update(accuracy=0.46)) == ["beats_control"]
+    assert failed(lambda run: run["gap"]["pca"].update(span_rate=0.6)) == ["spans_where_they_help"]
+    # the right share of spans, but some on the one-hop questions
+    assert failed(lambda run: run["gap"]["pca"]["span_by_type"].update(framed=0.1, column=0.95)) == [
+        "spans_where_they_help"]
+
+
+def test_control_only_table_has_the_control_row_and_its_one_hop_check():
     import argparse
 
     from gap_pipeline.demo import format_table
 
     run = _fake_seed_run(0, 0.5)
-    run["gap"]["noise"]["accuracy"] = 0.45
-    run["control"]["suppress"]["accuracy"] = 0.6
-    _, table = format_table([run], argparse.Namespace(test_rows=10))
-    assert [(c["name"], c["met"]) for c in table["checks"]] == [("latents_carry_content", False), ("beats_control", False)]
+    del run["gap"], run["gap_all"], run["gap_full"], run["norms"]
+    text, table = format_table([run], argparse.Namespace(test_rows=10),
+                               {"cpu": "a CPU", "cpu_capability": "AVX2", "threads": 1, "torch": "2"})
+    assert [row["name"] for row in table["rows"]] == ["control (no latents)"]
+    assert [c["name"] for c in table["checks"]] == ["control_learns_one_hop"]
+    assert "seed 0; a CPU, torch CPU kernels AVX2, 1 thread(s)" in text.splitlines()[0]
 
 
 def test_a_failing_stage_is_one_error_line_naming_the_stage_and_its_log(tmp_path, capsys):
