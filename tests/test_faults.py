@@ -208,10 +208,9 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("point", ["encoding", "final write"])
-def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, five_rows, tiny_base_dir,
-                                                                                  capsys, point):
-    import signal
+def _killable_targets_run(tmp_path, five_rows, tiny_base_dir, point):
+    """(args(out), the command of a `gap targets` into tmp_path/targets that pauses at `point`, the file it touches
+    there), after an uninterrupted reference run into tmp_path/reference."""
     import sys
 
     def args(out):
@@ -221,7 +220,15 @@ def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_r
     assert gap_main(args("reference")) == 0
     (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
     reached = tmp_path / "reached"
-    command = [sys.executable, str(tmp_path / "killed_run.py"), point, str(reached), *args("targets")]
+    return args, [sys.executable, str(tmp_path / "killed_run.py"), point, str(reached), *args("targets")], reached
+
+
+@pytest.mark.parametrize("point", ["encoding", "final write"])
+def test_targets_killed_with_sigkill_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, five_rows, tiny_base_dir,
+                                                                                  capsys, point):
+    import signal
+
+    args, command, reached = _killable_targets_run(tmp_path, five_rows, tiny_base_dir, point)
     with paused_then_killed(command, reached) as child:
         pass
     assert child.returncode == -signal.SIGKILL
@@ -1236,16 +1243,7 @@ def test_convert_killed_while_saving_leaves_no_folder_and_the_rerun_equals_an_un
 
 def test_a_second_targets_run_into_the_same_output_is_one_error_and_leaves_the_first_intact(
         tmp_path, five_rows, tiny_base_dir, capsys):
-    import sys
-
-    def args(out):
-        return _targets_args(five_rows, tiny_base_dir, tmp_path / out, "--latent-tokens-per-span", str(K),
-                             "--batch-size", "1", "--rows-per-shard", "2")
-
-    assert gap_main(args("reference")) == 0
-    (tmp_path / "killed_run.py").write_text(_KILLED_RUN)
-    reached = tmp_path / "reached"
-    command = [sys.executable, str(tmp_path / "killed_run.py"), "encoding", str(reached), *args("targets")]
+    args, command, reached = _killable_targets_run(tmp_path, five_rows, tiny_base_dir, "encoding")
     with paused_then_killed(command, reached):
         capsys.readouterr()
         assert gap_main(args("targets")) == 2  # while the first one encodes row 3
